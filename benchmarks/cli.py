@@ -1,0 +1,12 @@
+"""`vrex bench ...`: benchmarks that compare side by side in one run and print JSON or a table."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="run a benchmark (JSON with --json)")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    bench_sub.required = True
+    from benchmarks import resv_micro
+
+    resv_micro.register(bench_sub)

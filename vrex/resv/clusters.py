@@ -1,0 +1,282 @@
+"""The hash-cluster (HC) table of one layer and the clustering of a step's new keys.
+
+A table has ``G`` groups: one when codes span all KV heads, one per KV head otherwise.
+Each group holds its clusters' codes (the seed's code), per-KV-head running sums of member
+keys (the representative is their mean), token counts, and which cluster each history
+token belongs to (the member index; :meth:`HCTable.members` builds the CSR form).
+
+Clustering a step is exact and vectorised. A new token may join an open cluster of earlier
+steps or a cluster seeded by an earlier token of the same step; the second case makes
+token t depend on tokens < t. Whether token t seeds a cluster is the fixed point of
+``seed[t] = no_old_match[t] and not any(seed[s] and match[t, s] for s < t)``, reached by
+repeating that vector update: after k rounds the first k tokens are final, and in practice
+a handful of rounds suffice. The membership test compares against each cluster's
+representative as it stood at the start of the step (a new cluster's seed key), and the
+size cap too is read at the start of the step, which keeps the result order-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import ResvConfig
+from .hashing import hamming, hash_codes, make_planes, num_words
+
+_BIG = torch.iinfo(torch.int64).max
+
+
+class _Rows:
+    """A tensor that grows along dim 1 with amortised doubling."""
+
+    def __init__(self, lead: tuple[int, ...], tail: tuple[int, ...], dtype: torch.dtype, device, fill=0):
+        self.lead, self.tail, self.fill = lead, tail, fill
+        self.buf = torch.full((*lead, 16, *tail), fill, dtype=dtype, device=device)
+        self.n = 0
+
+    def reserve(self, extra: int) -> None:
+        need = self.n + extra
+        cap = self.buf.shape[len(self.lead)]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap)
+        grown = torch.full(
+            (*self.lead, new_cap, *self.tail), self.fill, dtype=self.buf.dtype, device=self.buf.device
+        )
+        grown.narrow(len(self.lead), 0, self.n).copy_(self.view)
+        self.buf = grown
+
+    @property
+    def view(self) -> Tensor:
+        return self.buf.narrow(len(self.lead), 0, self.n)
+
+    def grow(self, extra: int) -> Tensor:
+        """Extend by ``extra`` entries (filled) and return the whole live view."""
+        self.reserve(extra)
+        self.n += extra
+        return self.view
+
+
+@dataclass
+class StepClusters:
+    """Result of clustering one step: the cluster of every new token, per KV head."""
+
+    cluster_ids: Tensor  # [Hkv, T] int64 (equal rows when codes span all heads)
+    new_clusters: Tensor  # [G] clusters created by this step
+
+
+class HCTable:
+    """Hash-cluster table of one decoder layer."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, config: ResvConfig, layer: int, device="cpu"):
+        self.cfg = config
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        per_head = config.scope == "per_head"
+        self.groups = num_kv_heads if per_head else 1
+        self.heads_per_group = 1 if per_head else num_kv_heads
+        dim = head_dim * self.heads_per_group
+        seeds = [config.seed * 1_000_003 + layer * 1_009 + g for g in range(self.groups)]
+        self.planes = torch.stack([make_planes(dim, config.n_bits, s, device=device) for s in seeds])
+        g, hg, d, w = self.groups, self.heads_per_group, head_dim, num_words(config.n_bits)
+        self.codes = _Rows((g,), (w,), torch.int64, device)
+        self.sums = _Rows((g,), (hg, d), torch.float32, device)
+        self.counts = _Rows((g,), (), torch.int64, device)
+        self.closed = _Rows((g,), (), torch.bool, device, fill=False)
+        self.member_of = _Rows((g,), (), torch.int64, device)  # cluster of each history token
+        self.track_bounds = config.estimator != "mean"
+        if self.track_bounds:
+            self.kmin = _Rows((g,), (hg, d), torch.float32, device, fill=float("inf"))
+            self.kmax = _Rows((g,), (hg, d), torch.float32, device, fill=float("-inf"))
+            self.sumsq = _Rows((g,), (hg,), torch.float32, device)
+        self._csr: tuple[Tensor, Tensor] | None = None
+
+    # -- sizes ---------------------------------------------------------------------------
+    @property
+    def num_clusters(self) -> int:
+        return self.counts.n
+
+    @property
+    def num_tokens(self) -> int:
+        return self.member_of.n
+
+    def means(self) -> Tensor:
+        """Representative keys ``[G, C, Hg, d]``."""
+        c = self.counts.view.clamp_min(1).to(torch.float32)
+        return self.sums.view / c[..., None, None]
+
+    def open_mask(self) -> Tensor:
+        """``[G, C]``: clusters that still accept members."""
+        is_open = ~self.closed.view
+        if self.cfg.max_cluster_tokens is not None:
+            is_open = is_open & (self.counts.view < self.cfg.max_cluster_tokens)
+        return is_open
+
+    def close(self, group: int, cluster_ids: Tensor) -> None:
+        """Close clusters (e.g. their tokens left the device tier)."""
+        self.closed.view[group, cluster_ids] = True
+
+    def overhead_bytes(self, kv_dtype_bytes: int = 2) -> int:
+        """Bytes the table takes if stored like the KV cache: codes, representative keys,
+        counts and 4-byte member indices."""
+        c, n = self.num_clusters, self.num_tokens
+        code_bytes = (self.cfg.n_bits + 7) // 8
+        rep_bytes = self.heads_per_group * self.head_dim * kv_dtype_bytes
+        return self.groups * (c * (code_bytes + rep_bytes + 4) + n * 4)
+
+    def overhead_fraction(self, kv_dtype_bytes: int = 2) -> float:
+        """Table bytes over the bytes of the K and V it indexes."""
+        kv = 2 * self.num_tokens * self.num_kv_heads * self.head_dim * kv_dtype_bytes
+        return self.overhead_bytes(kv_dtype_bytes) / kv if kv else 0.0
+
+    # -- clustering -------------------------------------------------------------------------
+    def _group_keys(self, keys: Tensor) -> Tensor:
+        """``[Hkv, T, d]`` -> ``[G, T, Hg, d]``."""
+        hkv, t, d = keys.shape
+        return keys.reshape(self.groups, self.heads_per_group, t, d).transpose(1, 2)
+
+    def add(self, keys: Tensor) -> StepClusters:
+        """Cluster a step's new post-RoPE keys ``[Hkv, T, d]`` and append them."""
+        if keys.ndim != 3 or keys.shape[0] != self.num_kv_heads or keys.shape[2] != self.head_dim:
+            raise ValueError(
+                f"keys must be [{self.num_kv_heads}, T, {self.head_dim}], got {tuple(keys.shape)}"
+            )
+        keys = keys.to(torch.float32)
+        gk = self._group_keys(keys)  # [G, T, Hg, d]
+        g, t = gk.shape[:2]
+        codes = hash_codes(gk.reshape(g, t, -1), self.planes)
+        # codes: [G, T, W]
+        c_old = self.num_clusters
+        th = self.cfg.hamming_threshold
+        dist_old = hamming(codes[:, :, None], self.codes.view[:, None])  # [G, T, C]
+        dist_new = hamming(codes[:, :, None], codes[:, None])  # [G, T, T]
+        ok_old = (dist_old < th) & self.open_mask()[:, None, :]
+        ok_new = dist_new < th
+        ok_new &= torch.ones(t, t, dtype=torch.bool, device=keys.device).tril(-1)
+        floor = self.cfg.similarity_floor
+        if floor is not None:
+            unit = torch.nn.functional.normalize(gk, dim=-1)
+            ref_old = torch.nn.functional.normalize(self.means(), dim=-1)
+            # all heads of a group must agree: the least similar head decides
+            sim_old = torch.einsum("gthd,gchd->gtch", unit, ref_old).amin(-1)
+            sim_new = torch.einsum("gthd,gshd->gtsh", unit, unit).amin(-1)
+            ok_old &= sim_old >= floor
+            ok_new &= sim_new >= floor
+        has_old = ok_old.any(-1)
+        seeded = ~has_old
+        while True:
+            nxt = ~has_old & ~(ok_new & seeded[:, None, :]).any(-1)
+            if torch.equal(nxt, seeded):
+                break
+            seeded = nxt
+        ok_new &= seeded[:, None, :]
+        # pick: nearest code (or most similar key with a floor); ties -> oldest cluster
+        if floor is not None:
+            cost_old = torch.where(ok_old, -sim_old, torch.inf)
+            cost_new = torch.where(ok_new, -sim_new, torch.inf)
+        else:
+            cost_old = torch.where(ok_old, dist_old.float(), torch.inf)
+            cost_new = torch.where(ok_new, dist_new.float(), torch.inf)
+        choice = torch.cat([cost_old, cost_new], -1).argmin(-1)  # [G, T]
+        seed_rank = seeded.long().cumsum(-1) - 1  # id offset of each seed among the new clusters
+        from_new = choice >= c_old
+        joined_new = c_old + seed_rank.gather(1, (choice - c_old).clamp_min(0))
+        cluster = torch.where(from_new, joined_new, choice)
+        cluster = torch.where(seeded, c_old + seed_rank, cluster)
+        n_new = seeded.sum(-1)  # [G]
+        if t:
+            self._append(gk, codes, cluster, seeded, n_new)
+        ids = cluster.repeat_interleave(self.heads_per_group, dim=0)  # [Hkv, T]
+        return StepClusters(cluster_ids=ids, new_clusters=n_new)
+
+    def _append(self, gk: Tensor, codes: Tensor, cluster: Tensor, seeded: Tensor, n_new: Tensor) -> None:
+        g, t = cluster.shape
+        c_old = self.num_clusters
+        max_new = int(n_new.max())
+        # groups create different numbers of clusters; unused slots stay empty (count 0, closed)
+        self.codes.grow(max_new)
+        self.sums.grow(max_new)
+        counts = self.counts.grow(max_new)
+        closed = self.closed.grow(max_new)
+        if max_new:
+            slots = torch.arange(c_old, c_old + max_new, device=cluster.device)
+            used = torch.arange(max_new, device=cluster.device)[None, :] < n_new[:, None]
+            closed[:, slots] = ~used
+            gi = torch.arange(g, device=cluster.device)[:, None].expand(g, t)
+            self.codes.view[gi[seeded], cluster[seeded]] = codes[seeded]
+        counts.scatter_add_(1, cluster, torch.ones_like(cluster))
+        idx = cluster[:, :, None, None].expand_as(gk)
+        self.sums.view.scatter_add_(1, idx, gk)
+        if self.track_bounds:
+            self.kmin.grow(max_new)
+            self.kmax.grow(max_new)
+            self.sumsq.grow(max_new)
+            self.kmin.view.scatter_reduce_(1, idx, gk, "amin")
+            self.kmax.view.scatter_reduce_(1, idx, gk, "amax")
+            self.sumsq.view.scatter_add_(1, cluster[:, :, None].expand(gk.shape[:3]), (gk * gk).sum(-1))
+        self.member_of.grow(t)[:, -t:] = cluster
+        self._csr = None
+
+    def members(self) -> tuple[Tensor, Tensor]:
+        """CSR form per group: ``(offsets [G, C+1], tokens [G, N])`` with cluster c's history
+        positions at ``tokens[g, offsets[g, c]:offsets[g, c+1]]`` in ascending order."""
+        if self._csr is None:
+            member = self.member_of.view
+            order = torch.argsort(member, dim=1, stable=True)
+            counts = torch.zeros(self.groups, self.num_clusters, dtype=torch.int64, device=member.device)
+            counts.scatter_add_(1, member, torch.ones_like(member))
+            offsets = torch.nn.functional.pad(counts.cumsum(1), (1, 0))
+            self._csr = (offsets, order)
+        return self._csr
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {
+            "codes": self.codes.view, "sums": self.sums.view, "counts": self.counts.view,
+            "closed": self.closed.view, "member_of": self.member_of.view, "planes": self.planes,
+        }
+        if self.track_bounds:
+            state.update(kmin=self.kmin.view, kmax=self.kmax.view, sumsq=self.sumsq.view)
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        device = self.planes.device
+        self.planes = state["planes"].to(device)
+        names = ["codes", "sums", "counts", "closed", "member_of"]
+        if self.track_bounds:
+            names += ["kmin", "kmax", "sumsq"]
+        for name in names:
+            rows: _Rows = getattr(self, name)
+            value = state[name].to(device)
+            rows.n = 0
+            rows.grow(value.shape[1]).copy_(value)
+        self._csr = None
+
+
+def cluster_scores(table: HCTable, query: Tensor, scaling: float) -> Tensor:
+    """Estimated scores of query rows against clusters: ``[Hkv, Hq/Hkv * Tq, C]``.
+
+    query: ``[Hq, Tq, d]`` post-RoPE. Estimators: ``mean`` is q·k̄; ``bound`` is the
+    per-channel upper bound from member min/max (as Quest does for pages); ``radius`` adds
+    ``‖q‖·r`` with r the RMS distance of members to the mean.
+    """
+    hq, tq, d = query.shape
+    hkv = table.num_kv_heads
+    q = query.to(torch.float32).reshape(hkv, hq // hkv, tq, d).reshape(hkv, -1, d)  # [Hkv, R, d]
+    g, hg = table.groups, table.heads_per_group
+    q = q.reshape(g, hg, -1, d)  # [G, Hg, R, d]
+    est = table.cfg.estimator
+    if est == "bound":
+        lo, hi = table.kmin.view, table.kmax.view  # [G, C, Hg, d]
+        qe = q[:, :, :, None, :]  # [G, Hg, R, 1, d]
+        s = torch.maximum(qe * lo.permute(0, 2, 1, 3)[:, :, None], qe * hi.permute(0, 2, 1, 3)[:, :, None]).sum(-1)
+    else:
+        s = torch.einsum("ghrd,gchd->ghrc", q, table.means())
+        if est == "radius":
+            cnt = table.counts.view.clamp_min(1).to(torch.float32)[..., None]  # [G, C, 1]
+            mean_sq = (table.means() ** 2).sum(-1)  # [G, C, Hg]
+            r = (table.sumsq.view / cnt - mean_sq).clamp_min(0).sqrt()  # [G, C, Hg]
+            s = s + q.norm(dim=-1)[..., None] * r.permute(0, 2, 1)[:, :, None, :]
+    return s.reshape(hkv, -1, s.shape[-1]) * scaling

@@ -1,0 +1,78 @@
+"""ReSV settings and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Scope = Literal["all_heads", "per_head"]
+Estimator = Literal["mean", "bound", "radius"]
+WeightForm = Literal["softmax", "linear"]
+
+
+@dataclass(frozen=True)
+class ResvConfig:
+    """Everything ReSV does is set here; see DESIGN.md for why each default is what it is.
+
+    ``frame_ratio`` applies to steps with several query rows per head (frames, prompts),
+    ``decode_ratio`` to single-row decode steps.
+    """
+
+    n_bits: int = 32
+    hamming_threshold: int = 7  # join iff distance < threshold
+    scope: Scope = "all_heads"
+    similarity_floor: float | None = None  # cosine floor for membership; None = Hamming only
+    max_cluster_tokens: int | None = None  # a cluster stops accepting members at this size
+    estimator: Estimator = "mean"
+    weight_form: WeightForm = "softmax"
+    frame_ratio: float = 0.3
+    decode_ratio: float = 0.3
+    num_buckets: int | None = None  # set -> the hardware's bucketed early-exit WiCSum
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_bits <= 256:
+            raise ValueError(f"n_bits must be in [1, 256], got {self.n_bits}")
+        if not 1 <= self.hamming_threshold <= self.n_bits + 1:
+            raise ValueError(f"hamming_threshold must be in [1, n_bits + 1], got {self.hamming_threshold}")
+        if self.scope not in ("all_heads", "per_head"):
+            raise ValueError(f"scope must be 'all_heads' or 'per_head', got {self.scope!r}")
+        if self.similarity_floor is not None and not -1.0 <= self.similarity_floor <= 1.0:
+            raise ValueError(f"similarity_floor must be in [-1, 1] or None, got {self.similarity_floor}")
+        if self.max_cluster_tokens is not None and self.max_cluster_tokens < 1:
+            raise ValueError(f"max_cluster_tokens must be >= 1 or None, got {self.max_cluster_tokens}")
+        if self.estimator not in ("mean", "bound", "radius"):
+            raise ValueError(f"estimator must be mean, bound or radius, got {self.estimator!r}")
+        if self.weight_form not in ("softmax", "linear"):
+            raise ValueError(f"weight_form must be 'softmax' or 'linear', got {self.weight_form!r}")
+        for name in ("frame_ratio", "decode_ratio"):
+            value = getattr(self, name)
+            if not (0.0 < value <= 1.0) or math.isnan(value):
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.num_buckets is not None and self.num_buckets < 1:
+            raise ValueError(f"num_buckets must be >= 1 or None, got {self.num_buckets}")
+
+    def replace(self, **changes: object) -> ResvConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The paper's settings (Sec. V): 32 hyperplanes over all KV heads, Hamming < 7, ratio 0.3,
+# mean-key cluster score.
+PAPER = ResvConfig()
+
+# Per-KV-head codes with a cosine membership floor: the needle-keeping setting of
+# research/resv-spike.md (third study). The fidelity benchmark re-chooses it.
+DEFAULT = ResvConfig(
+    scope="per_head", hamming_threshold=9, similarity_floor=0.8, frame_ratio=0.9, decode_ratio=0.9
+)
+
+PRESETS: dict[str, ResvConfig] = {"paper": PAPER, "default": DEFAULT}
+
+
+def preset(name: str) -> ResvConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown ReSV preset {name!r}; choose one of {sorted(PRESETS)}") from None

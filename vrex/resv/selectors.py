@@ -1,0 +1,309 @@
+"""Selectors: which history tokens each KV head of a layer attends to in a step.
+
+Every selector sees the same two calls per layer and step, in this order:
+
+- ``select(layer, query, history_len, scaling)`` with the step's post-RoPE queries
+  ``[Hq, Tq, d]`` -> a :class:`Selection` over the ``history_len`` earlier tokens;
+- ``observe(layer, keys)`` with the step's new post-RoPE keys ``[Hkv, T, d]`` -> the page
+  (cluster) id of each new token per KV head, which the KV store uses to keep a cluster's
+  tokens together.
+
+Sink tokens (the start of the stream) and a recent window are always attended; the step's
+own tokens are attended by the caller. Names: ``full``, ``window`` (StreamingLLM),
+``topk`` (exact scores, InfiniGen-like oracle), ``rekv`` (top frames by mean key, shared by
+the heads of a layer), ``resv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .clusters import HCTable, cluster_scores
+from .config import DEFAULT, ResvConfig
+from .wicsum import wicsum_select, wicsum_select_bucketed
+
+POLICIES = ("full", "window", "topk", "rekv", "resv")
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    policy: str = "resv"
+    sink_tokens: int = 4
+    recent_tokens: int = 64
+    resv: ResvConfig = DEFAULT
+    budget_fraction: float = 0.1  # topk / rekv: share of the history fetched per KV head
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.sink_tokens < 0 or self.recent_tokens < 0:
+            raise ValueError("sink_tokens and recent_tokens must be >= 0")
+        if not 0.0 < self.budget_fraction <= 1.0:
+            raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
+
+    def replace(self, **changes: object) -> SelectorConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Selection:
+    """History tokens chosen per KV head, plus what the trace records about the choice."""
+
+    token_mask: Tensor  # [Hkv, N] bool
+    clusters: Tensor | None = None  # [Hkv] clusters scored
+    selected_clusters: Tensor | None = None  # [Hkv]
+    early_exit_fraction: float | None = None  # bucketed WiCSum: share of each row processed
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def history_len(self) -> int:
+        return self.token_mask.shape[1]
+
+    @property
+    def selected_tokens(self) -> Tensor:
+        return self.token_mask.sum(1)
+
+    def fetched_fraction(self) -> float:
+        n = self.history_len
+        return float(self.selected_tokens.float().mean() / n) if n else 0.0
+
+    def positions(self) -> list[Tensor]:
+        """Sorted history positions per KV head."""
+        return [row.nonzero().squeeze(1) for row in self.token_mask]
+
+
+class Selector:
+    """Base: always-attended tokens and bookkeeping; subclasses add the retrieval."""
+
+    name = "full"
+
+    def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 config: SelectorConfig | None = None, device: torch.device | str = "cpu"):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.cfg = config or SelectorConfig(policy=self.name)
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.device = torch.device(device)
+        self.steps = [0] * num_layers
+
+    def _check(self, layer: int, query: Tensor | None = None) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if query is not None and (query.ndim != 3 or query.shape[0] != self.num_heads):
+            raise ValueError(f"query must be [{self.num_heads}, Tq, d], got {tuple(query.shape)}")
+
+    def always_mask(self, history_len: int) -> Tensor:
+        pos = torch.arange(history_len, device=self.device)
+        keep = (pos < self.cfg.sink_tokens) | (pos >= history_len - self.cfg.recent_tokens)
+        return keep.unsqueeze(0).expand(self.num_kv_heads, -1).clone()
+
+    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+        self._check(layer, query)
+        return Selection(torch.ones(self.num_kv_heads, history_len, dtype=torch.bool, device=self.device))
+
+    def observe(self, layer: int, keys: Tensor) -> Tensor:
+        """Record a step's keys; pages are whole steps unless a subclass clusters."""
+        self._check(layer)
+        step = self.steps[layer]
+        self.steps[layer] += 1
+        return torch.full(keys.shape[:2], step, dtype=torch.int64, device=keys.device)
+
+    def on_evicted(self, layer: int, kv_head: int, page_ids: Tensor) -> None:
+        """Pages left the device tier (ReSV closes those clusters)."""
+
+    def state_dict(self) -> dict:
+        return {"steps": list(self.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = list(state["steps"])
+
+
+class FullSelector(Selector):
+    name = "full"
+
+
+class WindowSelector(Selector):
+    name = "window"
+
+    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+        self._check(layer, query)
+        return Selection(self.always_mask(history_len))
+
+
+class _KeyKeeper(Selector):
+    """Keeps its own copy of every history key (what the oracle baselines score against)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keys: list[list[Tensor]] = [[] for _ in range(self.num_layers)]
+
+    def observe(self, layer: int, keys: Tensor) -> Tensor:
+        self.keys[layer].append(keys.detach().to(self.device, torch.float32))
+        return super().observe(layer, keys)
+
+    def history_keys(self, layer: int) -> Tensor:
+        chunks = self.keys[layer]
+        if len(chunks) > 1:
+            self.keys[layer] = chunks = [torch.cat(chunks, 1)]
+        return chunks[0] if chunks else torch.zeros(self.num_kv_heads, 0, self.head_dim, device=self.device)
+
+    def _grouped(self, query: Tensor) -> Tensor:
+        hq, tq, d = query.shape
+        return query.to(torch.float32).reshape(self.num_kv_heads, hq // self.num_kv_heads * tq, d)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "keys": [self.history_keys(i).cpu() for i in range(self.num_layers)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.keys = [[k.to(self.device)] for k in state["keys"]]
+
+
+class TopKSelector(_KeyKeeper):
+    """Per KV head, the history tokens with the largest exact attention probability in any
+    of the step's query rows (an oracle: it reads every key)."""
+
+    name = "topk"
+
+    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+        self._check(layer, query)
+        mask = self.always_mask(history_len)
+        keys = self.history_keys(layer)[:, :history_len]
+        k = min(history_len, max(1, round(self.cfg.budget_fraction * history_len)))
+        if history_len:
+            s = torch.einsum("hrd,hnd->hrn", self._grouped(query), keys) * scaling
+            prob = torch.softmax(s, -1).amax(1)  # [Hkv, N]
+            mask.scatter_(1, prob.topk(k, dim=1).indices, True)
+        return Selection(mask)
+
+
+class RekvSelector(_KeyKeeper):
+    """ReKV-like: frames (steps) ranked by their mean key against the step's queries, the
+    score averaged over all rows and heads so every KV head of the layer gets the same frames."""
+
+    name = "rekv"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frame_starts: list[list[int]] = [[] for _ in range(self.num_layers)]
+
+    def observe(self, layer: int, keys: Tensor) -> Tensor:
+        self.frame_starts[layer].append(sum(k.shape[1] for k in self.keys[layer]))
+        return super().observe(layer, keys)
+
+    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+        self._check(layer, query)
+        mask = self.always_mask(history_len)
+        if not history_len:
+            return Selection(mask)
+        keys = self.history_keys(layer)[:, :history_len]
+        starts = torch.tensor([s for s in self.frame_starts[layer] if s < history_len], device=self.device)
+        ends = torch.cat([starts[1:], torch.tensor([history_len], device=self.device)])
+        frame_of = torch.bucketize(torch.arange(history_len, device=self.device), starts, right=True) - 1
+        sums = torch.zeros(self.num_kv_heads, len(starts), self.head_dim, device=self.device)
+        sums.index_add_(1, frame_of, keys)
+        means = sums / (ends - starts).clamp_min(1)[None, :, None]
+        score = torch.einsum("hrd,hfd->hrf", self._grouped(query), means).mean((0, 1))  # [F]
+        budget = self.cfg.budget_fraction * history_len
+        order = score.argsort(descending=True)
+        sizes = (ends - starts)[order]
+        take = order[(sizes.cumsum(0) - sizes) < budget]  # frames until the budget is filled
+        chosen = torch.zeros(len(starts), dtype=torch.bool, device=self.device)
+        chosen[take] = True
+        mask |= chosen[frame_of].unsqueeze(0)
+        return Selection(mask, extra={"frames": len(starts), "selected_frames": int(chosen.sum())})
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "frame_starts": [list(s) for s in self.frame_starts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.frame_starts = [list(s) for s in state["frame_starts"]]
+
+
+class ResvSelector(Selector):
+    """ReSV: hash-bit clusters of keys, scored by representative, thresholded by WiCSum."""
+
+    name = "resv"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tables = [
+            HCTable(self.num_kv_heads, self.head_dim, self.cfg.resv, layer, device=self.device)
+            for layer in range(self.num_layers)
+        ]
+
+    @property
+    def resv(self) -> ResvConfig:
+        return self.cfg.resv
+
+    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+        self._check(layer, query)
+        table = self.tables[layer]
+        if table.num_tokens != history_len:
+            raise ValueError(f"layer {layer}: table holds {table.num_tokens} tokens, history is {history_len}")
+        mask = self.always_mask(history_len)
+        hkv, c = self.num_kv_heads, table.num_clusters
+        if not history_len or not c:
+            zeros = torch.zeros(hkv, dtype=torch.int64, device=self.device)
+            return Selection(mask, clusters=zeros, selected_clusters=zeros)
+        scores = cluster_scores(table, query.to(self.device), scaling)  # [Hkv, R, C]
+        counts = table.counts.view.repeat_interleave(table.heads_per_group, 0).to(torch.float32)  # [Hkv, C]
+        valid = (counts > 0)[:, None, :]
+        if self.resv.weight_form == "softmax":
+            rowmax = scores.masked_fill(~valid, -torch.inf).amax(-1, keepdim=True)
+            weights = torch.exp(scores - rowmax) * counts[:, None, :]
+        else:
+            weights = scores.clamp_min(0) * counts[:, None, :]
+        weights = weights.masked_fill(~valid, 0.0)
+        rows = weights.reshape(-1, c)
+        ratio = self.resv.decode_ratio if query.shape[1] == 1 else self.resv.frame_ratio
+        exit_fraction = None
+        if self.resv.num_buckets:
+            picked, frac = wicsum_select_bucketed(rows, ratio, self.resv.num_buckets)
+            exit_fraction = float(frac.mean())
+        else:
+            picked = wicsum_select(rows, ratio)
+        cluster_mask = picked.reshape(hkv, -1, c).any(1)  # union over rows and query heads
+        member = table.member_of.view.repeat_interleave(table.heads_per_group, 0)  # [Hkv, N]
+        mask |= cluster_mask.gather(1, member)
+        return Selection(
+            mask,
+            clusters=(counts > 0).sum(1),
+            selected_clusters=cluster_mask.sum(1),
+            early_exit_fraction=exit_fraction,
+        )
+
+    def observe(self, layer: int, keys: Tensor) -> Tensor:
+        self._check(layer)
+        self.steps[layer] += 1
+        return self.tables[layer].add(keys.to(self.device)).cluster_ids
+
+    def on_evicted(self, layer: int, kv_head: int, page_ids: Tensor) -> None:
+        table = self.tables[layer]
+        group = kv_head // table.heads_per_group
+        table.close(group, page_ids.to(self.device))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "tables": [t.state_dict() for t in self.tables]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for table, s in zip(self.tables, state["tables"], strict=True):
+            table.load_state_dict(s)
+
+
+_CLASSES = {cls.name: cls for cls in (FullSelector, WindowSelector, TopKSelector, RekvSelector, ResvSelector)}
+
+
+def make_selector(num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                  config: SelectorConfig | str = "resv", device: torch.device | str = "cpu") -> Selector:
+    """A selector by name (``full``, ``window``, ``topk``, ``rekv``, ``resv``) or config."""
+    if isinstance(config, str):
+        config = SelectorConfig(policy=config)
+    return _CLASSES[config.policy](num_layers, num_heads, num_kv_heads, head_dim, config, device)
