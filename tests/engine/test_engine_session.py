@@ -1,0 +1,182 @@
+"""Engine: retrieval policy over the tiered store, sessions, snapshots, traces."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vrex.engine import Engine, EngineConfig, SessionSettings
+from vrex.models import load_model, tiny_random
+from vrex.models.tiny import FAMILIES
+from vrex.trace import TraceError, read_trace, validate_step
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def smolvlm_dir(tmp_path_factory):
+    return tiny_random("smolvlm", folder=tmp_path_factory.mktemp("smolvlm"))
+
+
+def _frames(n, seed=0, h=48, w=64):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _logits_of_session(engine, settings, frames, question="what?"):
+    s = engine.open_session(settings)
+    for i, f in enumerate(frames):
+        assert s.add_frame(f, float(i)).accepted
+    logits, _, _ = s._step(engine.adapter.question_input(question), "text", last_only=False)
+    return s, logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_policy_over_tiered_store_equals_one_forward(family, tmp_path):
+    """Chunked prefill through the retrieval policy, with most of the history pushed to host
+    and disk by a tiny device budget, gives the logits of one unchunked forward."""
+    folder = tiny_random(family, folder=tmp_path / family)
+    adapter = load_model(folder)
+    engine = Engine(EngineConfig(model_dir=str(folder), device_kv_budget_bytes=20_000, host_kv_budget_bytes=20_000,
+                                 data_dir=str(tmp_path / "data")), adapter=adapter)
+    settings = SessionSettings(policy="full", fps=1)
+    s = engine.open_session(settings)
+    steps = [adapter.prompt_prefix()]
+    if engine.accepts_frames:
+        for i, f in enumerate(_frames(4)):
+            s.add_frame(f, float(i))
+        # re-encode the same frames for the reference (the vision tower is deterministic)
+        steps += [adapter.frame_embeds(f) for f in _frames(4)]
+    q = adapter.question_input("what is in the video?")
+    steps.append(q)
+    logits, _, _ = s._step(q, "text", last_only=False)
+    ref = adapter.reference_logits(steps)[:, -q.num_tokens:]
+    rel = (logits - ref).abs().max() / ref.abs().max()
+    assert float(rel) <= 1e-4
+    st = s.stats()
+    if engine.accepts_frames:
+        assert st["kv_resident_tokens_disk"] > 0, "the budget should have pushed history to disk"
+
+
+def test_resv_ratio_one_matches_full(smolvlm_dir):
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    frames = _frames(5, seed=1)
+    _, full = _logits_of_session(engine, SessionSettings(policy="full"), frames)
+    # ratio 1 keeps every cluster with positive weight: all of them under the softmax form
+    import vrex.resv as resv
+
+    resv.PRESETS["_all"] = resv.DEFAULT.replace(frame_ratio=1.0, decode_ratio=1.0)
+    try:
+        s, got = _logits_of_session(engine, SessionSettings(policy="resv", resv_preset="_all"), frames)
+    finally:
+        del resv.PRESETS["_all"]
+    assert torch.allclose(got, full, rtol=1e-4, atol=1e-4)
+    assert s.stats()["fetched_fraction_frame"] == pytest.approx(1.0)
+
+
+def test_long_stream_stays_under_device_budget_and_retrieves_exactly(smolvlm_dir):
+    budget = 150_000
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), device_kv_budget_bytes=budget,
+                                 host_kv_budget_bytes=150_000, block_tokens=4))
+    s = engine.open_session(SessionSettings(policy="resv", fps=1))
+    peak = 0
+    for i, f in enumerate(_frames(40, seed=2, h=32, w=32)):
+        s.add_frame(f, float(i))
+        peak = max(peak, s.store.stats()["resident_bytes_device"])
+    assert peak <= budget
+    assert s.stats()["kv_resident_tokens_disk"] > 0
+    # every token of every layer comes back bit-exactly from whichever tier holds it
+    for layer in (0, engine.adapter.num_layers - 1):
+        k_all, v_all = s.store.fetch_all(layer)
+        n = s.store.length(layer)
+        pos = [torch.arange(n)] * engine.adapter.num_kv_heads
+        got = s.store.fetch(layer, pos)
+        assert torch.equal(got.keys, k_all) and torch.equal(got.values, v_all)
+
+
+def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path), device_kv_budget_bytes=300_000))
+    s = engine.open_session(SessionSettings(policy="resv", fps=1))
+    frames = _frames(8, seed=3)
+    for i, f in enumerate(frames[:6]):
+        s.add_frame(f, float(i))
+    s.snapshot()
+    sid = s.id
+    engine.close_session(sid)
+    a = engine.resume(sid)
+    assert sid in engine.list_snapshots()
+    b_engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path)), adapter=engine.adapter)
+    b = b_engine.resume(sid)
+    for i, f in enumerate(frames[6:], start=6):
+        ra, rb = a.add_frame(f, float(i)), b.add_frame(f, float(i))
+        assert ra.accepted and rb.accepted and ra.history_tokens == rb.history_tokens
+    la, _, _ = a._step(engine.adapter.question_input("q"), "text", last_only=False)
+    lb, _, _ = b._step(engine.adapter.question_input("q"), "text", last_only=False)
+    assert torch.equal(la, lb)
+    with pytest.raises(KeyError):
+        engine.resume("no-such-session")
+
+
+def test_sampler_keeps_target_fps_and_reports_drops(smolvlm_dir):
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    s = engine.open_session(SessionSettings(policy="window", fps=2))
+    frame = _frames(1)[0]
+    kept = [s.add_frame(frame, t / 10).accepted for t in range(20)]  # 10 fps for 2 s
+    assert sum(kept) == 4
+    st = s.stats()
+    assert st["frames_dropped"] == 16 and "above the session's target fps" in st["drop_reasons"]
+    assert not s.add_frame(frame, 0.0).accepted  # backwards
+
+
+def test_ask_streams_multi_turn_and_trace_validates(smolvlm_dir, tmp_path):
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    trace = tmp_path / "t.jsonl"
+    s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=4), trace_path=str(trace))
+
+    async def go():
+        for i, f in enumerate(_frames(3)):
+            assert (await s.submit_frame(f, float(i))).accepted
+        first = [d async for d in s.ask("what?")]
+        second = [d async for d in s.ask("and now?", temperature=0.7, top_p=0.9)]
+        return first, second
+
+    first, second = asyncio.run(go())
+    assert s.stats()["answers"] == 2
+    assert s.answers[0].tokens <= 4 and s.answers[0].finish_reason in ("length", "stop")
+    s.close()
+    header, steps = read_trace(trace)
+    steps = list(steps)
+    assert header["model"]["num_layers"] == engine.adapter.num_layers
+    stages = [r["stage"] for r in steps]
+    assert stages.count("frame") == 3 and "decode" in stages
+    frame = next(r for r in steps if r["stage"] == "frame" and r["history_tokens"] > 0)
+    assert len(frame["layers"]) == engine.adapter.num_layers
+    assert frame["layers"][0]["heads"][0]["clusters"] > 0
+    bad = json.loads(json.dumps(frame))
+    bad["layers"][0]["heads"][0]["selected_tokens"] = 10**9
+    with pytest.raises(TraceError, match="selected_tokens"):
+        validate_step(bad)
+
+
+def test_bad_input_errors(smolvlm_dir, tmp_path):
+    with pytest.raises(ValueError, match="policy"):
+        SessionSettings(policy="nope")
+    with pytest.raises(ValueError, match="fps"):
+        SessionSettings(fps=0)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError):
+        Engine(EngineConfig(model_dir=str(tmp_path)))
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), max_question_tokens=5, max_sessions=1))
+    s = engine.open_session()
+    with pytest.raises(ValueError, match="limit"):
+        list(s.generate("a very long question " * 10))
+    from vrex.engine import CapacityError
+
+    with pytest.raises(CapacityError):
+        engine.open_session()
+    with pytest.raises(ValueError):
+        Engine(EngineConfig(model_dir=str(smolvlm_dir), device_kv_budget_bytes=10)).open_session()

@@ -1,0 +1,70 @@
+"""Engine and session settings (frozen)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from vrex.resv import POLICIES, ResvConfig, preset
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a client chooses per session."""
+
+    fps: float = 2.0
+    policy: str = "resv"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    resv_preset: str = "default"
+    budget_fraction: float = 0.1  # topk / rekv
+    recent_tokens: int | None = None  # None: one frame's visual tokens
+    system_prompt: str | None = None  # None: the adapter's default
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fps <= 120.0:
+            raise ValueError(f"fps must be in (0, 120], got {self.fps}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ValueError(f"max_new_tokens must be in [1, 4096], got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        preset(self.resv_preset)  # raises for an unknown name
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def resv(self) -> ResvConfig:
+        return preset(self.resv_preset)
+
+    def replace(self, **changes: object) -> SessionSettings:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the operator chooses for the process."""
+
+    model_dir: str | None = None  # None: the demo model
+    device: str = "cpu"
+    dtype: str = "float32"
+    device_kv_budget_bytes: int | None = None  # per session
+    host_kv_budget_bytes: int | None = None  # per session
+    data_dir: str | None = None
+    max_sessions: int = 8
+    max_question_tokens: int = 512
+    block_tokens: int = 8  # pages are per cluster; small blocks waste less on small clusters
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        for name in ("device_kv_budget_bytes", "host_kv_budget_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")

@@ -1,0 +1,145 @@
+"""The attention policy that joins ReSV (or a baseline selector) to the tiered KV store.
+
+Per decoder layer and step (see ``vrex.models.attention`` for the contract):
+select history tokens with the step's queries -> fetch them from whichever tier holds them ->
+attend over them plus the step's own tokens (causal) -> cluster the new keys and store them
+in their clusters' pages. What happened is kept per layer and KV head for stats and the trace.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vrex.kv import DEVICE, DISK, HOST, TieredKVStore
+from vrex.resv import Selector
+
+
+def light_attention(query: Tensor, hist_k: Tensor, hist_v: Tensor, lengths: Tensor, key: Tensor, value: Tensor,
+                    scaling: float) -> Tensor:
+    """Attention of new queries ``[Hq, T, d]`` over each KV head's own padded history
+    (``[Hkv, L, d]``, ``lengths`` valid rows) plus the new keys (causal). Returns ``[T, Hq, d]``."""
+    hq, t, d = query.shape
+    hkv, hist_len = hist_k.shape[0], hist_k.shape[1]
+    group = hq // hkv
+    k = torch.cat([hist_k.to(key.dtype), key], 1)
+    v = torch.cat([hist_v.to(value.dtype), value], 1)
+    hist_ok = torch.arange(hist_len, device=key.device)[None, :] < lengths.to(key.device)[:, None]  # [Hkv, L]
+    causal = torch.ones(t, t, dtype=torch.bool, device=key.device).tril()
+    allowed = torch.cat([hist_ok[:, None, :].expand(hkv, t, hist_len), causal.expand(hkv, t, t)], -1)
+    out = F.scaled_dot_product_attention(
+        query[None], k.repeat_interleave(group, 0)[None], v.repeat_interleave(group, 0)[None],
+        attn_mask=allowed.repeat_interleave(group, 0)[None], scale=scaling,
+    )[0]
+    return out.transpose(0, 1)
+
+
+@dataclass
+class StepRecord:
+    """What one forward step did, per layer and KV head, and where its time went."""
+
+    stage: str
+    new_tokens: int = 0
+    history_tokens: int = 0
+    layers: list[dict] = field(default_factory=list)
+    select_ms: float = 0.0
+    fetch_ms: float = 0.0
+    attention_ms: float = 0.0
+    store_ms: float = 0.0
+    bytes_device: int = 0
+    bytes_host: int = 0
+    bytes_disk: int = 0
+
+    def fetched_fraction(self) -> float:
+        sel = sum(h["selected_tokens"] for layer in self.layers for h in layer["heads"])
+        hist = sum(h["history_tokens"] for layer in self.layers for h in layer["heads"])
+        return sel / hist if hist else 0.0
+
+    def per_layer_fraction(self) -> list[float]:
+        out = []
+        for layer in self.layers:
+            hist = sum(h["history_tokens"] for h in layer["heads"])
+            out.append(sum(h["selected_tokens"] for h in layer["heads"]) / hist if hist else 0.0)
+        return out
+
+
+class RetrievalPolicy:
+    """Selection + tiered store behind the attention hook, for one session."""
+
+    def __init__(self, selector: Selector, store: TieredKVStore, *, track_evictions: bool = True):
+        self.selector = selector
+        self.store = store
+        self.track_evictions = track_evictions and selector.name == "resv"
+        self.token_bytes_per_head = 2 * store.head_dim * store.dtype.itemsize
+        self.record = StepRecord(stage="frame")
+        self._moved_down = 0
+
+    def begin_step(self, stage: str, new_tokens: int) -> None:
+        self.record = StepRecord(stage=stage, new_tokens=new_tokens, history_tokens=self.store.length(0))
+
+    def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
+        rec = self.record
+        n = self.store.length(layer)
+        t0 = time.perf_counter()
+        sel = self.selector.select(layer, query, n, scaling)
+        t1 = time.perf_counter()
+        tiers = self.store.tier_of(layer).to(sel.token_mask.device)  # [Hkv, N]
+        if self.selector.name == "full":
+            hist_k, hist_v = self.store.fetch_all(layer)
+            lengths = torch.full((hist_k.shape[0],), n, dtype=torch.int64)
+        else:
+            fetched = self.store.fetch(layer, sel.positions())
+            hist_k, hist_v, lengths = fetched.keys, fetched.values, fetched.lengths
+        t2 = time.perf_counter()
+        out = light_attention(query, hist_k, hist_v, lengths, key, value, scaling)
+        t3 = time.perf_counter()
+        ids = self.selector.observe(layer, key)
+        self.store.append(layer, key, value, ids)
+        t4 = time.perf_counter()
+        rec.select_ms += (t1 - t0) * 1e3
+        rec.fetch_ms += (t2 - t1) * 1e3
+        rec.attention_ms += (t3 - t2) * 1e3
+        rec.store_ms += (t4 - t3) * 1e3
+        rec.layers.append(self._layer_record(layer, n, sel, tiers))
+        return out
+
+    def _layer_record(self, layer: int, n: int, sel, tiers: Tensor) -> dict:
+        mask = sel.token_mask
+        per_tier = [((tiers == t) & mask).sum(1).tolist() for t in (DEVICE, HOST, DISK)]
+        heads = []
+        for h in range(mask.shape[0]):
+            moved = {name: int(per_tier[i][h]) * self.token_bytes_per_head for i, name in
+                     enumerate(("device", "host", "disk"))}
+            self.record.bytes_device += moved["device"]
+            self.record.bytes_host += moved["host"]
+            self.record.bytes_disk += moved["disk"]
+            heads.append({
+                "kv_head": h,
+                "history_tokens": n,
+                "clusters": int(sel.clusters[h]) if sel.clusters is not None else 0,
+                "selected_clusters": int(sel.selected_clusters[h]) if sel.selected_clusters is not None else 0,
+                "selected_tokens": int(mask[h].sum()),
+                "early_exit_fraction": sel.early_exit_fraction,
+                "bytes": moved,
+            })
+        return {"layer": layer, "heads": heads}
+
+    @torch.inference_mode()
+    def end_step(self) -> StepRecord:
+        """Close the clusters whose pages left the device tier: only device-resident clusters
+        take new members (DESIGN.md), so a page never has to be fetched back to grow."""
+        if self.track_evictions:
+            stats = self.store.stats()
+            moved = sum(v for k, v in stats.items() if k.startswith("evicted_bytes_device"))
+            if moved != self._moved_down:
+                self._moved_down = moved
+                for layer in range(self.store.num_layers):
+                    for h in range(self.store.num_kv_heads):
+                        off = self.store.cluster_tier(layer, h).off_device()
+                        if off.numel():
+                            self.selector.on_evicted(layer, h, off)
+        return self.record

@@ -1,0 +1,371 @@
+"""A streaming session: frames in (iterative prefill), questions in, answer tokens out.
+
+The synchronous methods (``add_frame``, ``generate``) do the work; the engine runs them on its
+model thread. The ``async`` methods are what servers call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from vrex.kv import TierBudgets, TieredKVStore
+from vrex.kv.snapshot import atomic_folder, verify_manifest, write_manifest
+from vrex.resv import SelectorConfig, make_selector
+
+from .config import SessionSettings
+from .retrieval import RetrievalPolicy, StepRecord
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+SNAPSHOT_FORMAT = "vrex.session/1"
+
+
+@dataclass
+class FrameResult:
+    accepted: bool
+    frame_index: int
+    timestamp_s: float
+    dropped_reason: str | None = None
+    history_tokens: int = 0
+    fetched_fraction: float = 0.0
+    latency_ms: float = 0.0
+    phases_ms: dict = field(default_factory=dict)
+
+
+@dataclass
+class TokenDelta:
+    text: str
+    token_id: int
+    index: int
+
+
+@dataclass
+class AnswerStats:
+    question: str
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str = ""
+    time_to_first_token_ms: float = 0.0
+    total_ms: float = 0.0
+    fetched_fraction_text: float = 0.0
+    fetched_fraction_decode: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / (self.total_ms / 1e3) if self.total_ms else 0.0
+
+
+class Session:
+    def __init__(self, engine: Engine, settings: SessionSettings, session_id: str | None = None,
+                 *, trace_path: str | None = None, _restoring: bool = False):
+        self.engine = engine
+        self.settings = settings
+        self.id = session_id or uuid.uuid4().hex[:16]
+        self.adapter = engine.adapter
+        a = self.adapter
+        self.frame_tokens = engine.frame_tokens
+        self.recent_tokens = settings.recent_tokens if settings.recent_tokens is not None else self.frame_tokens
+        self.counters: Counter = Counter()
+        self.drop_reasons: Counter = Counter()
+        self.steps: deque[dict] = deque(maxlen=256)
+        self.answers: list[AnswerStats] = []
+        self.last_answer_stats: AnswerStats | None = None
+        self.last_frame_ts: float | None = None
+        self.frame_index = 0
+        self._busy = False
+        self._closed = False
+        self.prefix_tokens = 0
+        cfg = engine.config
+        disk_dir = Path(cfg.data_dir) / "kv-disk" / self.id if cfg.data_dir else None
+        self.store = TieredKVStore(
+            a.num_layers, a.num_kv_heads, a.head_dim, dtype=a.dtype, device=a.device,
+            budgets=TierBudgets(cfg.device_kv_budget_bytes, cfg.host_kv_budget_bytes, disk_dir),
+            block_tokens=cfg.block_tokens,
+        )
+        self._trace = None
+        if trace_path:
+            from vrex.trace import TraceWriter
+
+            self._trace = TraceWriter(trace_path, self._trace_header())
+        if not _restoring:
+            prefix = a.prompt_prefix(settings.system_prompt) if settings.system_prompt else a.prompt_prefix()
+            self.prefix_tokens = prefix.num_tokens
+            self._build_policy()
+            self._step(prefix, "text")
+
+    # -- construction ------------------------------------------------------------------------
+    def _selector_config(self) -> SelectorConfig:
+        s = self.settings
+        return SelectorConfig(policy=s.policy, sink_tokens=self.prefix_tokens, recent_tokens=self.recent_tokens,
+                              resv=s.resv, budget_fraction=s.budget_fraction)
+
+    def _build_policy(self) -> None:
+        a = self.adapter
+        selector = make_selector(a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim, self._selector_config(),
+                                 device=a.device)
+        self.policy = RetrievalPolicy(selector, self.store)
+        self.cache = a.new_cache(self.policy)
+
+    def _trace_header(self) -> dict:
+        from vrex.trace import SCHEMA
+
+        a, tc = self.adapter, self.adapter.text_config
+        return {
+            "kind": "header", "schema": SCHEMA, "policy": self.settings.policy,
+            "model": {"num_layers": a.num_layers, "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads,
+                      "head_dim": a.head_dim, "hidden_size": a.hidden_size,
+                      "intermediate_size": int(getattr(tc, "intermediate_size", 0) or 0),
+                      "vocab_size": int(getattr(tc, "vocab_size", 0) or 0)},
+            "settings": {**dataclasses.asdict(self.settings), "resv": dataclasses.asdict(self.settings.resv)},
+            "kv_dtype_bytes": a.dtype.itemsize,
+        }
+
+    # -- one model step ------------------------------------------------------------------------
+    def _step(self, step, stage: str, last_only: bool = True) -> tuple[torch.Tensor, StepRecord, float]:
+        self.policy.begin_step(stage, step.num_tokens)
+        t0 = time.perf_counter()
+        logits = self.adapter.forward(step, self.cache, last_logits_only=last_only)
+        total_ms = (time.perf_counter() - t0) * 1e3
+        rec = self.policy.end_step()
+        self.counters[f"steps_{stage}"] += 1
+        summary = {
+            "stage": stage, "new_tokens": step.num_tokens, "history_tokens": rec.history_tokens,
+            "fetched_fraction": rec.fetched_fraction(), "latency_ms": total_ms,
+            "select_ms": rec.select_ms, "fetch_ms": rec.fetch_ms, "attention_ms": rec.attention_ms,
+            "store_ms": rec.store_ms,
+            "mlp_and_rest_ms": max(0.0, total_ms - rec.select_ms - rec.fetch_ms - rec.attention_ms - rec.store_ms),
+            "bytes_device": rec.bytes_device, "bytes_host": rec.bytes_host, "bytes_disk": rec.bytes_disk,
+        }
+        self.steps.append(summary)
+        for k in ("bytes_device", "bytes_host", "bytes_disk"):
+            self.counters[k] += summary[k]
+        if self._trace is not None:
+            self._trace.write_step({
+                "kind": "step", "step": self._trace.steps, "stage": stage, "new_tokens": step.num_tokens,
+                "history_tokens": rec.history_tokens, "layers": rec.layers,
+                "latency_ms": {k: summary[k] for k in ("latency_ms", "select_ms", "fetch_ms", "attention_ms")},
+            })
+        return logits, rec, total_ms
+
+    @property
+    def history_tokens(self) -> int:
+        return self.store.length(0)
+
+    # -- frames ---------------------------------------------------------------------------------
+    def sample(self, timestamp_s: float) -> str | None:
+        """The sampler: a reason to drop a frame at ``timestamp_s``, or None to keep it."""
+        if self._closed:
+            return "session closed"
+        if self.last_frame_ts is not None:
+            if timestamp_s < self.last_frame_ts:
+                return "timestamp went backwards"
+            if timestamp_s - self.last_frame_ts < 1.0 / self.settings.fps - 1e-6:
+                return "above the session's target fps"
+        return None
+
+    def add_frame(self, image: np.ndarray, timestamp_s: float) -> FrameResult:
+        index = self.frame_index
+        self.frame_index += 1
+        reason = self.sample(timestamp_s)
+        if reason is not None:
+            return self._dropped(index, timestamp_s, reason)
+        t0 = time.perf_counter()
+        step = self.adapter.frame_embeds(image)
+        vision_ms = (time.perf_counter() - t0) * 1e3
+        _, rec, step_ms = self._step(step, "frame")
+        self.last_frame_ts = timestamp_s
+        self.counters["frames_accepted"] += 1
+        phases = {"vision_ms": vision_ms, **{k: v for k, v in self.steps[-1].items() if k.endswith("_ms")}}
+        return FrameResult(True, index, timestamp_s, None, self.history_tokens, rec.fetched_fraction(),
+                           vision_ms + step_ms, phases)
+
+    def _dropped(self, index: int, timestamp_s: float, reason: str) -> FrameResult:
+        self.counters["frames_dropped"] += 1
+        self.drop_reasons[reason] += 1
+        return FrameResult(False, index, timestamp_s, reason, self.history_tokens)
+
+    # -- questions --------------------------------------------------------------------------------
+    def generate(self, question: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, stop: tuple[str, ...] | None = None, seed: int = 0) -> Iterator[TokenDelta]:
+        """Prefill the question, then decode; yields text deltas. Multi-turn: the answer stays in
+        the history and the next user turn is opened after it."""
+        s = self.settings
+        max_new = max_new_tokens or s.max_new_tokens
+        temperature = s.temperature if temperature is None else temperature
+        top_p = s.top_p if top_p is None else top_p
+        stop = tuple(s.stop if stop is None else stop)
+        q_ids = self.adapter.tokenize(question)
+        if len(q_ids) > self.engine.config.max_question_tokens:
+            raise ValueError(f"question has {len(q_ids)} tokens; the limit is "
+                             f"{self.engine.config.max_question_tokens}: shorten it")
+        stats = AnswerStats(question=question)
+        self.last_answer_stats = stats
+        t0 = time.perf_counter()
+        logits, rec, _ = self._step(self.adapter.question_input(question), "text")
+        stats.fetched_fraction_text = rec.fetched_fraction()
+        gen = torch.Generator().manual_seed(seed)
+        eos = set(self.adapter.eos_token_ids)
+        ids: list[int] = []
+        emitted = ""
+        decode_fractions = []
+        finish = "length"
+        for i in range(max_new):
+            token = _sample(logits[0, -1], temperature, top_p, gen)
+            if token in eos:
+                finish = "stop"
+                break
+            ids.append(token)
+            text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
+            hit = next((st for st in stop if st and st in text), None)
+            if hit is not None:
+                text = text[: text.index(hit)]
+                finish = "stop"
+            if not text.endswith("\ufffd") and len(text) > len(emitted):
+                delta, emitted = text[len(emitted):], text
+                if stats.tokens == 0:
+                    stats.time_to_first_token_ms = (time.perf_counter() - t0) * 1e3
+                stats.tokens = len(ids)
+                yield TokenDelta(delta, token, i)
+            if hit is not None:
+                break
+            if i + 1 < max_new:
+                logits, rec, _ = self._step(self.adapter.token_input(token), "decode")
+                decode_fractions.append(rec.fetched_fraction())
+        stats.tokens = len(ids)
+        stats.text = emitted
+        stats.finish_reason = finish
+        stats.fetched_fraction_decode = float(np.mean(decode_fractions)) if decode_fractions else 0.0
+        self._step(self.adapter.next_turn_input(), "text")
+        stats.total_ms = (time.perf_counter() - t0) * 1e3
+        self.answers.append(stats)
+        self.counters["answers"] += 1
+
+    # -- async API for servers ------------------------------------------------------------------
+    async def submit_frame(self, image: np.ndarray, timestamp_s: float) -> FrameResult:
+        """Keep or drop a frame; a kept frame is in the history when this returns. A frame that
+        arrives while the previous one (or an answer) is still running is dropped: queues stay
+        bounded and a session that falls behind real time sheds frames."""
+        if self._busy:
+            index = self.frame_index
+            self.frame_index += 1
+            return self._dropped(index, timestamp_s, "behind real time: the previous step is still running")
+        self._busy = True
+        try:
+            return await self.engine.run(self.add_frame, image, timestamp_s)
+        finally:
+            self._busy = False
+
+    async def ask(self, question: str, **options) -> AsyncIterator[TokenDelta]:
+        if self._busy:
+            raise RuntimeError("the session is busy with another frame or answer; retry when it is done")
+        self._busy = True
+        try:
+            it = self.generate(question, **options)
+            while True:
+                delta = await self.engine.run(next, it, None)
+                if delta is None:
+                    break
+                yield delta
+        finally:
+            self._busy = False
+
+    # -- stats ------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        frames = [s for s in self.steps if s["stage"] == "frame"]
+        decodes = [s for s in self.steps if s["stage"] == "decode"]
+        kv = self.store.stats()
+        out = {
+            "session_id": self.id, "policy": self.settings.policy,
+            "frames_accepted": self.counters["frames_accepted"], "frames_dropped": self.counters["frames_dropped"],
+            "drop_reasons": dict(self.drop_reasons), "answers": self.counters["answers"],
+            "history_tokens": self.history_tokens,
+            "fetched_fraction_frame": float(np.mean([s["fetched_fraction"] for s in frames])) if frames else 0.0,
+            "fetched_fraction_decode": float(np.mean([s["fetched_fraction"] for s in decodes])) if decodes else 0.0,
+            "bytes_fetched_device": self.counters["bytes_device"], "bytes_fetched_host": self.counters["bytes_host"],
+            "bytes_fetched_disk": self.counters["bytes_disk"],
+            "last_step": dict(self.steps[-1]) if self.steps else {},
+        }
+        for tier in ("device", "host", "disk"):
+            out[f"kv_resident_bytes_{tier}"] = kv.get(f"resident_bytes_{tier}", 0)
+            out[f"kv_resident_tokens_{tier}"] = kv.get(f"resident_tokens_{tier}", 0)
+        if frames:
+            for phase in ("latency_ms", "select_ms", "fetch_ms", "attention_ms", "mlp_and_rest_ms"):
+                out[f"frame_{phase}_mean"] = float(np.mean([s[phase] for s in frames]))
+        return out
+
+    # -- persistence --------------------------------------------------------------------------------
+    def snapshot(self, folder: str | Path | None = None) -> Path:
+        """Write the whole session (KV store, HC tables, positions, settings) atomically."""
+        if folder is None:
+            if not self.engine.config.data_dir:
+                raise ValueError("no data_dir configured: give a folder to snapshot into")
+            folder = Path(self.engine.config.data_dir) / "sessions" / self.id
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(folder) as tmp:
+            (tmp / "kv").mkdir()
+            self.store.write_snapshot_files(tmp / "kv")
+            state = {
+                "id": self.id, "settings": dataclasses.asdict(self.settings),
+                "next_position": self.cache.next_position, "prefix_tokens": self.prefix_tokens,
+                "recent_tokens": self.recent_tokens, "frame_index": self.frame_index,
+                "last_frame_ts": self.last_frame_ts, "counters": dict(self.counters),
+                "drop_reasons": dict(self.drop_reasons),
+            }
+            (tmp / "session.json").write_text(json.dumps(state))
+            torch.save(self.policy.selector.state_dict(), tmp / "selector.pt")
+            write_manifest(tmp, SNAPSHOT_FORMAT)
+        return folder
+
+    @classmethod
+    @torch.inference_mode()
+    def restore(cls, engine: Engine, folder: str | Path) -> Session:
+        folder = Path(folder)
+        verify_manifest(folder, SNAPSHOT_FORMAT)
+        state = json.loads((folder / "session.json").read_text())
+        settings = SessionSettings(**{**state["settings"], "stop": tuple(state["settings"]["stop"])})
+        self = cls(engine, settings, state["id"], _restoring=True)
+        self.store.close()
+        cfg = engine.config
+        disk_dir = Path(cfg.data_dir) / "kv-disk" / f"{self.id}-{uuid.uuid4().hex[:6]}" if cfg.data_dir else None
+        self.store = TieredKVStore.read_snapshot_files(folder / "kv", device=self.adapter.device, disk_dir=disk_dir)
+        self.prefix_tokens = state["prefix_tokens"]
+        self.recent_tokens = state["recent_tokens"]
+        self._build_policy()
+        self.policy.selector.load_state_dict(torch.load(folder / "selector.pt", weights_only=True))
+        self.cache.next_position = state["next_position"]
+        self.frame_index = state["frame_index"]
+        self.last_frame_ts = state["last_frame_ts"]
+        self.counters.update(state["counters"])
+        self.drop_reasons.update(state["drop_reasons"])
+        return self
+
+    def close(self) -> None:
+        self._closed = True
+        if self._trace is not None:
+            self._trace.close()
+        self.store.close()
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

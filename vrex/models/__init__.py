@@ -1,0 +1,50 @@
+"""Model adapters over Hugging Face transformers VLMs, the attention hook and the demo model.
+
+``load_model(folder)`` -> a family adapter; ``adapter.new_cache(policy)`` -> a session cache;
+``adapter.forward(step, cache)`` runs one step with retrieval decided by ``policy``
+(see :mod:`vrex.models.attention` for the policy contract).
+"""
+
+from vrex.models.adapters import (
+    DEFAULT_SYSTEM_PROMPT,
+    SUPPORTED_MODEL_TYPES,
+    LlamaAdapter,
+    LlavaOnevisionAdapter,
+    ModelAdapter,
+    Qwen25VLAdapter,
+    SmolVLMAdapter,
+    StepInput,
+    concat_steps,
+    load_model,
+)
+from vrex.models.attention import (
+    ATTENTION_NAME,
+    AttentionPolicy,
+    FullAttentionPolicy,
+    VrexCache,
+    causal_attention,
+)
+from vrex.models.demo import DEMO_NOTICE, ensure_demo_model, is_demo_model
+from vrex.models.tiny import tiny_random
+
+__all__ = [
+    "ATTENTION_NAME",
+    "DEFAULT_SYSTEM_PROMPT",
+    "DEMO_NOTICE",
+    "SUPPORTED_MODEL_TYPES",
+    "AttentionPolicy",
+    "FullAttentionPolicy",
+    "LlamaAdapter",
+    "LlavaOnevisionAdapter",
+    "ModelAdapter",
+    "Qwen25VLAdapter",
+    "SmolVLMAdapter",
+    "StepInput",
+    "VrexCache",
+    "causal_attention",
+    "concat_steps",
+    "ensure_demo_model",
+    "is_demo_model",
+    "load_model",
+    "tiny_random",
+]
