@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 _REGISTRARS: list[tuple[str, str]] = [
     ("vrex.engine.cli", "register"),
     ("vrex.models.cli", "register"),
+    ("sim.cli", "register"),
+    ("vrex.power", "register"),
     ("benchmarks.cli", "register"),
 ]
 

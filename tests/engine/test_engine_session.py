@@ -41,8 +41,15 @@ def test_full_policy_over_tiered_store_equals_one_forward(family, tmp_path):
     and disk by a tiny device budget, gives the logits of one unchunked forward."""
     folder = tiny_random(family, folder=tmp_path / family)
     adapter = load_model(folder)
-    engine = Engine(EngineConfig(model_dir=str(folder), device_kv_budget_bytes=20_000, host_kv_budget_bytes=20_000,
-                                 data_dir=str(tmp_path / "data")), adapter=adapter)
+    engine = Engine(
+        EngineConfig(
+            model_dir=str(folder),
+            device_kv_budget_bytes=20_000,
+            host_kv_budget_bytes=20_000,
+            data_dir=str(tmp_path / "data"),
+        ),
+        adapter=adapter,
+    )
     settings = SessionSettings(policy="full", fps=1)
     s = engine.open_session(settings)
     steps = [adapter.prompt_prefix()]
@@ -54,7 +61,7 @@ def test_full_policy_over_tiered_store_equals_one_forward(family, tmp_path):
     q = adapter.question_input("what is in the video?")
     steps.append(q)
     logits, _, _ = s._step(q, "text", last_only=False)
-    ref = adapter.reference_logits(steps)[:, -q.num_tokens:]
+    ref = adapter.reference_logits(steps)[:, -q.num_tokens :]
     rel = (logits - ref).abs().max() / ref.abs().max()
     assert float(rel) <= 1e-4
     st = s.stats()
@@ -80,8 +87,14 @@ def test_resv_ratio_one_matches_full(smolvlm_dir):
 
 def test_long_stream_stays_under_device_budget_and_retrieves_exactly(smolvlm_dir):
     budget = 150_000
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), device_kv_budget_bytes=budget,
-                                 host_kv_budget_bytes=150_000, block_tokens=4))
+    engine = Engine(
+        EngineConfig(
+            model_dir=str(smolvlm_dir),
+            device_kv_budget_bytes=budget,
+            host_kv_budget_bytes=150_000,
+            block_tokens=4,
+        )
+    )
     s = engine.open_session(SessionSettings(policy="resv", fps=1))
     peak = 0
     for i, f in enumerate(_frames(40, seed=2, h=32, w=32)):
@@ -99,7 +112,9 @@ def test_long_stream_stays_under_device_budget_and_retrieves_exactly(smolvlm_dir
 
 
 def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path), device_kv_budget_bytes=300_000))
+    engine = Engine(
+        EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path), device_kv_budget_bytes=300_000)
+    )
     s = engine.open_session(SessionSettings(policy="resv", fps=1))
     frames = _frames(8, seed=3)
     for i, f in enumerate(frames[:6]):
@@ -109,7 +124,9 @@ def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
     engine.close_session(sid)
     a = engine.resume(sid)
     assert sid in engine.list_snapshots()
-    b_engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path)), adapter=engine.adapter)
+    b_engine = Engine(
+        EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path)), adapter=engine.adapter
+    )
     b = b_engine.resume(sid)
     for i, f in enumerate(frames[6:], start=6):
         ra, rb = a.add_frame(f, float(i)), b.add_frame(f, float(i))
@@ -180,3 +197,48 @@ def test_bad_input_errors(smolvlm_dir, tmp_path):
         engine.open_session()
     with pytest.raises(ValueError):
         Engine(EngineConfig(model_dir=str(smolvlm_dir), device_kv_budget_bytes=10)).open_session()
+
+
+def _sample(name):
+    from vrex.video import sample_video
+
+    try:
+        return sample_video(name)
+    except FileNotFoundError as exc:
+        pytest.skip(f"sample video missing: {exc}")
+
+
+def test_demo_model_on_a_real_video_answers():
+    from vrex.models.demo import ensure_demo_model
+    from vrex.video import FileSource
+
+    engine = Engine(EngineConfig(model_dir=str(ensure_demo_model())))
+    assert engine.model_info["is_demo"] and "CANNOT REALLY SEE" in engine.model_info["notice"]
+    s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=12))
+    for ts, image in FileSource(_sample("bikes.mp4")):
+        if ts > 3.0:
+            break
+        s.add_frame(image, ts)
+    assert s.stats()["frames_accepted"] >= 3
+    text = "".join(d.text for d in s.generate("What do you see?"))
+    assert text.strip()
+    # real weights through the retrieval path still answer text questions
+    plain = engine.open_session(SessionSettings(policy="resv", max_new_tokens=12))
+    text = "".join(d.text for d in plain.generate("What is the capital of France?"))
+    assert "paris" in text.lower()
+
+
+def test_vrex_run_cli_json(smolvlm_dir, tmp_path, capsys):
+    from vrex.cli import main
+
+    trace = tmp_path / "run.jsonl"
+    rc = main(["run", "--video", str(_sample("bikes.mp4")), "--model", str(smolvlm_dir), "--fps", "1",
+               "--ask", "what?", "--ask-at", "2", "--ask", "and?", "--ask-at", "4", "--max-new-tokens", "3",
+               "--max-seconds", "5", "--device-kv-budget", "1MiB", "--trace", str(trace), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [a["asked_at_s"] for a in out["answers"]] == [2.0, 4.0]
+    assert out["stats"]["frames_accepted"] >= 5
+    header, steps = read_trace(trace)
+    assert sum(1 for r in steps if r["stage"] == "frame") == out["stats"]["frames_accepted"]
+    assert main(["run", "--video", str(tmp_path / "missing.mp4"), "--ask", "x"]) == 2

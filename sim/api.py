@@ -1,0 +1,238 @@
+"""Plain Python API of the simulator (what the CLI, sweeps and notebooks call).
+
+    from sim.api import simulate, load_system, make_scenario
+    result = simulate("vrex8", {"kv_tokens": 40000}, overrides={"memory.link_bandwidth_gbps": 8})
+
+`simulate` returns a JSON-ready dict; `result["config_hash"]` is a stable key for caching.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sim.config import (
+    Scenario,
+    SystemConfig,
+    apply_overrides,
+    config_hash,
+    load_system,
+    make_scenario,
+    override,
+    to_dict,
+    validate,
+)
+from sim.cost import area_power_report, run_energy_mj
+from sim.gpu import simulate_gpu_steps
+from sim.tech import tech_values
+from sim.timing import roofline_bound_cycles, simulate_steps
+from sim.workload import Step, build_steps, step_macs
+
+__all__ = [
+    "simulate",
+    "compare",
+    "area",
+    "load_system",
+    "make_scenario",
+    "override",
+    "config_hash",
+    "resolve_system",
+    "resolve_scenario",
+]
+
+
+def resolve_system(
+    system: SystemConfig | str,
+    overrides: dict[str, Any] | list[str] | None = None,
+    tech_corner: str | None = None,
+) -> SystemConfig:
+    if isinstance(system, str):
+        system = load_system(system)
+    system = apply_overrides(system, overrides)
+    if tech_corner:
+        system = override(system, "tech_corner", tech_corner)
+    validate(system)
+    return system
+
+
+def resolve_scenario(scenario: Scenario | dict[str, Any] | None) -> Scenario:
+    if scenario is None:
+        return Scenario()
+    if isinstance(scenario, Scenario):
+        validate(scenario)
+        return scenario
+    return make_scenario(**scenario)
+
+
+def _ops(system: SystemConfig, steps: list[Step]) -> float:
+    """Useful operations (2 x dense MACs), identical on every system for the same steps."""
+    return sum(2.0 * sum(step_macs(system.model, s).values()) for s in steps)
+
+
+def _run_stage(system: SystemConfig, steps: list[Step], policy: str, record_timeline: bool = False) -> dict:
+    """Latency, breakdowns and energy of a list of steps on one system."""
+    tech = tech_values(system.tech_corner)
+    ops = _ops(system, steps)
+    if system.kind == "gpu":
+        out = simulate_gpu_steps(system, steps, policy)
+        time_s = out["time_s"]
+        breakdown_ms = {k: v * 1e3 for k, v in out["breakdown_s"].items()}
+        energy = out["energy_mj"]
+        result = {"events": 0, "counters": out["counters"], "roofline_bound_ms": None}
+    else:
+        timing = simulate_steps(system, steps, record_timeline=record_timeline)
+        clock_hz = system.accel.clock_mhz * 1e6
+        time_s = timing.cycles / clock_hz
+        breakdown_ms = {k: v / clock_hz * 1e3 for k, v in timing.breakdown_cycles.items()}
+        energy = run_energy_mj(system, tech, timing.counters, time_s)
+        result = {
+            "events": timing.events,
+            "cycles": timing.cycles,
+            "counters": timing.counters,
+            "roofline_bound_ms": roofline_bound_cycles(system, timing.counters) / clock_hz * 1e3,
+            "dram_utilization": timing.dram_busy_cycles / max(timing.cycles, 1),
+            "link_utilization": timing.link_busy_cycles / max(timing.cycles, 1),
+        }
+        if record_timeline:
+            result["timeline"] = timing.timeline
+            result["clock_hz"] = clock_hz
+    energy_total = sum(energy.values())
+    result.update(
+        {
+            "latency_ms": time_s * 1e3,
+            "latency_breakdown_ms": breakdown_ms,
+            "energy_mj": energy_total,
+            "energy_breakdown_mj": energy,
+            "ops": ops,
+            "gops_per_w": ops / (energy_total * 1e-3) / 1e9 if energy_total > 0 else 0.0,
+            "steps": len(steps),
+        }
+    )
+    return result
+
+
+def simulate(
+    system: SystemConfig | str,
+    scenario: Scenario | dict[str, Any] | None = None,
+    *,
+    overrides: dict[str, Any] | list[str] | None = None,
+    tech_corner: str | None = None,
+    record_timeline: bool = False,
+) -> dict[str, Any]:
+    """Simulate one design point.
+
+    Args:
+        system: a SystemConfig or a built-in name / YAML path (vrex8, vrex48, agx-orin, a100).
+        scenario: a Scenario or a dict of its fields (kv_tokens, batch, stage, policy, trace, ...).
+        overrides: {dotted.field: value} (or ["dotted.field=value"]) applied to the system.
+        tech_corner: low | nominal | high (technology table column).
+        record_timeline: keep DRAM/link transfer logs (for the bandwidth plot).
+
+    Returns:
+        dict with frame_latency_ms, fps, tpot_ms, energy_per_frame_mj, gops_per_w,
+        latency/energy breakdowns per stage, events, sim_wall_s, config_hash, ...
+    """
+    start = time.perf_counter()
+    system = resolve_system(system, overrides, tech_corner)
+    scenario = resolve_scenario(scenario)
+    if scenario.trace:
+        from sim.trace_replay import read_trace, system_for_trace
+
+        system = system_for_trace(system, read_trace(scenario.trace)[0])
+    steps = build_steps(system, scenario)
+    stages = {}
+    for name, stage_steps in steps.items():
+        if stage_steps:
+            stages[name] = _run_stage(
+                system, stage_steps, scenario.policy, record_timeline and name == "frame"
+            )
+    wall = time.perf_counter() - start
+    frame, decode = stages.get("frame"), stages.get("decode")
+    events = sum(s["events"] for s in stages.values())
+    n_frames = len(steps.get("frame", []))
+    n_decode = len(steps.get("decode", []))
+    result: dict[str, Any] = {
+        "system": system.name,
+        "kind": system.kind,
+        "policy": scenario.policy,
+        "kv_tokens": scenario.kv_tokens,
+        "batch": scenario.batch,
+        "tech_corner": system.tech_corner,
+        "config_hash": config_hash(system, scenario),
+        "frame_latency_ms": frame["latency_ms"] / n_frames if frame else None,
+        "fps": 1e3 * n_frames / frame["latency_ms"] if frame else None,
+        "throughput_fps": 1e3 * n_frames * scenario.batch / frame["latency_ms"] if frame else None,
+        "tpot_ms": decode["latency_ms"] / n_decode if decode else None,
+        "energy_per_frame_mj": frame["energy_mj"] / n_frames if frame else None,
+        "energy_per_token_mj": decode["energy_mj"] / n_decode if decode else None,
+        "gops_per_w": frame["gops_per_w"] if frame else None,
+        "gops_per_w_text": decode["gops_per_w"] if decode else None,
+        "events": events,
+        "events_per_frame": frame["events"] / n_frames if frame else None,
+        "sim_wall_s": wall,
+        "events_per_s": events / wall if wall > 0 else None,
+        "stages": stages,
+        "system_config": to_dict(system),
+        "scenario": to_dict(scenario),
+    }
+    if "e2e" in stages:
+        result["e2e_latency_ms"] = stages["e2e"]["latency_ms"]
+        result["e2e_energy_mj"] = stages["e2e"]["energy_mj"]
+    return result
+
+
+def compare(
+    system: SystemConfig | str,
+    baseline: SystemConfig | str,
+    policy: str = "flexgen",
+    kv_tokens: list[int] | tuple[int, ...] = (1000, 5000, 10000, 20000, 40000),
+    batch: int = 1,
+    *,
+    system_policy: str = "resv",
+    overrides: dict[str, Any] | list[str] | None = None,
+    baseline_overrides: dict[str, Any] | list[str] | None = None,
+    tech_corner: str | None = None,
+) -> dict[str, Any]:
+    """Speedup and energy-efficiency gain (GOPS/W ratio) of `system` over `baseline` + `policy`."""
+    sys_cfg = resolve_system(system, overrides, tech_corner)
+    base_cfg = resolve_system(baseline, baseline_overrides, tech_corner)
+    rows = []
+    for kv in kv_tokens:
+        ours = simulate(sys_cfg, {"kv_tokens": kv, "batch": batch, "policy": system_policy})
+        base = simulate(base_cfg, {"kv_tokens": kv, "batch": batch, "policy": policy})
+        rows.append(
+            {
+                "kv_tokens": kv,
+                "frame_latency_ms": ours["frame_latency_ms"],
+                "baseline_frame_latency_ms": base["frame_latency_ms"],
+                "speedup": base["frame_latency_ms"] / ours["frame_latency_ms"],
+                "energy_efficiency_gain": ours["gops_per_w"] / base["gops_per_w"],
+                "tpot_ms": ours["tpot_ms"],
+                "baseline_tpot_ms": base["tpot_ms"],
+                "tpot_speedup": base["tpot_ms"] / ours["tpot_ms"],
+                "text_energy_efficiency_gain": ours["gops_per_w_text"] / base["gops_per_w_text"],
+            }
+        )
+    return {
+        "system": sys_cfg.name,
+        "system_policy": system_policy,
+        "baseline": base_cfg.name,
+        "policy": policy,
+        "batch": batch,
+        "points": rows,
+    }
+
+
+def area(system: SystemConfig | str, overrides=None, tech_corner: str | None = None) -> dict[str, Any]:
+    """Per-component area and peak power per core and per chip, with DRE shares."""
+    sys_cfg = resolve_system(system, overrides, tech_corner)
+    if sys_cfg.kind != "vrex":
+        raise ValueError(
+            f"system {sys_cfg.name!r} is a GPU baseline; area is modelled for V-Rex systems only"
+        )
+    return area_power_report(sys_cfg, tech_values(sys_cfg.tech_corner))
+
+
+def with_fields(system: SystemConfig, **dotted: Any) -> SystemConfig:
+    """Convenience: with_fields(cfg, **{"accel.num_cores": 16})."""
+    return apply_overrides(system, dotted)

@@ -1,0 +1,224 @@
+"""`vrex sim run|area|compare|validate|plot` (registered into the one `vrex` command)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.config import BUILTIN_SYSTEMS, POLICIES, override_many
+
+
+def _add_system_args(p: argparse.ArgumentParser, default: str = "vrex8") -> None:
+    p.add_argument(
+        "--system", default=default, help=f"built-in system ({', '.join(BUILTIN_SYSTEMS)}) or a YAML file"
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML file of field overrides (may say `base: vrex8`)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any config field by dotted name, e.g. memory.link_bandwidth_gbps=8",
+    )
+    p.add_argument("--tech-corner", choices=("low", "nominal", "high"), default=None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _system(args: argparse.Namespace):
+    from sim.api import resolve_system
+    from sim.config import load_system
+
+    base = load_system(args.system)
+    if args.config:
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        data.pop("base", None)
+        base = override_many(base, data, prefix=f"{args.config}: ")
+    return resolve_system(base, list(args.set), args.tech_corner)
+
+
+def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=float) if args.json else text)
+
+
+def _kv_list(text: str) -> list[int]:
+    try:
+        values = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--kv-tokens expects comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise ValueError("--kv-tokens needs at least one non-negative value")
+    return values
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sim.api import simulate
+
+    system = _system(args)
+    scenario = {
+        "kv_tokens": args.kv_tokens,
+        "batch": args.batch,
+        "stage": args.stage,
+        "policy": args.policy,
+        "trace": args.trace,
+    }
+    res = simulate(system, scenario)
+    stage = "decode" if args.stage == "text" else "frame"
+    detail = res["stages"].get(stage) or next(iter(res["stages"].values()))
+    report = {k: v for k, v in res.items() if k not in ("stages", "system_config")}
+    report["latency_breakdown_ms"] = detail["latency_breakdown_ms"]
+    report["energy_breakdown_mj"] = detail["energy_breakdown_mj"]
+    report["roofline_bound_ms"] = detail.get("roofline_bound_ms")
+    if args.json:
+        print(json.dumps(report, indent=2, default=float))
+        return 0
+    lines = [
+        f"{res['system']} ({res['kind']}), policy {res['policy']}, {res['kv_tokens']} KV tokens, batch {res['batch']}, tech {res['tech_corner']}"
+    ]
+    for key in (
+        "frame_latency_ms",
+        "fps",
+        "tpot_ms",
+        "energy_per_frame_mj",
+        "energy_per_token_mj",
+        "gops_per_w",
+        "e2e_latency_ms",
+    ):
+        if res.get(key) is not None:
+            lines.append(f"  {key:22s} {res[key]:.3f}")
+    lines.append(
+        f"  latency breakdown ({stage}, ms): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in detail["latency_breakdown_ms"].items())
+    )
+    lines.append(
+        f"  energy breakdown ({stage}, mJ): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in detail["energy_breakdown_mj"].items())
+    )
+    ev = res["events_per_s"] or 0
+    lines.append(
+        f"  events {res['events']}  sim_wall_s {res['sim_wall_s']:.3f}  events/s {ev:,.0f}  hash {res['config_hash']}"
+    )
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_area(args: argparse.Namespace) -> int:
+    from sim.api import area
+
+    rep = area(_system(args))
+    lines = [
+        f"{rep['system']}: {rep['num_cores']} cores, tech corner {rep['tech_corner']}",
+        f"  {'component':10s} {'area_mm2':>10s} {'power_mw':>10s}",
+    ]
+    for name, v in rep["per_core"].items():
+        lines.append(f"  {name:10s} {v['area_mm2']:10.4f} {v['power_mw']:10.2f}")
+    lines.append(
+        f"  {'core':10s} {rep['core_total']['area_mm2']:10.4f} {rep['core_total']['power_mw']:10.2f}"
+    )
+    lines.append(
+        f"  {'chip':10s} {rep['chip_total']['area_mm2']:10.3f} {rep['chip_total']['power_mw']:10.1f}"
+    )
+    lines.append(
+        f"  DRE share: area {rep['dre_share']['area_fraction'] * 100:.2f}%, power {rep['dre_share']['power_fraction'] * 100:.2f}%"
+    )
+    _print(args, rep, "\n".join(lines))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sim.api import compare
+
+    system = _system(args)
+    baseline = _system_plain(args.baseline, args.tech_corner)  # --set/--config apply to --system only
+    rep = compare(system, baseline, args.policy, _kv_list(args.kv_tokens), args.batch)
+    lines = [
+        f"{rep['system']} (resv) vs {rep['baseline']} + {rep['policy']}, batch {rep['batch']}",
+        f"  {'kv':>7s} {'ours_ms':>9s} {'base_ms':>9s} {'speedup':>8s} {'E-gain':>7s} {'tpot':>7s} {'tpot_x':>7s} {'E-gain(text)':>12s}",
+    ]
+    for p in rep["points"]:
+        lines.append(
+            f"  {p['kv_tokens']:7d} {p['frame_latency_ms']:9.1f} {p['baseline_frame_latency_ms']:9.1f} "
+            f"{p['speedup']:8.2f} {p['energy_efficiency_gain']:7.2f} {p['tpot_ms']:7.1f} {p['tpot_speedup']:7.2f} "
+            f"{p['text_energy_efficiency_gain']:12.2f}"
+        )
+    _print(args, rep, "\n".join(lines))
+    return 0
+
+
+def _system_plain(name: str, corner: str | None):
+    from sim.api import resolve_system
+
+    return resolve_system(name, None, corner)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sim.validate import format_table, reference_path, validation_table
+
+    rows = validation_table(quick=args.quick)
+    _print(args, {"reference": str(reference_path()), "rows": rows}, format_table(rows))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from sim.plots import make_all
+
+    paths = [str(p) for p in make_all(args.out)]
+    _print(args, {"plots": paths}, "\n".join(paths))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `sim` with its sub-commands to the `vrex` command line."""
+    sim = subparsers.add_parser("sim", help="cycle-level simulator of the V-Rex accelerator")
+    sub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="simulate one design point")
+    _add_system_args(run)
+    run.add_argument("--kv-tokens", type=int, default=40000)
+    run.add_argument("--batch", type=int, default=1)
+    run.add_argument("--stage", choices=("frame", "text", "e2e"), default="frame")
+    run.add_argument("--policy", choices=POLICIES, default="resv")
+    run.add_argument("--trace", metavar="FILE", help="replay a vrex.trace/1 JSON-lines file")
+    run.set_defaults(func=cmd_run)
+
+    ar = sub.add_parser("area", help="area and power per component, per core and per chip")
+    _add_system_args(ar)
+    ar.set_defaults(func=cmd_area)
+
+    cmp_ = sub.add_parser("compare", help="speedup and energy-efficiency gain over a GPU baseline")
+    _add_system_args(cmp_)
+    cmp_.add_argument("--baseline", default="agx-orin")
+    cmp_.add_argument("--policy", choices=POLICIES, default="flexgen", help="the baseline's retrieval policy")
+    cmp_.add_argument("--kv-tokens", default="1000,5000,10000,20000,40000")
+    cmp_.add_argument("--batch", type=int, default=1)
+    cmp_.set_defaults(func=cmd_compare)
+
+    val = sub.add_parser("validate", help="paper-reproduction table (published, ours, tolerance, pass/fail)")
+    val.add_argument("--quick", action="store_true", help="skip batch>1 and end-to-end rows")
+    val.add_argument("--json", action="store_true")
+    val.set_defaults(func=cmd_validate)
+
+    plot = sub.add_parser("plot", help="write PNG plots (latency breakdown, layer bandwidth, roofline)")
+    plot.add_argument("--out", default="docs/sim")
+    plot.add_argument("--json", action="store_true")
+    plot.set_defaults(func=cmd_plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (python -m sim.cli ...) until the lead wires `register` into vrex."""
+    parser = argparse.ArgumentParser(prog="vrex")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"vrex: error: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Plots (PNG, matplotlib Agg): latency breakdown, DRAM/PCIe bandwidth within one layer
+(the paper's Fig. 17), roofline (Fig. 18)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sim.api import resolve_system, simulate  # noqa: E402
+
+
+def plot_latency_breakdown(
+    out: Path,
+    system: str = "vrex8",
+    baseline: str = "agx-orin",
+    kv_tokens=(1000, 5000, 10000, 20000, 40000),
+    batch: int = 1,
+) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels, stacks = [], []
+    for kv in kv_tokens:
+        for name, policy in ((system, "resv"), (baseline, "flexgen")):
+            res = simulate(name, {"kv_tokens": kv, "batch": batch, "policy": policy})
+            labels.append(f"{name}\n{kv // 1000}K")
+            stacks.append(res["stages"]["frame"]["latency_breakdown_ms"])
+    categories = sorted({k for s in stacks for k in s})
+    bottom = [0.0] * len(stacks)
+    for cat in categories:
+        values = [s.get(cat, 0.0) for s in stacks]
+        ax.bar(range(len(stacks)), values, bottom=bottom, label=cat)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xticks(range(len(stacks)), labels, fontsize=7)
+    ax.set_ylabel("frame latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"Frame latency breakdown, batch {batch}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out / "latency_breakdown.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def layer_bandwidth(result: dict, layer: int) -> dict[str, list[tuple[float, float, float]]]:
+    """Transfers of one layer as (start_us, end_us, GB/s) per channel, from a recorded timeline."""
+    clock_hz = result["stages"]["frame"]["clock_hz"]
+    timeline = result["stages"]["frame"]["timeline"]
+    tag_suffix = f" L{layer}"
+    series = {}
+    for channel, log in timeline.items():
+        rows = []
+        for start, end, nbytes, tag in log:
+            if tag.endswith(tag_suffix) and not tag.startswith("vision") and end > start:
+                seconds = (end - start) / clock_hz
+                rows.append((start / clock_hz * 1e6, end / clock_hz * 1e6, nbytes / seconds / 1e9))
+        series[channel] = rows
+    return series
+
+
+def plot_layer_bandwidth(out: Path, system: str = "vrex48", kv_tokens: int = 40000, layer: int = 16) -> Path:
+    res = simulate(system, {"kv_tokens": kv_tokens}, record_timeline=True)
+    series = layer_bandwidth(res, layer)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    t0 = min((r[0] for rows in series.values() for r in rows), default=0.0)
+    for channel, rows in series.items():
+        xs, ys = [], []
+        for start, end, gbps in rows:
+            xs += [start - t0, start - t0, end - t0, end - t0]
+            ys += [0.0, gbps, gbps, 0.0]
+        ax.plot(xs, ys, label=f"{channel} ({'PCIe' if channel == 'link' else 'device DRAM'})")
+    ax.set_xlabel(f"time within layer {layer} (us)")
+    ax.set_ylabel("bandwidth (GB/s)")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_title(f"{system}, {kv_tokens // 1000}K KV: DRAM and PCIe traffic in one layer")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "layer_bandwidth.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def roofline_points(kv_tokens: int = 40000, batch: int = 4) -> list[dict]:
+    points = []
+    for name, policy in (("vrex8", "resv"), ("agx-orin", "flexgen"), ("agx-orin", "rekv")):
+        res = simulate(name, {"kv_tokens": kv_tokens, "batch": batch, "policy": policy})
+        frame = res["stages"]["frame"]
+        dram = frame["counters"]["dram_bytes"]
+        points.append(
+            {
+                "label": f"{name}+{policy}",
+                "op_per_byte": frame["ops"] / dram,
+                "tflops": frame["ops"] / (frame["latency_ms"] * 1e-3) / 1e12,
+            }
+        )
+    return points
+
+
+def plot_roofline(out: Path, kv_tokens: int = 40000, batch: int = 4) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 5))
+    intensity = [0.1 * 1.25**i for i in range(60)]
+    for name in ("vrex8", "agx-orin"):
+        cfg = resolve_system(name)
+        peak = (
+            cfg.accel.num_cores
+            * cfg.accel.dpe_trees
+            * cfg.accel.dpe_tree_width
+            * 2
+            * cfg.accel.clock_mhz
+            * 1e6
+            / 1e12
+            if cfg.kind == "vrex"
+            else cfg.gpu.peak_tflops
+        )
+        bw = cfg.memory.dram_bandwidth_gbps * 1e9
+        ax.plot(intensity, [min(peak, i * bw / 1e12) for i in intensity], label=f"{name} roof")
+    for p in roofline_points(kv_tokens, batch):
+        ax.scatter([p["op_per_byte"]], [p["tflops"]], zorder=3)
+        ax.annotate(p["label"], (p["op_per_byte"], p["tflops"]), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("operational intensity (op/byte of DRAM traffic)")
+    ax.set_ylabel("achieved TFLOPS (dense-equivalent ops)")
+    ax.set_title(f"Roofline, {kv_tokens // 1000}K KV, batch {batch}, frame stage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "roofline.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_all(out: str | Path = "docs/sim") -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return [plot_latency_breakdown(out), plot_layer_bandwidth(out), plot_roofline(out)]

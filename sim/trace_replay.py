@@ -1,0 +1,137 @@
+"""Replay a retrieval trace (JSON lines, schema vrex.trace/1) written by the serving side.
+
+Line 1 is a header {"kind": "header", "schema": "vrex.trace/1", "model": {...}, "policy": ...,
+"kv_dtype_bytes": 2}; every further line is a step {"kind": "step", "stage": "frame" | "text" |
+"decode", "new_tokens": n, "history_tokens": H, "layers": [{"layer": l, "heads": [{"kv_head":
+h, "history_tokens": H, "clusters": C, "selected_clusters": c, "selected_tokens": s,
+"early_exit_fraction": f, "bytes": {"device": .., "host": .., "disk": ..}}]}]}.
+
+The reader is self-contained so the simulator works without the `vrex` package; if
+`vrex.trace` is importable its schema name is used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from sim.config import SystemConfig, validate
+from sim.workload import Step, policy_table
+
+try:  # the only vrex module sim may use
+    from vrex.trace import SCHEMA as TRACE_SCHEMA  # type: ignore[attr-defined]
+except Exception:  # noqa: BLE001 - absent or older vrex: fall back to the documented name
+    TRACE_SCHEMA = "vrex.trace/1"
+
+_MODEL_FIELDS = (
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
+    """Return (header, steps) after checking the schema and the record kinds."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"trace file not found: {path}")
+    header, steps = None, []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            kind = record.get("kind")
+            if header is None:
+                if kind != "header":
+                    raise ValueError(
+                        f"{path}:{lineno}: the first record must be the header, got kind={kind!r}"
+                    )
+                if record.get("schema") != TRACE_SCHEMA:
+                    raise ValueError(
+                        f"{path}: schema {record.get('schema')!r} is not supported; expected {TRACE_SCHEMA!r}"
+                    )
+                header = record
+            elif kind == "step":
+                if record.get("stage") not in ("frame", "text", "decode"):
+                    raise ValueError(f"{path}:{lineno}: stage must be frame, text or decode")
+                steps.append(record)
+            else:
+                raise ValueError(f"{path}:{lineno}: unknown record kind {kind!r}")
+    if header is None:
+        raise ValueError(f"{path}: empty trace (no header)")
+    return header, steps
+
+
+def system_for_trace(system: SystemConfig, header: dict) -> SystemConfig:
+    """Use the traced model's dimensions (and KV dtype) in the simulated system."""
+    model = header.get("model") or {}
+    changes = {k: int(model[k]) for k in _MODEL_FIELDS if k in model}
+    if "kv_dtype_bytes" in header:
+        changes["dtype_bytes"] = int(header["kv_dtype_bytes"])
+    system = replace(system, model=replace(system.model, **changes))
+    validate(system)
+    return system
+
+
+def _step(record: dict, system: SystemConfig, batch: int, predict_stages: list[str]) -> Step:
+    model = system.model
+    shape = (model.num_layers, model.num_kv_heads)
+    selected, sel_clusters, fetched = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    early = np.zeros(shape)
+    clusters = np.zeros(model.num_layers)
+    per_token = model.kv_bytes_per_token_head
+    for layer in record.get("layers", []):
+        l_idx = int(layer["layer"])
+        if not 0 <= l_idx < model.num_layers:
+            raise ValueError(
+                f"trace step {record.get('step')}: layer {l_idx} outside [0, {model.num_layers})"
+            )
+        for head in layer.get("heads", []):
+            h = int(head["kv_head"])
+            if not 0 <= h < model.num_kv_heads:
+                raise ValueError(
+                    f"trace step {record.get('step')}: kv_head {h} outside [0, {model.num_kv_heads})"
+                )
+            selected[l_idx, h] = head.get("selected_tokens", 0)
+            sel_clusters[l_idx, h] = head.get("selected_clusters", 0)
+            early[l_idx, h] = head.get("early_exit_fraction", system.resv.early_exit_fraction)
+            clusters[l_idx] = max(clusters[l_idx], head.get("clusters", 0))
+            moved = head.get("bytes") or {}
+            fetched[l_idx, h] = (moved.get("host", 0) + moved.get("disk", 0)) / per_token
+    stage = record["stage"]
+    return Step(
+        stage=stage,
+        new_tokens=int(record["new_tokens"]),
+        history_tokens=int(record["history_tokens"]),
+        batch=batch,
+        vision=stage == "frame",
+        clusters=clusters,
+        selected_tokens=selected,
+        selected_clusters=sel_clusters,
+        fetched_tokens=np.minimum(fetched, selected),
+        early_exit_fraction=early,
+        predict=stage in predict_stages,
+    )
+
+
+def steps_from_trace(path: str | Path, system: SystemConfig, batch: int = 1) -> dict[str, list[Step]]:
+    """Steps grouped by stage ('frame', 'text', 'decode') for simulate()."""
+    header, records = read_trace(path)
+    system = system_for_trace(system, header)
+    spec = policy_table().get(header.get("policy", "resv"), policy_table()["resv"])
+    predict_stages = spec.get("predict_stages", [])
+    grouped: dict[str, list[Step]] = {"frame": [], "text": [], "decode": []}
+    for record in records:
+        grouped[record["stage"]].append(_step(record, system, batch, predict_stages))
+    return grouped

@@ -1,0 +1,64 @@
+import pytest
+
+from sim.config import Scenario, apply_overrides, config_hash, load_system, make_scenario, override
+
+
+def test_builtin_systems_load_and_differ():
+    names = ["vrex8", "vrex48", "agx-orin", "a100"]
+    systems = [load_system(n) for n in names]
+    assert [s.name for s in systems] == names
+    assert systems[0].accel.num_cores == 8 and systems[1].accel.num_cores == 48
+    assert systems[2].kind == "gpu" and systems[1].memory.dram_type == "hbm2e"
+    assert len({config_hash(s) for s in systems}) == 4
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = load_system("vrex8"), load_system("vrex8")
+    assert config_hash(a, Scenario()) == config_hash(b, Scenario())
+    c = apply_overrides(a, {"memory.link_bandwidth_gbps": 8})
+    assert c.memory.link_bandwidth_gbps == 8.0
+    assert config_hash(c) != config_hash(a)
+
+
+def test_cli_style_overrides_coerce_types():
+    s = apply_overrides(
+        load_system("vrex8"), ["accel.num_cores=16", "accel.use_kvmu=false", "memory.offload_tier=host"]
+    )
+    assert s.accel.num_cores == 16 and s.accel.use_kvmu is False and s.memory.offload_tier == "host"
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("accel.num_cores=0", ["accel.num_cores", "[1, 1024]"]),
+        ("memory.link_efficiency=1.5", ["memory.link_efficiency", "range"]),
+        ("memory.offload_tier=tape", ["memory.offload_tier", "ssd", "host"]),
+        ("accel.nope=1", ["accel.nope"]),
+        ("accel.num_cores=1.5", ["accel.num_cores", "integer"]),
+    ],
+)
+def test_bad_configuration_names_field_and_range(item, words):
+    with pytest.raises(ValueError) as err:
+        apply_overrides(load_system("vrex8"), [item])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_yaml_file_with_base(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: vrex8\nname: mine\naccel:\n  num_cores: 4\n")
+    s = load_system(str(f))
+    assert s.name == "mine" and s.accel.num_cores == 4 and s.memory.dram_type == "lpddr5"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: vrex8\nmemory:\n  dram_efficiency: 3\n")
+    with pytest.raises(ValueError, match="memory.dram_efficiency"):
+        load_system(str(bad))
+
+
+def test_scenario_validation():
+    assert make_scenario(kv_tokens=5000, batch=4).batch == 4
+    with pytest.raises(ValueError, match="policy"):
+        make_scenario(policy="magic")
+    with pytest.raises(ValueError, match="batch"):
+        make_scenario(batch=0)
+    assert override(Scenario(), "stage", "e2e").stage == "e2e"

@@ -1,0 +1,135 @@
+"""Validation ladder: closed forms, roofline bound, conservation, monotonicity, speed."""
+
+import math
+import time
+
+import pytest
+import simpy
+
+from sim.api import simulate
+from sim.config import apply_overrides, load_system
+from sim.timing import Channel, Counters, Dre, Lxe, simulate_steps
+from sim.workload import make_step
+
+
+def test_channel_serves_fifo_with_closed_form_times():
+    env = simpy.Environment()
+    log = []
+    ch = Channel(env, "link", bytes_per_cycle=4.0, latency_cycles=10, log=log)
+    ch.transfer(400, "a")
+    ch.transfer(40, "b", efficiency=0.5)
+    env.run()
+    # a: 10 + 400/4 = 110 cycles; b starts at 110, takes 10 + 40/2 = 30.
+    assert [(s, e, tag) for s, e, _, tag in log] == [(0, 110, "a"), (110, 140, "b")]
+
+
+def test_gemm_cycles_closed_form():
+    system = load_system("vrex8")
+    env = simpy.Environment()
+    counters = Counters()
+    lxe = Lxe(env, system, None, Dre(env, system, None, counters), counters)
+    acc = system.accel
+    # 10 rows, K=4096, N=4096 over 8 cores: each core 512 columns = 8 tree groups, 64 passes.
+    ideal = 10 * 8 * 64
+    assert (
+        lxe.gemm_cycles(10, 4096, 4096) == math.ceil(ideal / acc.gemm_utilization) + acc.pipeline_fill_cycles
+    )
+    assert counters.actions["dpe_macs"] == 10 * 4096 * 4096
+
+
+def test_decode_is_weight_streaming_bound():
+    """TPOT with a tiny history ~ streamed weight bytes / (efficiency x DRAM bandwidth)."""
+    system = load_system("vrex8")
+    m = system.model
+    weights = m.num_layers * (
+        m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+        + m.num_heads * m.head_dim * m.hidden_size
+        + 3 * m.hidden_size * m.intermediate_size
+    )
+    weights = (weights + m.vocab_size * m.hidden_size) * m.dtype_bytes
+    expected_ms = weights / (system.memory.dram_efficiency * system.memory.dram_bandwidth_gbps * 1e9) * 1e3
+    tpot = simulate(system, {"kv_tokens": 100})["tpot_ms"]
+    assert expected_ms <= tpot <= expected_ms * 1.03
+
+
+@pytest.mark.parametrize("name", ["vrex8", "vrex48"])
+@pytest.mark.parametrize("kv, batch", [(1000, 1), (20000, 1), (40000, 4)])
+def test_at_or_above_roofline_bound_and_breakdowns_sum(name, kv, batch):
+    res = simulate(name, {"kv_tokens": kv, "batch": batch})
+    for stage in res["stages"].values():
+        assert stage["latency_ms"] >= stage["roofline_bound_ms"] * (1 - 1e-9)
+        assert sum(stage["latency_breakdown_ms"].values()) == pytest.approx(stage["latency_ms"], rel=1e-9)
+        assert sum(stage["energy_breakdown_mj"].values()) == pytest.approx(stage["energy_mj"], rel=1e-9)
+        assert all(v >= 0 for v in stage["energy_breakdown_mj"].values())
+
+
+def test_gpu_breakdown_sums_to_total():
+    res = simulate("agx-orin", {"kv_tokens": 20000, "policy": "infinigen_p"})
+    frame = res["stages"]["frame"]
+    assert sum(frame["latency_breakdown_ms"].values()) == pytest.approx(frame["latency_ms"])
+    assert frame["latency_breakdown_ms"]["kv_predict"] > 0
+
+
+@pytest.mark.parametrize(
+    "field, values",
+    [
+        ("memory.link_bandwidth_gbps", [2, 4, 8, 16]),
+        ("memory.dram_bandwidth_gbps", [100, 204.8, 400]),
+        ("accel.num_cores", [4, 8, 16, 32]),
+        ("accel.sram_kb", [192, 384, 768]),
+        ("memory.recent_window_tokens", [0, 5000, 20000, 40000]),
+    ],
+)
+def test_more_resources_never_slower(field, values):
+    base = load_system("vrex8")
+    latencies = []
+    for v in values:
+        res = simulate(apply_overrides(base, {field: v}), {"kv_tokens": 40000})
+        latencies.append((res["frame_latency_ms"], res["tpot_ms"]))
+    for (f0, t0), (f1, t1) in zip(latencies, latencies[1:], strict=False):
+        assert f1 <= f0 * (1 + 1e-9) and t1 <= t0 * (1 + 1e-9)
+
+
+def test_empty_selection_moves_no_retrieval_bytes():
+    system = apply_overrides(load_system("vrex8"), {"resv.frame_ratio": 0.0, "resv.text_ratio": 0.0})
+    res = simulate(system, {"kv_tokens": 40000})
+    for stage in res["stages"].values():
+        assert stage["counters"].get("link_read_bytes", 0.0) == 0.0
+        assert stage["latency_breakdown_ms"].get("kv_fetch", 0.0) == 0.0
+    full = simulate("vrex8", {"kv_tokens": 40000})
+    assert full["stages"]["frame"]["counters"]["link_read_bytes"] > 0
+    assert res["frame_latency_ms"] < full["frame_latency_ms"]
+
+
+def test_flexgen_on_vrex_fetches_everything_offloaded():
+    system = load_system("vrex8")
+    step = make_step(system, "flexgen", "frame", 20000, 10, 1)
+    timing = simulate_steps(system, [step])
+    offloaded = 20000 - system.memory.recent_window_tokens
+    expected = offloaded * system.model.kv_bytes_per_token_layer * system.model.num_layers
+    assert timing.counters["link_read_bytes"] == pytest.approx(expected)
+
+
+def test_dre_ablation_is_slower():
+    full = simulate("vrex8", {"kv_tokens": 40000})["frame_latency_ms"]
+    for field in ("accel.use_hcu", "accel.use_wtu", "accel.use_kvmu"):
+        assert simulate("vrex8", {"kv_tokens": 40000}, overrides={field: False})["frame_latency_ms"] >= full
+
+
+def test_prefetch_next_layer_hides_fetch():
+    exact = simulate("vrex8", {"kv_tokens": 40000})["frame_latency_ms"]
+    ahead = simulate("vrex8", {"kv_tokens": 40000}, overrides={"accel.prefetch_next_layer": True})[
+        "frame_latency_ms"
+    ]
+    assert ahead < exact
+
+
+def test_speed_budget():
+    start = time.perf_counter()
+    res = simulate("vrex8", {"kv_tokens": 40000})
+    wall = time.perf_counter() - start
+    assert res["events_per_frame"] <= 1e4
+    assert wall <= 2.0
+    e2e = simulate("vrex8", {"kv_tokens": 40000, "stage": "e2e"})
+    frames = 26
+    assert e2e["stages"]["e2e"]["events"] / (frames + 1 + 39) <= 1e4

@@ -1,0 +1,214 @@
+"""Memory sizing per device: the `--device-kv-budget auto` rule, unified memory, precision.
+
+On a discrete GPU the device tier of the KV store is GPU memory and the host tier is pinned RAM.
+On a Jetson (Tegra) CPU and GPU share one LPDDR5 pool: there the device tier is sized from
+`MemAvailable` in /proc/meminfo, and a host tier would only copy bytes within the same DRAM, so
+`host_tier_enabled()` is False and evicted pages go straight to the disk tier (NVMe).
+
+Call `device_kv_budget_auto()` after the model is loaded: it sizes the device tier from what is
+free at that moment, minus a stated headroom.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+# Kept free for activations, the vision tower, allocator slack and (on Jetson) the OS and the
+# rest of the process: the larger of the two wins.
+DEFAULT_HEADROOM_BYTES = 1 * GiB
+DEFAULT_HEADROOM_FRACTION = 0.10
+
+# Module-level so tests can point them elsewhere.
+MEMINFO_FILE = Path("/proc/meminfo")
+TEGRA_RELEASE_FILE = Path("/etc/nv_tegra_release")
+DEVICE_TREE_COMPATIBLE = Path("/proc/device-tree/compatible")
+
+
+def read_meminfo(text: str | None = None) -> dict[str, int]:
+    """/proc/meminfo as bytes per field ("MemTotal", "MemAvailable", ...)."""
+    if text is None:
+        text = MEMINFO_FILE.read_text()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\w+(?:\(\w+\))?):\s+(\d+)(?:\s+kB)?\s*$", line)
+        if m:
+            out[m.group(1)] = int(m.group(2)) * (1024 if line.rstrip().endswith("kB") else 1)
+    return out
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def resolve_device(device: str | object | None = "auto") -> str:
+    """'cuda', 'cuda:1', 'cpu', 'mps' ...; 'auto'/None picks cuda when available."""
+    if device is None or str(device) == "auto":
+        torch = _torch()
+        return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def is_unified_memory(device: str | object | None = "auto") -> bool:
+    """True on Jetson/Tegra (one DRAM pool for CPU and GPU) and on integrated CUDA GPUs."""
+    if TEGRA_RELEASE_FILE.exists():
+        return True
+    if DEVICE_TREE_COMPATIBLE.exists() and b"nvidia,tegra" in DEVICE_TREE_COMPATIBLE.read_bytes():
+        return True
+    name = resolve_device(device)
+    if name.startswith("cuda"):
+        torch = _torch()
+        if torch is not None and torch.cuda.is_available():
+            return bool(getattr(torch.cuda.get_device_properties(torch.device(name)), "is_integrated", False))
+    return False
+
+
+def host_tier_enabled(device: str | object | None = "auto") -> bool:
+    """Whether a separate host-RAM tier makes sense: not where host and device share memory.
+
+    On a CPU-only machine the device tier already is host RAM, so there is no host tier either.
+    """
+    name = resolve_device(device)
+    return name != "cpu" and not is_unified_memory(name)
+
+
+def free_and_total_bytes(device: str | object | None = "auto") -> tuple[int, int, str]:
+    """(free, total, where it came from) for the memory the device tier lives in."""
+    name = resolve_device(device)
+    if name.startswith("cuda") and not is_unified_memory(name):
+        torch = _torch()
+        if torch is None or not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+        dev = torch.device(name)
+        free, total = torch.cuda.mem_get_info(dev)
+        # Blocks torch has cached but not handed out are free for our KV tensors too.
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return int(free), int(total), "torch.cuda.mem_get_info"
+    info = read_meminfo()
+    if "MemAvailable" not in info or "MemTotal" not in info:
+        raise ValueError(f"{MEMINFO_FILE} has no MemAvailable/MemTotal; pass an explicit budget (e.g. 2GiB)")
+    return info["MemAvailable"], info["MemTotal"], f"{MEMINFO_FILE} MemAvailable"
+
+
+def device_kv_budget_auto(
+    headroom_bytes: int = DEFAULT_HEADROOM_BYTES,
+    headroom_fraction: float = DEFAULT_HEADROOM_FRACTION,
+    device: str | object | None = "auto",
+) -> int:
+    """Bytes for the device KV tier: free memory now, minus max(headroom_bytes, fraction x total).
+
+    Free memory is `torch.cuda.mem_get_info` (plus torch's cached-but-unused blocks) on a discrete
+    GPU, and `MemAvailable` from /proc/meminfo on a CPU or a unified-memory Jetson. Call it after
+    the model is loaded. Never negative: 0 means "no room; the device tier holds nothing".
+    """
+    if headroom_bytes < 0:
+        raise ValueError(f"headroom_bytes must be >= 0, got {headroom_bytes}")
+    if not 0.0 <= headroom_fraction < 1.0:
+        raise ValueError(f"headroom_fraction must be in [0, 1), got {headroom_fraction}")
+    free, total, _ = free_and_total_bytes(device)
+    reserve = max(int(headroom_bytes), int(headroom_fraction * total))
+    return max(0, free - reserve)
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "k": KiB, "m": MiB, "g": GiB, "t": TiB,  # bare letters: binary, as docker's -m 2g
+    "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
+}  # fmt: skip
+
+
+def parse_budget(value: str | int, field: str = "--device-kv-budget", **auto_kwargs) -> int:
+    """Bytes from "auto", "2GiB", "512MB", "1.5g", "0" or an int.
+
+    "auto" calls `device_kv_budget_auto(**auto_kwargs)`. KB/MB/GB are powers of 1000; KiB/MiB/GiB
+    and bare K/M/G are powers of 1024.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a size like 2GiB or 'auto', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{field} must not be negative, got {value}")
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return device_kv_budget_auto(**auto_kwargs)
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", text)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"{field}: cannot read {value!r}; use 'auto' or a size like 512MiB, 2GiB, 4GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def dtype_name_for(
+    device_kind: str,
+    capability: tuple[int, int] | None = None,
+    integrated: bool = False,
+    bf16_supported: bool = True,
+) -> str:
+    """The precision rule, without torch: "float32", "bfloat16" or "float16".
+
+    - CPU: float32 (half-precision matmuls on CPU are slow or emulated).
+    - Jetson (integrated CUDA, e.g. Orin sm_87): float16. Orin runs bf16, but JetPack's tuned
+      kernels (cuDNN/TensorRT paths, SDPA) favour fp16; measure before switching.
+    - Discrete CUDA with bf16 (Ampere sm_80 and newer): bfloat16 (no overflow risk in activations).
+    - Older CUDA, MPS: float16.
+    """
+    if device_kind == "cpu":
+        return "float32"
+    if device_kind == "cuda":
+        if integrated:
+            return "float16"
+        if capability is not None and capability >= (8, 0) and bf16_supported:
+            return "bfloat16"
+        return "float16"
+    return "float16"
+
+
+_DTYPE_ALIASES = {
+    "fp32": "float32", "float32": "float32", "float": "float32",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+}  # fmt: skip
+
+
+def choose_dtype(device: str | object | None = "auto", override: str | None = None):
+    """torch dtype for weights and KV on `device` (see `dtype_name_for`); `override` forces one."""
+    import torch
+
+    if override is not None and override != "auto":
+        name = _DTYPE_ALIASES.get(str(override).lower())
+        if name is None:
+            raise ValueError(f"dtype: unknown {override!r}; use one of auto, fp32, fp16, bf16")
+        return getattr(torch, name)
+    dev = torch.device(resolve_device(device))
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        name = dtype_name_for(
+            "cuda",
+            (props.major, props.minor),
+            integrated=is_unified_memory(str(dev)),
+            bf16_supported=torch.cuda.is_bf16_supported(),
+        )
+    else:
+        name = dtype_name_for(dev.type)
+    return getattr(torch, name)
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """K and V of one token across all layers: 2 x layers x kv_heads x head_dim x bytes."""
+    checks = {
+        "num_layers": num_layers,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "dtype_bytes": dtype_bytes,
+    }
+    for name, v in checks.items():
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
