@@ -10,4 +10,8 @@ if [ "$rc" -eq 5 ]; then
   echo "test: no tests were collected - failing" >&2
   exit 1
 fi
-exit "$rc"
+[ "$rc" -eq 0 ] || exit "$rc"
+# Jetson images run Python 3.10: the package must at least compile and import there.
+if [ -z "${PYTEST_ADDOPTS:-}" ] && [ "$#" -eq 0 ]; then
+  PY310_OFFLINE=1 bash scripts/check_py310.sh || exit 1
+fi

@@ -105,7 +105,8 @@ def _step(record: dict, system: SystemConfig, batch: int, predict_stages: list[s
                 )
             selected[l_idx, h] = head.get("selected_tokens", 0)
             sel_clusters[l_idx, h] = head.get("selected_clusters", 0)
-            early[l_idx, h] = head.get("early_exit_fraction", system.resv.early_exit_fraction)
+            eef = head.get("early_exit_fraction")  # null: the exact (non-bucketed) selector ran
+            early[l_idx, h] = system.resv.early_exit_fraction if eef is None else eef
             clusters[l_idx] = max(clusters[l_idx], head.get("clusters", 0))
             moved = head.get("bytes") or {}
             fetched[l_idx, h] = (moved.get("host", 0) + moved.get("disk", 0)) / per_token

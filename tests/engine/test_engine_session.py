@@ -242,3 +242,19 @@ def test_vrex_run_cli_json(smolvlm_dir, tmp_path, capsys):
     header, steps = read_trace(trace)
     assert sum(1 for r in steps if r["stage"] == "frame") == out["stats"]["frames_accepted"]
     assert main(["run", "--video", str(tmp_path / "missing.mp4"), "--ask", "x"]) == 2
+
+
+def test_engine_trace_replays_in_the_simulator(smolvlm_dir, tmp_path, capsys):
+    """The two halves meet in the trace: what a session recorded, the simulator replays."""
+    from vrex.cli import main
+
+    trace = tmp_path / "t.jsonl"
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=3), trace_path=str(trace))
+    for i, f in enumerate(_frames(4)):
+        s.add_frame(f, float(i))
+    list(s.generate("what?"))
+    s.close()
+    assert main(["sim", "run", "--system", "vrex8", "--trace", str(trace), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frame_latency_ms"] > 0
