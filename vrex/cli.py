@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 _REGISTRARS: list[tuple[str, str]] = [
     ("vrex.engine.cli", "register"),
     ("vrex.models.cli", "register"),
+    ("vrex.kv.cli", "register"),
     ("sim.cli", "register"),
     ("vrex.power", "register"),
     ("benchmarks.cli", "register"),

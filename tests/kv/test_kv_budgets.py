@@ -25,7 +25,9 @@ def test_parse_bytes_accepts(text, expected):
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "abc", "-1", "2 GiBs", "1.5", "GiB", "1e400", "2XB", "1,000", None, 1.0, True, -5])
+@pytest.mark.parametrize(
+    "text", ["", "abc", "-1", "2 GiBs", "1.5", "GiB", "1e400", "2XB", "1,000", None, 1.0, True, -5]
+)
 def test_parse_bytes_rejects_with_value_in_message(text):
     with pytest.raises(ValueError) as err:
         parse_bytes(text)

@@ -17,7 +17,9 @@ torch.set_num_threads(1)
 def _filled_store(tmp_path, steps=60, seed=0):
     gen = torch.Generator().manual_seed(seed)
     block_bytes = 4 * 2 * 4 * 2  # bf16
-    budgets = TierBudgets(device_bytes=12 * block_bytes, host_bytes=10 * block_bytes, disk_dir=tmp_path / "disk")
+    budgets = TierBudgets(
+        device_bytes=12 * block_bytes, host_bytes=10 * block_bytes, disk_dir=tmp_path / "disk"
+    )
     store = TieredKVStore(2, 2, 4, dtype=torch.bfloat16, budgets=budgets, block_tokens=4)
     for step in range(steps):
         for layer in range(2):
@@ -68,7 +70,12 @@ def test_round_trip_is_bit_exact_and_continues_identically(tmp_path):
 def test_snapshot_replaces_previous_and_leaves_no_temp(tmp_path):
     store = _filled_store(tmp_path, steps=10)
     store.snapshot(tmp_path / "snap")
-    store.append(0, torch.zeros(2, 1, 4).bfloat16(), torch.zeros(2, 1, 4).bfloat16(), torch.zeros(2, 1, dtype=torch.long))
+    store.append(
+        0,
+        torch.zeros(2, 1, 4).bfloat16(),
+        torch.zeros(2, 1, 4).bfloat16(),
+        torch.zeros(2, 1, dtype=torch.long),
+    )
     store.snapshot(tmp_path / "snap")
     assert TieredKVStore.restore(tmp_path / "snap").length(0) == store.length(0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "snap"]
@@ -104,7 +111,9 @@ def test_interrupted_snapshot_keeps_previous(tmp_path, monkeypatch):
     store.snapshot(tmp_path / "snap")
     before = (tmp_path / "snap" / "manifest.json").read_text()
     expected_length = store.length(1)
-    store.append(1, torch.ones(2, 1, 4).bfloat16(), torch.ones(2, 1, 4).bfloat16(), torch.zeros(2, 1, dtype=torch.long))
+    store.append(
+        1, torch.ones(2, 1, 4).bfloat16(), torch.ones(2, 1, 4).bfloat16(), torch.zeros(2, 1, dtype=torch.long)
+    )
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -135,7 +144,9 @@ def test_crash_between_renames_restores_set_aside_copy(tmp_path, monkeypatch):
 
     monkeypatch.setattr(snapshot_module.os, "rename", rename)
     expected_length = store.length(0)
-    store.append(0, torch.ones(2, 1, 4).bfloat16(), torch.ones(2, 1, 4).bfloat16(), torch.zeros(2, 1, dtype=torch.long))
+    store.append(
+        0, torch.ones(2, 1, 4).bfloat16(), torch.ones(2, 1, 4).bfloat16(), torch.zeros(2, 1, dtype=torch.long)
+    )
     with pytest.raises(OSError, match="power cut"):
         store.snapshot(tmp_path / "snap")
     monkeypatch.undo()
@@ -151,3 +162,14 @@ def test_numpy_bits_helpers_are_exact():
     bits = to_numpy_bits(values)
     assert bits.dtype == np.int16
     assert torch.equal(from_numpy_bits(bits, torch.bfloat16).view(torch.int16), values.view(torch.int16))
+
+
+def test_empty_store_round_trip_then_append(tmp_path):
+    store = TieredKVStore(3, 2, 4, budgets=TierBudgets(device_bytes="4KiB"), block_tokens=2)
+    store.snapshot(tmp_path / "snap")
+    restored = TieredKVStore.restore(tmp_path / "snap")
+    assert restored.budgets == store.budgets and restored.stats() == store.stats()
+    keys = torch.ones(2, 3, 4)
+    restored.append(2, keys, keys, torch.tensor([[1, 1, 2], [0, 0, 0]]))
+    assert torch.equal(restored.fetch_all(2)[0], keys)
+    assert restored.cluster_tier(2, 0).cluster_ids.tolist() == [1, 2]

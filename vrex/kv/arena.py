@@ -37,7 +37,9 @@ class MemoryArena:
     """A pool of KV blocks in one tensor `[capacity, 2, block_tokens, head_dim]` on one device.
 
     The tensor grows by doubling up to `max_blocks` (the tier budget), so the memory it holds
-    never exceeds the budget. `owner[slot]` is the global block id stored there, -1 when free.
+    never exceeds the budget. With `preallocate` a bounded arena takes its whole budget at the
+    first allocation instead (as vLLM does on the GPU): growing would briefly hold old and new
+    tensors together, over the budget. `owner[slot]` is the global block id there, -1 when free.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class MemoryArena:
         device: torch.device,
         max_blocks: int | None,
         pin_memory: bool = False,
+        preallocate: bool = False,
     ) -> None:
         self.block_tokens = block_tokens
         self.head_dim = head_dim
@@ -55,6 +58,7 @@ class MemoryArena:
         self.device = device
         self.max_blocks = max_blocks
         self.pin_memory = pin_memory
+        self.preallocate = preallocate and max_blocks is not None
         self.data = self._empty(0)
         self.owner = torch.empty(0, dtype=torch.int64)
         self.num_used = 0
@@ -85,6 +89,8 @@ class MemoryArena:
         if needed_blocks <= self.capacity:
             return
         new_capacity = max(needed_blocks, 2 * self.capacity, 16)
+        if self.preallocate:
+            new_capacity = self.max_blocks
         if self.max_blocks is not None:
             new_capacity = min(new_capacity, self.max_blocks)
         assert new_capacity >= needed_blocks, "arena asked for more blocks than its budget"
@@ -110,6 +116,11 @@ class MemoryArena:
     def release(self, slots: torch.Tensor) -> None:
         self.owner[slots] = -1
         self.num_used -= slots.numel()
+
+    def used_prefix(self) -> int:
+        """One past the highest used slot (what a snapshot has to keep)."""
+        used = torch.nonzero(self.owner >= 0)
+        return int(used[-1]) + 1 if used.numel() else 0
 
     def read_blocks(self, slots: torch.Tensor) -> torch.Tensor:
         """Blocks `[n, 2, block_tokens, head_dim]` at `slots`, on this arena's device."""

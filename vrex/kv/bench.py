@@ -20,7 +20,7 @@ class KVBenchConfig:
     cluster_tokens: int = 8  # mean cluster size of the synthetic stream
     block_tokens: int = 16
     select_fraction: float = 0.3  # share of clusters fetched per call, whole clusters
-    append_tokens: int = 256  # tokens per append call
+    append_tokens: int = 64  # tokens per append call (one frame of visual tokens)
     repeats: int = 5
     dtype: str = "float16"
     device: str = "cpu"
@@ -60,7 +60,8 @@ def _build(config: KVBenchConfig, tier: str, disk_dir: str) -> TieredKVStore:
 
 
 def measure_fetch_throughput(config: KVBenchConfig = KVBenchConfig()) -> dict:
-    """Build one store per tier, fetch whole selected clusters from it, return GB/s per tier.
+    """Build one store per tier, fetch whole selected clusters from it, return GB/s per tier
+    (best of `repeats` calls).
 
     Disk numbers are usually page-cache reads (the files were just written), i.e. an upper bound
     on a cold SSD.
@@ -77,14 +78,18 @@ def measure_fetch_throughput(config: KVBenchConfig = KVBenchConfig()) -> dict:
                 positions.append(store.positions_of_clusters(0, head, keep))
             store.fetch(0, positions)  # warm-up
             before = store.stats()
-            start = time.perf_counter()
+            seconds = float("inf")  # best of the repeats: the machine may be shared
             for _ in range(config.repeats):
+                start = time.perf_counter()
                 result = store.fetch(0, positions)
-            if result.keys.device.type == "cuda":
-                torch.cuda.synchronize(result.keys.device)
-            seconds = (time.perf_counter() - start) / config.repeats
+                if result.keys.device.type == "cuda":
+                    torch.cuda.synchronize(result.keys.device)
+                seconds = min(seconds, time.perf_counter() - start)
             after = store.stats()
-            moved = {t: (after[f"fetched_bytes_{t}"] - before[f"fetched_bytes_{t}"]) // config.repeats for t in TIER_NAMES}
+            moved = {
+                t: (after[f"fetched_bytes_{t}"] - before[f"fetched_bytes_{t}"]) // config.repeats
+                for t in TIER_NAMES
+            }
             total = sum(moved.values())
             results["tiers"][tier] = {
                 "fetch_ms": seconds * 1e3,

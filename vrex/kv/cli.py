@@ -11,11 +11,16 @@ from vrex.kv.bench import KVBenchConfig, measure_fetch_throughput
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("kv-bench", help="fetch throughput of the tiered KV store, per tier")
     defaults = KVBenchConfig()
-    parser.add_argument("--tokens", type=int, default=defaults.history_tokens, help="history tokens per KV head")
+    parser.add_argument(
+        "--tokens", type=int, default=defaults.history_tokens, help="history tokens per KV head"
+    )
     parser.add_argument("--kv-heads", type=int, default=defaults.num_kv_heads)
     parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
     parser.add_argument("--block-tokens", type=int, default=defaults.block_tokens)
-    parser.add_argument("--fraction", type=float, default=defaults.select_fraction, help="share of clusters fetched")
+    parser.add_argument("--append-tokens", type=int, default=defaults.append_tokens, help="tokens per append")
+    parser.add_argument(
+        "--fraction", type=float, default=defaults.select_fraction, help="share of clusters fetched"
+    )
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--device", default=defaults.device, help="compute device, e.g. cpu or cuda")
@@ -24,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_kv_bench(args: argparse.Namespace) -> int:
-    for name in ("tokens", "kv_heads", "head_dim", "block_tokens", "repeats"):
+    for name in ("tokens", "kv_heads", "head_dim", "block_tokens", "append_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.fraction <= 1:
@@ -35,6 +40,7 @@ def run_kv_bench(args: argparse.Namespace) -> int:
         head_dim=args.head_dim,
         block_tokens=args.block_tokens,
         select_fraction=args.fraction,
+        append_tokens=args.append_tokens,
         repeats=args.repeats,
         dtype=args.dtype,
         device=args.device,

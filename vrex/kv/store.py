@@ -21,6 +21,7 @@ first); the blocks being written in the current append never move.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -85,7 +86,8 @@ class _Column:
         self.n = need
 
     def load(self, values: torch.Tensor) -> None:
-        self.buf = values.clone()
+        self.buf = torch.zeros(max(values.numel(), 64), dtype=self.buf.dtype)
+        self.buf[: values.numel()] = values
         self.n = values.numel()
 
 
@@ -143,8 +145,28 @@ class PrefetchHandle:
     def result(self) -> FetchResult:
         result, event = self._future.result()
         if event is not None:
-            torch.cuda.current_stream(result.keys.device).wait_event(event)
+            stream = torch.cuda.current_stream(result.keys.device)
+            stream.wait_event(event)
+            # The output was allocated on the copy stream; keep it alive for the compute stream too.
+            result.keys.record_stream(stream)
+            result.values.record_stream(stream)
         return result
+
+
+def _plain_tensors(method):
+    """Run a store method with autograd off and outside inference mode.
+
+    The store's tables and arenas outlive any one call; if one grew inside a caller's
+    `torch.inference_mode()` it would become an inference tensor that a later call outside it
+    could not update in place. Inference-mode inputs are still accepted (they are only read).
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -158,7 +180,7 @@ class TieredKVStore:
         num_layers, num_kv_heads, head_dim: the model's KV geometry.
         dtype: K/V dtype; appends must match it exactly.
         device: where attention runs; fetches return tensors there and the device tier lives there.
-        budgets: bytes per tier (`TierBudgets`).
+        budgets: bytes per tier (`TierBudgets`); None means all tiers unbounded.
         block_tokens: tokens per block. Smaller blocks waste less on small clusters (a singleton
             cluster still owns a whole block); larger ones give longer contiguous runs.
 
@@ -174,7 +196,7 @@ class TieredKVStore:
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        budgets: TierBudgets = TierBudgets(),
+        budgets: TierBudgets | None = None,
         block_tokens: int = 16,
     ) -> None:
         for name, value in (
@@ -189,6 +211,8 @@ class TieredKVStore:
             raise ValueError(f"num_kv_heads must be < 2**31, got {num_kv_heads}")
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if budgets is None:
+            budgets = TierBudgets()
         if not isinstance(budgets, TierBudgets):
             raise ValueError(f"budgets must be a TierBudgets, got {type(budgets).__name__}")
         try:
@@ -220,8 +244,10 @@ class TieredKVStore:
         host_max_blocks = None if budgets.host_bytes is None else budgets.host_bytes // self.block_bytes
         use_cuda = device.type == "cuda" and torch.cuda.is_available()
         self._arenas = (
-            MemoryArena(block_tokens, head_dim, dtype, device, self._device_max_blocks),
-            MemoryArena(block_tokens, head_dim, dtype, torch.device("cpu"), host_max_blocks, pin_memory=use_cuda),
+            MemoryArena(block_tokens, head_dim, dtype, device, self._device_max_blocks, preallocate=use_cuda),
+            MemoryArena(
+                block_tokens, head_dim, dtype, torch.device("cpu"), host_max_blocks, pin_memory=use_cuda
+            ),
         )
         self._disk: list[DiskArena | None] = [None] * num_layers
         self._disk_folder: Path | None = None
@@ -276,7 +302,12 @@ class TieredKVStore:
         length = self._length[layer]
         checked = []
         for head, pos in enumerate(positions):
-            if not isinstance(pos, torch.Tensor) or pos.dim() != 1 or pos.is_floating_point() or pos.is_complex():
+            if (
+                not isinstance(pos, torch.Tensor)
+                or pos.dim() != 1
+                or pos.is_floating_point()
+                or pos.is_complex()
+            ):
                 raise ValueError(f"positions[{head}] must be a 1-D integer tensor")
             pos = pos.to("cpu", torch.int64)
             if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= length):
@@ -294,6 +325,7 @@ class TieredKVStore:
         self._check_layer(layer)
         return self._length[layer]
 
+    @_plain_tensors
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, cluster_ids: torch.Tensor) -> None:
         """Write new tokens of `layer` into their clusters' pages on the device tier.
 
@@ -323,12 +355,16 @@ class TieredKVStore:
         ):
             raise ValueError("cluster_ids must be an integer tensor [num_kv_heads, T]")
         if list(cluster_ids.shape) != [num_heads, num_new]:
-            raise ValueError(f"cluster_ids must have shape [{num_heads}, {num_new}], got {list(cluster_ids.shape)}")
+            raise ValueError(
+                f"cluster_ids must have shape [{num_heads}, {num_new}], got {list(cluster_ids.shape)}"
+            )
         if num_new == 0:
             return
         ids = cluster_ids.to("cpu", torch.int64).reshape(-1)
         if int(ids.min()) < 0 or int(ids.max()) >= _MAX_CLUSTER_ID:
-            raise ValueError(f"cluster_ids must lie in [0, 2**32), got values in [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"cluster_ids must lie in [0, 2**32), got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
         with self._lock:
             self._append_locked(layer, keys, values, ids)
 
@@ -336,11 +372,9 @@ class TieredKVStore:
         self._wait_pending_reads()
         num_heads, num_new, _ = keys.shape
         bt = self.block_tokens
-        self._stamp += 1
-        stamp = self._stamp
         heads = torch.arange(num_heads, dtype=torch.int64).repeat_interleave(num_new)  # [H*T]
         ukeys, inv, counts = torch.unique((heads << 32) | ids, return_inverse=True, return_counts=True)
-        cluster = self._lookup_or_create(layer, ukeys)  # [U]
+        cluster = self._lookup(layer, ukeys)  # [U], -1 for clusters not seen before
 
         # Rank of each token inside its cluster for this append, keeping arrival order.
         order = torch.argsort(inv, stable=True)
@@ -349,7 +383,7 @@ class TieredKVStore:
         rank[order] = torch.arange(inv.numel()) - group_start[inv[order]]
 
         # Fill the cluster's tail block first if it is still on the device, then new blocks.
-        tail = self._cl_tail.t[cluster]
+        tail = torch.where(cluster >= 0, self._cl_tail.buf[cluster.clamp(min=0)], -1)
         has_tail = tail >= 0
         tail_safe = tail.clamp(min=0)
         tail_on_device = has_tail & (self._blk_tier.buf[tail_safe] == DEVICE)
@@ -367,13 +401,21 @@ class TieredKVStore:
                 f"{self.block_bytes} B = {needed * self.block_bytes} bytes at once; raise the device budget to at "
                 "least that, append fewer tokens per step, or lower block_tokens"
             )
+        self._stamp += 1
+        stamp = self._stamp
+        unseen = cluster < 0
+        if bool(unseen.any()):
+            cluster[unseen] = self._create_clusters(layer, ukeys[unseen])
+        self._cl_stamp.buf[cluster] = stamp  # clusters written now are the newest, whatever moves next
         self._make_room(DEVICE, num_new_blocks, protected)
 
         first_block = self._blk_cluster.n
         new_start = first_block + torch.cumsum(new_blocks, 0) - new_blocks  # [U]
         in_tail = rank < take[inv]
         beyond = rank - take[inv]
-        block = torch.where(in_tail, tail_safe[inv], new_start[inv] + torch.div(beyond, bt, rounding_mode="floor"))
+        block = torch.where(
+            in_tail, tail_safe[inv], new_start[inv] + torch.div(beyond, bt, rounding_mode="floor")
+        )
         offset = torch.where(in_tail, tail_fill[inv] + rank, beyond % bt)
 
         block_ids = torch.arange(first_block, first_block + num_new_blocks, dtype=torch.int64)
@@ -384,7 +426,6 @@ class TieredKVStore:
         self._blk_fill.extend(torch.zeros(num_new_blocks, dtype=torch.int64))
         self._blk_fill.buf.index_add_(0, block, torch.ones_like(block))
         self._cl_tail.buf[cluster] = torch.where(new_blocks > 0, new_start + new_blocks - 1, tail)
-        self._cl_stamp.buf[cluster] = stamp
 
         arena = self._arenas[DEVICE]
         rows = (self._blk_slot.t[block] * (2 * bt) + offset).to(arena.data.device)
@@ -400,30 +441,39 @@ class TieredKVStore:
         self._counters["appended_bytes"] += num_heads * num_new * self.token_bytes
         self._note_peaks()
 
-    def _lookup_or_create(self, layer: int, ukeys: torch.Tensor) -> torch.Tensor:
-        """Global cluster index per key (head << 32 | id), creating clusters for unseen keys."""
+    def _lookup(self, layer: int, ukeys: torch.Tensor) -> torch.Tensor:
+        """Global cluster index per sorted unique key (head << 32 | id); -1 where unseen."""
         sorted_keys = self._keys_sorted[layer]
         where = torch.searchsorted(sorted_keys, ukeys)
         found = where < sorted_keys.numel()
         found[found.clone()] = sorted_keys[where[found]] == ukeys[found]
-        cluster = torch.empty_like(ukeys)
+        cluster = torch.full_like(ukeys, -1)
         cluster[found] = self._keys_cluster[layer][where[found]]
-        fresh = ukeys[~found]
-        if fresh.numel():
-            first = self._cl_id.n
-            fresh_index = torch.arange(first, first + fresh.numel(), dtype=torch.int64)
-            cluster[~found] = fresh_index
-            self._cl_layer.extend(torch.full_like(fresh, layer))
-            self._cl_head.extend(fresh >> 32)
-            self._cl_id.extend(fresh & (_MAX_CLUSTER_ID - 1))
-            self._cl_tail.extend(torch.full_like(fresh, -1))
-            self._cl_stamp.extend(torch.zeros_like(fresh))
-            merged = torch.cat([sorted_keys, fresh])
-            merged_cluster = torch.cat([self._keys_cluster[layer], fresh_index])
-            order = torch.argsort(merged)
-            self._keys_sorted[layer] = merged[order]
-            self._keys_cluster[layer] = merged_cluster[order]
         return cluster
+
+    def _create_clusters(self, layer: int, fresh: torch.Tensor) -> torch.Tensor:
+        """Add clusters for sorted unseen keys; return their global indices."""
+        sorted_keys = self._keys_sorted[layer]
+        first = self._cl_id.n
+        fresh_index = torch.arange(first, first + fresh.numel(), dtype=torch.int64)
+        self._cl_layer.extend(torch.full_like(fresh, layer))
+        self._cl_head.extend(fresh >> 32)
+        self._cl_id.extend(fresh & (_MAX_CLUSTER_ID - 1))
+        self._cl_tail.extend(torch.full_like(fresh, -1))
+        self._cl_stamp.extend(torch.zeros_like(fresh))
+        # Merge two sorted, disjoint key lists without a full sort: each element's new place is
+        # its own index plus the count of the other list's elements below it.
+        old_at = torch.arange(sorted_keys.numel()) + torch.searchsorted(fresh, sorted_keys)
+        fresh_at = torch.arange(fresh.numel()) + torch.searchsorted(sorted_keys, fresh)
+        merged = torch.empty(sorted_keys.numel() + fresh.numel(), dtype=torch.int64)
+        merged_cluster = torch.empty_like(merged)
+        merged[old_at] = sorted_keys
+        merged[fresh_at] = fresh
+        merged_cluster[old_at] = self._keys_cluster[layer]
+        merged_cluster[fresh_at] = fresh_index
+        self._keys_sorted[layer] = merged
+        self._keys_cluster[layer] = merged_cluster
+        return fresh_index
 
     def _ensure_positions(self, layer: int, needed: int) -> None:
         table = self._pos_block[layer]
@@ -443,9 +493,10 @@ class TieredKVStore:
         if free is None or free >= count:
             return
         arena = self._arenas[tier]
-        blocks = arena.owner[arena.owner >= 0]
+        candidate = arena.owner >= 0
         if protected.numel():
-            blocks = blocks[~torch.isin(blocks, protected)]
+            candidate[self._blk_slot.t[protected]] = False  # protected blocks are all on this tier
+        blocks = arena.owner[candidate]
         # Oldest cluster (by its last append) first; inside a cluster, its oldest block first.
         age = self._cl_stamp.t[self._blk_cluster.t[blocks]] * 2**32 + blocks
         pick = torch.topk(age, count - free, largest=False, sorted=True).indices
@@ -493,7 +544,9 @@ class TieredKVStore:
     def _disk_arena(self, layer: int) -> DiskArena:
         if self._disk[layer] is None:
             folder = self._session_folder()
-            self._disk[layer] = DiskArena(folder / f"layer{layer:03d}.kv", self.block_tokens, self.head_dim, self.dtype)
+            self._disk[layer] = DiskArena(
+                folder / f"layer{layer:03d}.kv", self.block_tokens, self.head_dim, self.dtype
+            )
         return self._disk[layer]
 
     def _session_folder(self) -> Path:
@@ -511,11 +564,16 @@ class TieredKVStore:
         counters["peak_resident_bytes_device"] = max(
             counters["peak_resident_bytes_device"], arena.num_used * self.block_bytes
         )
-        counters["peak_allocated_bytes_device"] = max(counters["peak_allocated_bytes_device"], arena.allocated_bytes)
+        counters["peak_allocated_bytes_device"] = max(
+            counters["peak_allocated_bytes_device"], arena.allocated_bytes
+        )
 
     # ------------------------------------------------------------------ fetch
 
-    def fetch(self, layer: int, positions: list[torch.Tensor], handle: PrefetchHandle | None = None) -> FetchResult:
+    @_plain_tensors
+    def fetch(
+        self, layer: int, positions: list[torch.Tensor], handle: PrefetchHandle | None = None
+    ) -> FetchResult:
         """Gather K/V of the given history positions, per KV head, onto the compute device.
 
         Args:
@@ -529,8 +587,12 @@ class TieredKVStore:
         """
         self._check_layer(layer)
         if handle is not None:
-            if handle.layer != layer or len(handle.positions) != len(positions) or not all(
-                torch.equal(a.cpu().long(), b) for a, b in zip(positions, handle.positions)
+            if (
+                handle.layer != layer
+                or len(handle.positions) != len(positions)
+                or not all(
+                    torch.equal(a.cpu().long(), b) for a, b in zip(positions, handle.positions, strict=True)
+                )
             ):
                 raise ValueError("handle was prefetched for a different layer or positions than this fetch")
             return handle.result()
@@ -539,6 +601,7 @@ class TieredKVStore:
             result, _ = self._gather(layer, positions, use_stream=False)
         return result
 
+    @_plain_tensors
     def prefetch(self, layer: int, positions: list[torch.Tensor]) -> PrefetchHandle:
         """Start `fetch(layer, positions)` in the background (copy stream + pinned staging on CUDA,
         a worker thread for host/disk reads on CPU); pass the handle to `fetch` or call `result()`."""
@@ -548,11 +611,12 @@ class TieredKVStore:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vrex-kv-prefetch")
 
         def run():
-            with self._lock:
+            with torch.inference_mode(False), torch.no_grad(), self._lock:
                 return self._gather(layer, positions, use_stream=self._use_cuda)
 
         return PrefetchHandle(self._executor.submit(run), layer, positions)
 
+    @_plain_tensors
     def fetch_all(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All history of `layer` in position order: keys, values `[Hkv, N, head_dim]` (full attention)."""
         self._check_layer(layer)
@@ -582,37 +646,27 @@ class TieredKVStore:
         counts = torch.bincount(tier.long(), minlength=3).tolist()
         moved = [c * self.token_bytes for c in counts]
         with stream_ctx:
-            if counts[DEVICE]:
-                # Device tokens are gathered straight into the output order with one index_select
-                # (keys and values together); rows of other tiers and padding are overwritten below.
+            # The tier holding most of the request is read straight into the output order, keys and
+            # values in one gather; the other tiers' rows and the padding are overwritten after.
+            primary = max(range(3), key=lambda t: counts[t])
+            if counts[primary]:
                 src = torch.zeros(num_rows, dtype=torch.int64)
-                on_device = tier == DEVICE
-                src[out_row[on_device]] = rows[on_device]
-                src = src.to(self.device)
-                out = self._arenas[DEVICE].rows.index_select(0, torch.cat([src, src + bt]))
+                in_primary = tier == primary
+                src[out_row[in_primary]] = rows[in_primary]
+                out = self._read_rows(layer, primary, torch.cat([src, src + bt]))
                 out = out.view(2, num_rows, self.head_dim)
                 if total < num_rows:
                     valid = torch.arange(width).expand(self.num_kv_heads, width) < lengths[:, None]
-                    out[:, (~valid).flatten().to(self.device)] = 0
+                    padding = torch.nonzero(~valid.flatten()).flatten()
+                    out.index_fill_(1, padding.to(self.device), 0)
             else:
                 out = torch.zeros(2, num_rows, self.head_dim, dtype=self.dtype, device=self.device)
-            for t in (HOST, DISK):
-                if counts[t] == 0:
+            for t in (DEVICE, HOST, DISK):
+                if t == primary or counts[t] == 0:
                     continue
                 mask = tier == t
                 src = rows[mask]
-                src = torch.cat([src, src + bt])
-                if t == DISK:
-                    kv = self._disk[layer].read_rows(src)
-                    if self._use_cuda:
-                        kv = kv.pin_memory()
-                elif self._use_cuda:
-                    # Gather straight into pinned staging so the copy to the GPU is async.
-                    kv = torch.empty(2 * counts[t], self.head_dim, dtype=self.dtype, pin_memory=True)
-                    torch.index_select(self._arenas[HOST].rows, 0, src, out=kv)
-                else:
-                    kv = self._arenas[HOST].rows.index_select(0, src)
-                kv = kv.to(self.device, non_blocking=True).view(2, counts[t], self.head_dim)
+                kv = self._read_rows(layer, t, torch.cat([src, src + bt])).view(2, counts[t], self.head_dim)
                 dst = out_row[mask].to(self.device)
                 out[0].index_copy_(0, dst, kv[0])
                 out[1].index_copy_(0, dst, kv[1])
@@ -632,6 +686,23 @@ class TieredKVStore:
         )
         return result, event
 
+    def _read_rows(self, layer: int, tier: int, rows: torch.Tensor) -> torch.Tensor:
+        """Token rows (see `MemoryArena.rows`) of one tier, delivered on the compute device."""
+        if tier == DEVICE:
+            arena_rows = self._arenas[DEVICE].rows
+            return arena_rows.index_select(0, rows.to(arena_rows.device))
+        if tier == DISK:
+            kv = self._disk[layer].read_rows(rows)
+            if self._use_cuda:
+                kv = kv.pin_memory()
+        elif self._use_cuda:
+            # Gather straight into pinned staging so the copy to the GPU is async.
+            kv = torch.empty(rows.numel(), self.head_dim, dtype=self.dtype, pin_memory=True)
+            torch.index_select(self._arenas[HOST].rows, 0, rows, out=kv)
+        else:
+            kv = self._arenas[HOST].rows.index_select(0, rows)
+        return kv.to(self.device, non_blocking=True)
+
     def _wait_pending_reads(self) -> None:
         """Order arena writes after in-flight prefetch reads on the copy stream (CUDA only)."""
         if self._pending_events:
@@ -642,12 +713,14 @@ class TieredKVStore:
 
     # ------------------------------------------------------------------ queries
 
+    @_plain_tensors
     def tier_of(self, layer: int) -> torch.Tensor:
         """Tier of every history token of `layer`: int8 `[Hkv, N]` (0 device, 1 host, 2 disk)."""
         self._check_layer(layer)
         with self._lock:
             return self._blk_tier.t[self._pos_block[layer][:, : self._length[layer]]]
 
+    @_plain_tensors
     def cluster_tier(self, layer: int, kv_head: int) -> ClusterTiers:
         """Tier of each cluster's tail block for one (layer, KV head); see `ClusterTiers`."""
         self._check_layer(layer)
@@ -663,6 +736,7 @@ class TieredKVStore:
                 tiers=self._blk_tier.t[self._cl_tail.t[cluster]],
             )
 
+    @_plain_tensors
     def positions_of_clusters(self, layer: int, kv_head: int, cluster_ids: torch.Tensor) -> torch.Tensor:
         """Ascending history positions of the tokens of the given clusters of one (layer, KV head)."""
         self._check_layer(layer)
@@ -677,8 +751,14 @@ class TieredKVStore:
             token_cluster = self._blk_cluster.t[self._pos_block[layer][kv_head, : self._length[layer]]]
             return torch.nonzero(torch.isin(token_cluster, clusters)).flatten()
 
+    @_plain_tensors
     def stats(self) -> dict:
-        """Resident blocks/bytes/tokens per tier, cumulative bytes moved, peaks (all plain ints)."""
+        """Resident blocks/bytes/tokens and fill per tier, cumulative bytes moved, device peaks.
+
+        `resident_bytes_*` count whole blocks (what the budgets bound); `fetched_bytes_*` count the
+        K+V bytes of the tokens each tier delivered; `evicted_bytes_*` count whole blocks moved down;
+        `appended_bytes` the K+V bytes written. All values are plain Python numbers (JSON-ready).
+        """
         with self._lock:
             disk_blocks = sum(d.num_used for d in self._disk if d is not None)
             used = [self._arenas[DEVICE].num_used, self._arenas[HOST].num_used, disk_blocks]
@@ -699,17 +779,22 @@ class TieredKVStore:
                 out[f"resident_blocks_{name}"] = used[t]
                 out[f"resident_bytes_{name}"] = used[t] * self.block_bytes
                 out[f"resident_tokens_{name}"] = self._resident_tokens[t]
+                # Share of block slots holding tokens: low when clusters are much smaller than a block.
+                slots = used[t] * self.block_tokens
+                out[f"fill_fraction_{name}"] = self._resident_tokens[t] / slots if slots else 1.0
             out.update(self._counters)
             return out
 
     # ------------------------------------------------------------------ snapshot / restore
 
+    @_plain_tensors
     def snapshot(self, folder: str | os.PathLike) -> None:
         """Write the whole store to `folder` atomically (temp folder + rename, sha256 manifest)."""
         with self._lock, atomic_folder(folder) as tmp:
             self.write_snapshot_files(tmp)
             write_manifest(tmp, SNAPSHOT_FORMAT)
 
+    @_plain_tensors
     def write_snapshot_files(self, folder: str | os.PathLike) -> None:
         """Write the store's files into an existing folder (no manifest, not atomic); for callers
         that snapshot a larger state and make it atomic themselves."""
@@ -760,7 +845,8 @@ class TieredKVStore:
                 tables[f"pos_offset_{layer}"] = self._pos_offset[layer][:, :n]
             np.savez(folder / "tables.npz", **{k: v.numpy() for k, v in tables.items()})
             for t, name in ((DEVICE, "device"), (HOST, "host")):
-                to_numpy_bits(self._arenas[t].data.cpu()).tofile(folder / f"{name}_arena.bin")
+                arena = self._arenas[t]
+                to_numpy_bits(arena.data[: arena.used_prefix()].cpu()).tofile(folder / f"{name}_arena.bin")
             for layer, disk in enumerate(self._disk):
                 if disk is not None:
                     disk.memmap.flush()
@@ -788,6 +874,7 @@ class TieredKVStore:
         return cls.read_snapshot_files(folder, device=device, disk_dir=disk_dir)
 
     @classmethod
+    @_plain_tensors
     def read_snapshot_files(
         cls,
         folder: str | os.PathLike,
@@ -838,9 +925,9 @@ class TieredKVStore:
             arena = store._arenas[t]
             owner = tables[f"{name}_owner"]
             bits = np.fromfile(folder / f"{name}_arena.bin", dtype=_int_np(dtype))
-            data = from_numpy_bits(bits, dtype).view(owner.numel(), 2, bt, d)
+            data = from_numpy_bits(bits, dtype).view(-1, 2, bt, d)
             arena.data = arena._empty(owner.numel())
-            arena.data.copy_(data)
+            arena.data[: data.shape[0]].copy_(data)
             arena.owner = owner
             arena.num_used = int(meta["arena_used"][t])
         for layer, used in enumerate(meta["disk_used"]):
