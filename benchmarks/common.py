@@ -46,7 +46,9 @@ def print_table(rows: Sequence[dict], columns: Sequence[str], file=sys.stdout) -
         return str(v)
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), file=file)
     print("  ".join("-" * w for w in widths), file=file)
     for row in cells:

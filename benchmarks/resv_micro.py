@@ -146,11 +146,22 @@ def measure(shape: Shape, history: int, rows: int, needles: int, repeats: int, s
     stream = make_stream(shape, history, rows, needles, seed)
     scaling = shape.head_dim**-0.5
     q = stream.query
-    full_out, full_ms = timed(lambda: attention(q, stream.keys, stream.values, None, stream.q_keys, stream.q_values), repeats)
+    full_out, full_ms = timed(
+        lambda: attention(q, stream.keys, stream.values, None, stream.q_keys, stream.q_values), repeats
+    )
     dims = (1, shape.num_heads, shape.num_kv_heads, shape.head_dim)
     base = {"shape": shape.name, "history_tokens": history, "query_rows": rows, "full_attention_ms": full_ms}
-    rows_out = [{**base, "policy": "full", "fetched_fraction": 1.0, "needle_recall": 1.0, "output_rel_error": 0.0,
-                 "select_ms": 0.0, "attention_ms": full_ms}]
+    rows_out = [
+        {
+            **base,
+            "policy": "full",
+            "fetched_fraction": 1.0,
+            "needle_recall": 1.0,
+            "output_rel_error": 0.0,
+            "select_ms": 0.0,
+            "attention_ms": full_ms,
+        }
+    ]
 
     def run(name: str, cfg: resv.SelectorConfig, extra: dict) -> dict:
         selector = resv.make_selector(*dims, cfg)
@@ -160,13 +171,23 @@ def measure(shape: Shape, history: int, rows: int, needles: int, repeats: int, s
         # mean over (head, row) so no single peaky head dominates the figure
         err = float(((out - full_out).norm(dim=-1) / full_out.norm(dim=-1)).mean())
         recall = sum(bool(sel.token_mask[h, p]) for h, p in stream.needles) / max(1, len(stream.needles))
-        row = {**base, "policy": name, "fetched_fraction": sel.fetched_fraction(), "needle_recall": recall,
-               "output_rel_error": err, "select_ms": select_ms, "attention_ms": attn_ms,
-               "select_vs_full_attention": select_ms / full_ms, "observe_ms_per_frame": observe_ms / len(stream.frames),
-               **extra}
+        row = {
+            **base,
+            "policy": name,
+            "fetched_fraction": sel.fetched_fraction(),
+            "needle_recall": recall,
+            "output_rel_error": err,
+            "select_ms": select_ms,
+            "attention_ms": attn_ms,
+            "select_vs_full_attention": select_ms / full_ms,
+            "observe_ms_per_frame": observe_ms / len(stream.frames),
+            **extra,
+        }
         if isinstance(selector, resv.ResvSelector):
             table = selector.tables[0]
-            row["tokens_per_cluster"] = table.num_tokens * table.groups / max(1, int((table.counts.view > 0).sum()))
+            row["tokens_per_cluster"] = (
+                table.num_tokens * table.groups / max(1, int((table.counts.view > 0).sum()))
+            )
             row["hc_overhead_fraction"] = table.overhead_fraction(kv_dtype_bytes=2)
         return row
 
@@ -182,25 +203,41 @@ def measure(shape: Shape, history: int, rows: int, needles: int, repeats: int, s
     return rows_out
 
 
-def run_benchmark(quick: bool = False, shapes: list[str] | None = None, histories: list[int] | None = None,
-                  seed: int = 0) -> list[dict]:
+def run_benchmark(
+    quick: bool = False, shapes: list[str] | None = None, histories: list[int] | None = None, seed: int = 0
+) -> list[dict]:
     shapes = shapes or list(SHAPES)
     histories = histories or ([1000, 5000] if quick else [1000, 5000, 10000, 20000, 40000])
     out = []
     for name in shapes:
         shape = SHAPES[name]
         for history in histories:
-            out += measure(shape, history, rows=shape.tokens_per_frame, needles=8, repeats=2 if quick else 3, seed=seed)
+            out += measure(
+                shape, history, rows=shape.tokens_per_frame, needles=8, repeats=2 if quick else 3, seed=seed
+            )
     return out
 
 
-COLUMNS = ["shape", "history_tokens", "policy", "matched_to", "fetched_fraction", "needle_recall",
-           "output_rel_error", "select_ms", "attention_ms", "select_vs_full_attention", "tokens_per_cluster",
-           "hc_overhead_fraction"]
+COLUMNS = [
+    "shape",
+    "history_tokens",
+    "policy",
+    "matched_to",
+    "fetched_fraction",
+    "needle_recall",
+    "output_rel_error",
+    "select_ms",
+    "attention_ms",
+    "select_vs_full_attention",
+    "tokens_per_cluster",
+    "hc_overhead_fraction",
+]
 
 
 def register(bench_sub) -> None:
-    p = bench_sub.add_parser("resv", help="ReSV micro-benchmark on synthetic streams (selectors side by side)")
+    p = bench_sub.add_parser(
+        "resv", help="ReSV micro-benchmark on synthetic streams (selectors side by side)"
+    )
     p.add_argument("--quick", action="store_true", help="histories 1K and 5K only")
     p.add_argument("--shape", action="append", choices=sorted(SHAPES), help="model shape (repeatable)")
     p.add_argument("--history", action="append", type=int, help="history tokens (repeatable)")

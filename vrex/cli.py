@@ -12,6 +12,7 @@ _REGISTRARS: list[tuple[str, str]] = [
     ("vrex.engine.cli", "register"),
     ("vrex.models.cli", "register"),
     ("vrex.kv.cli", "register"),
+    ("server.cli", "register"),
     ("sim.cli", "register"),
     ("vrex.power", "register"),
     ("benchmarks.cli", "register"),

@@ -27,8 +27,15 @@ from typing import IO, Any
 
 SCHEMA = "vrex.trace/1"
 STAGES = ("frame", "text", "decode")
-MODEL_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "intermediate_size",
-                "vocab_size")
+MODEL_FIELDS = (
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+)
 HEAD_FIELDS = ("kv_head", "history_tokens", "clusters", "selected_clusters", "selected_tokens")
 TIERS = ("device", "host", "disk")
 

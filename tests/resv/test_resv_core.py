@@ -267,7 +267,9 @@ def _feed(sel, layers, steps):
 
 @pytest.mark.parametrize("policy", resv.POLICIES)
 def test_selectors_always_attend_sinks_and_recent(policy):
-    cfg = resv.SelectorConfig(policy=policy, sink_tokens=2, recent_tokens=5, budget_fraction=0.2, resv=resv.PAPER)
+    cfg = resv.SelectorConfig(
+        policy=policy, sink_tokens=2, recent_tokens=5, budget_fraction=0.2, resv=resv.PAPER
+    )
     sel = resv.make_selector(2, 6, 3, 16, cfg)
     steps = _stream(5, 3, 10, 16)
     _feed(sel, 2, steps)

@@ -7,6 +7,15 @@ from .retrieval import RetrievalPolicy, StepRecord, light_attention
 from .session import AnswerStats, FrameResult, Session, TokenDelta
 
 __all__ = [
-    "AnswerStats", "CapacityError", "Engine", "EngineConfig", "FrameResult", "RetrievalPolicy", "Session",
-    "SessionSettings", "StepRecord", "TokenDelta", "light_attention",
+    "AnswerStats",
+    "CapacityError",
+    "Engine",
+    "EngineConfig",
+    "FrameResult",
+    "RetrievalPolicy",
+    "Session",
+    "SessionSettings",
+    "StepRecord",
+    "TokenDelta",
+    "light_attention",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -12,18 +11,26 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="stream a video through a local session and ask questions")
-    p.add_argument("--video", required=True,
-                   help="video file, or a sample name (bigbuckbunny.mp4, bikes.mp4, vtest.avi)")
+    p.add_argument(
+        "--video", required=True, help="video file, or a sample name (bigbuckbunny.mp4, bikes.mp4, vtest.avi)"
+    )
     p.add_argument("--model", help="local model folder (default: the demo model)")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second kept (default 2)")
     p.add_argument("--policy", default="resv", choices=["resv", "full", "window", "topk", "rekv"])
     p.add_argument("--preset", default="default", help="ReSV preset: default | paper")
     p.add_argument("--ask", action="append", default=[], help="a question (repeatable)")
-    p.add_argument("--ask-at", action="append", type=float, default=[],
-                   help="video time in seconds for the matching --ask (default: at the end)")
+    p.add_argument(
+        "--ask-at",
+        action="append",
+        type=float,
+        default=[],
+        help="video time in seconds for the matching --ask (default: at the end)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-seconds", type=float, default=None, help="stop streaming after this much video")
-    p.add_argument("--device-kv-budget", help="device KV tier size per session, e.g. 2GiB (default: unbounded)")
+    p.add_argument(
+        "--device-kv-budget", help="device KV tier size per session, e.g. 2GiB (default: unbounded)"
+    )
     p.add_argument("--host-kv-budget", help="host KV tier size per session (default: unbounded)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--trace", help="write the retrieval trace (JSON lines) here")
@@ -40,8 +47,10 @@ def _resolve_video(name: str) -> Path:
     try:
         return sample_video(name)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{name}: no such file, and not an installed sample video "
-                                "(run scripts/fetch_assets.sh to install the samples)") from None
+        raise FileNotFoundError(
+            f"{name}: no such file, and not an installed sample video "
+            "(run scripts/fetch_assets.sh to install the samples)"
+        ) from None
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -57,13 +66,17 @@ def _main(args: argparse.Namespace) -> int:
     source = FileSource(video, fps=None)  # the session's sampler keeps --fps
     budget = parse_bytes(args.device_kv_budget) if args.device_kv_budget else None
     host = parse_bytes(args.host_kv_budget) if args.host_kv_budget else None
-    engine = Engine(EngineConfig(model_dir=args.model, device=args.device, device_kv_budget_bytes=budget,
-                                 host_kv_budget_bytes=host))
+    engine = Engine(
+        EngineConfig(
+            model_dir=args.model, device=args.device, device_kv_budget_bytes=budget, host_kv_budget_bytes=host
+        )
+    )
     info = engine.model_info
     if info["notice"] and not args.json:
         print(f"note: {info['notice']}", file=sys.stderr)
-    settings = SessionSettings(fps=args.fps, policy=args.policy, resv_preset=args.preset,
-                               max_new_tokens=args.max_new_tokens)
+    settings = SessionSettings(
+        fps=args.fps, policy=args.policy, resv_preset=args.preset, max_new_tokens=args.max_new_tokens
+    )
     session = engine.open_session(settings, trace_path=args.trace)
     times = args.ask_at or [float("inf")] * len(args.ask)
     pending = sorted(zip(times, args.ask, strict=True), key=lambda x: x[0])
@@ -82,11 +95,18 @@ def _main(args: argparse.Namespace) -> int:
         if not args.json:
             print()
         stats = session.last_answer_stats
-        answers.append({"question": question, "asked_at_s": at, "text": "".join(text),
-                        "tokens": stats.tokens, "finish_reason": stats.finish_reason,
-                        "time_to_first_token_ms": stats.time_to_first_token_ms,
-                        "fetched_fraction_text": stats.fetched_fraction_text,
-                        "fetched_fraction_decode": stats.fetched_fraction_decode})
+        answers.append(
+            {
+                "question": question,
+                "asked_at_s": at,
+                "text": "".join(text),
+                "tokens": stats.tokens,
+                "finish_reason": stats.finish_reason,
+                "time_to_first_token_ms": stats.time_to_first_token_ms,
+                "fetched_fraction_text": stats.fetched_fraction_text,
+                "fetched_fraction_decode": stats.fetched_fraction_decode,
+            }
+        )
 
     try:
         for ts, image in source:
@@ -100,9 +120,14 @@ def _main(args: argparse.Namespace) -> int:
             if result.accepted and not args.json:
                 st = session.stats()
                 wall = time.perf_counter() - t_start
-                print(f"\r{ts:6.1f}s  frames {st['frames_accepted']} kept / {st['frames_dropped']} dropped  "
-                      f"{st['frames_accepted'] / wall:4.2f} fps  history {st['history_tokens']} tok  "
-                      f"fetched {result.fetched_fraction:.2f}", end="", file=sys.stderr, flush=True)
+                print(
+                    f"\r{ts:6.1f}s  frames {st['frames_accepted']} kept / {st['frames_dropped']} dropped  "
+                    f"{st['frames_accepted'] / wall:4.2f} fps  history {st['history_tokens']} tok  "
+                    f"fetched {result.fetched_fraction:.2f}",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
         for at, q in pending:
             answer(q, min(at, last_t))
     finally:

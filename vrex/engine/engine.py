@@ -44,21 +44,37 @@ class Engine:
     def model_info(self) -> dict:
         a = self.adapter
         return {
-            "name": Path(a.path).name, "path": str(a.path), "family": a.family, "is_demo": self.is_demo,
-            "notice": DEMO_NOTICE if self.is_demo else "", "num_layers": a.num_layers, "num_heads": a.num_heads,
-            "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim, "visual_tokens_per_frame": self.frame_tokens,
-            "accepts_frames": self.accepts_frames, "device": str(a.device), "dtype": str(a.dtype).replace("torch.", ""),
+            "name": Path(a.path).name,
+            "path": str(a.path),
+            "family": a.family,
+            "is_demo": self.is_demo,
+            "notice": DEMO_NOTICE if self.is_demo else "",
+            "num_layers": a.num_layers,
+            "num_heads": a.num_heads,
+            "num_kv_heads": a.num_kv_heads,
+            "head_dim": a.head_dim,
+            "visual_tokens_per_frame": self.frame_tokens,
+            "accepts_frames": self.accepts_frames,
+            "device": str(a.device),
+            "dtype": str(a.dtype).replace("torch.", ""),
         }
 
     async def run(self, fn, *args):
         """Run ``fn(*args)`` on the model thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def open_session(self, settings: SessionSettings | None = None, *, session_id: str | None = None,
-                     trace_path: str | None = None) -> Session:
+    def open_session(
+        self,
+        settings: SessionSettings | None = None,
+        *,
+        session_id: str | None = None,
+        trace_path: str | None = None,
+    ) -> Session:
         if len(self.sessions) >= self.config.max_sessions:
-            raise CapacityError(f"{len(self.sessions)} sessions are open, the limit is {self.config.max_sessions}: "
-                                "close one or raise --max-sessions")
+            raise CapacityError(
+                f"{len(self.sessions)} sessions are open, the limit is {self.config.max_sessions}: "
+                "close one or raise --max-sessions"
+            )
         session = Session(self, settings or SessionSettings(), session_id, trace_path=trace_path)
         self.sessions[session.id] = session
         return session
@@ -72,7 +88,9 @@ class Engine:
         if not self.config.data_dir:
             return []
         root = Path(self.config.data_dir) / "sessions"
-        return sorted(p.name for p in root.iterdir() if (p / "session.json").exists()) if root.exists() else []
+        return (
+            sorted(p.name for p in root.iterdir() if (p / "session.json").exists()) if root.exists() else []
+        )
 
     def resume(self, session_id: str) -> Session:
         """An open session by id, or one restored from its snapshot; KeyError when neither exists."""

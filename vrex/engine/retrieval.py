@@ -19,8 +19,9 @@ from vrex.kv import DEVICE, DISK, HOST, TieredKVStore
 from vrex.resv import Selector
 
 
-def light_attention(query: Tensor, hist_k: Tensor, hist_v: Tensor, lengths: Tensor, key: Tensor, value: Tensor,
-                    scaling: float) -> Tensor:
+def light_attention(
+    query: Tensor, hist_k: Tensor, hist_v: Tensor, lengths: Tensor, key: Tensor, value: Tensor, scaling: float
+) -> Tensor:
     """Attention of new queries ``[Hq, T, d]`` over each KV head's own padded history
     (``[Hkv, L, d]``, ``lengths`` valid rows) plus the new keys (causal). Returns ``[T, Hq, d]``."""
     hq, t, d = query.shape
@@ -32,8 +33,11 @@ def light_attention(query: Tensor, hist_k: Tensor, hist_v: Tensor, lengths: Tens
     causal = torch.ones(t, t, dtype=torch.bool, device=key.device).tril()
     allowed = torch.cat([hist_ok[:, None, :].expand(hkv, t, hist_len), causal.expand(hkv, t, t)], -1)
     out = F.scaled_dot_product_attention(
-        query[None], k.repeat_interleave(group, 0)[None], v.repeat_interleave(group, 0)[None],
-        attn_mask=allowed.repeat_interleave(group, 0)[None], scale=scaling,
+        query[None],
+        k.repeat_interleave(group, 0)[None],
+        v.repeat_interleave(group, 0)[None],
+        attn_mask=allowed.repeat_interleave(group, 0)[None],
+        scale=scaling,
     )[0]
     return out.transpose(0, 1)
 
@@ -112,20 +116,26 @@ class RetrievalPolicy:
         per_tier = [((tiers == t) & mask).sum(1).tolist() for t in (DEVICE, HOST, DISK)]
         heads = []
         for h in range(mask.shape[0]):
-            moved = {name: int(per_tier[i][h]) * self.token_bytes_per_head for i, name in
-                     enumerate(("device", "host", "disk"))}
+            moved = {
+                name: int(per_tier[i][h]) * self.token_bytes_per_head
+                for i, name in enumerate(("device", "host", "disk"))
+            }
             self.record.bytes_device += moved["device"]
             self.record.bytes_host += moved["host"]
             self.record.bytes_disk += moved["disk"]
-            heads.append({
-                "kv_head": h,
-                "history_tokens": n,
-                "clusters": int(sel.clusters[h]) if sel.clusters is not None else 0,
-                "selected_clusters": int(sel.selected_clusters[h]) if sel.selected_clusters is not None else 0,
-                "selected_tokens": int(mask[h].sum()),
-                "early_exit_fraction": sel.early_exit_fraction,
-                "bytes": moved,
-            })
+            heads.append(
+                {
+                    "kv_head": h,
+                    "history_tokens": n,
+                    "clusters": int(sel.clusters[h]) if sel.clusters is not None else 0,
+                    "selected_clusters": int(sel.selected_clusters[h])
+                    if sel.selected_clusters is not None
+                    else 0,
+                    "selected_tokens": int(mask[h].sum()),
+                    "early_exit_fraction": sel.early_exit_fraction,
+                    "bytes": moved,
+                }
+            )
         return {"layer": layer, "heads": heads}
 
     @torch.inference_mode()

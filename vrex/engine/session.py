@@ -6,7 +6,6 @@ model thread. The ``async`` methods are what servers call.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
@@ -69,15 +68,24 @@ class AnswerStats:
 
 
 class Session:
-    def __init__(self, engine: Engine, settings: SessionSettings, session_id: str | None = None,
-                 *, trace_path: str | None = None, _restoring: bool = False):
+    def __init__(
+        self,
+        engine: Engine,
+        settings: SessionSettings,
+        session_id: str | None = None,
+        *,
+        trace_path: str | None = None,
+        _restoring: bool = False,
+    ):
         self.engine = engine
         self.settings = settings
         self.id = session_id or uuid.uuid4().hex[:16]
         self.adapter = engine.adapter
         a = self.adapter
         self.frame_tokens = engine.frame_tokens
-        self.recent_tokens = settings.recent_tokens if settings.recent_tokens is not None else self.frame_tokens
+        self.recent_tokens = (
+            settings.recent_tokens if settings.recent_tokens is not None else self.frame_tokens
+        )
         self.counters: Counter = Counter()
         self.drop_reasons: Counter = Counter()
         self.steps: deque[dict] = deque(maxlen=256)
@@ -91,7 +99,11 @@ class Session:
         cfg = engine.config
         disk_dir = Path(cfg.data_dir) / "kv-disk" / self.id if cfg.data_dir else None
         self.store = TieredKVStore(
-            a.num_layers, a.num_kv_heads, a.head_dim, dtype=a.dtype, device=a.device,
+            a.num_layers,
+            a.num_kv_heads,
+            a.head_dim,
+            dtype=a.dtype,
+            device=a.device,
             budgets=TierBudgets(cfg.device_kv_budget_bytes, cfg.host_kv_budget_bytes, disk_dir),
             block_tokens=cfg.block_tokens,
         )
@@ -109,13 +121,19 @@ class Session:
     # -- construction ------------------------------------------------------------------------
     def _selector_config(self) -> SelectorConfig:
         s = self.settings
-        return SelectorConfig(policy=s.policy, sink_tokens=self.prefix_tokens, recent_tokens=self.recent_tokens,
-                              resv=s.resv, budget_fraction=s.budget_fraction)
+        return SelectorConfig(
+            policy=s.policy,
+            sink_tokens=self.prefix_tokens,
+            recent_tokens=self.recent_tokens,
+            resv=s.resv,
+            budget_fraction=s.budget_fraction,
+        )
 
     def _build_policy(self) -> None:
         a = self.adapter
-        selector = make_selector(a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim, self._selector_config(),
-                                 device=a.device)
+        selector = make_selector(
+            a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim, self._selector_config(), device=a.device
+        )
         self.policy = RetrievalPolicy(selector, self.store)
         self.cache = a.new_cache(self.policy)
 
@@ -124,11 +142,18 @@ class Session:
 
         a, tc = self.adapter, self.adapter.text_config
         return {
-            "kind": "header", "schema": SCHEMA, "policy": self.settings.policy,
-            "model": {"num_layers": a.num_layers, "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads,
-                      "head_dim": a.head_dim, "hidden_size": a.hidden_size,
-                      "intermediate_size": int(getattr(tc, "intermediate_size", 0) or 0),
-                      "vocab_size": int(getattr(tc, "vocab_size", 0) or 0)},
+            "kind": "header",
+            "schema": SCHEMA,
+            "policy": self.settings.policy,
+            "model": {
+                "num_layers": a.num_layers,
+                "num_heads": a.num_heads,
+                "num_kv_heads": a.num_kv_heads,
+                "head_dim": a.head_dim,
+                "hidden_size": a.hidden_size,
+                "intermediate_size": int(getattr(tc, "intermediate_size", 0) or 0),
+                "vocab_size": int(getattr(tc, "vocab_size", 0) or 0),
+            },
             "settings": {**dataclasses.asdict(self.settings), "resv": dataclasses.asdict(self.settings.resv)},
             "kv_dtype_bytes": a.dtype.itemsize,
         }
@@ -142,22 +167,39 @@ class Session:
         rec = self.policy.end_step()
         self.counters[f"steps_{stage}"] += 1
         summary = {
-            "stage": stage, "new_tokens": step.num_tokens, "history_tokens": rec.history_tokens,
-            "fetched_fraction": rec.fetched_fraction(), "latency_ms": total_ms,
-            "select_ms": rec.select_ms, "fetch_ms": rec.fetch_ms, "attention_ms": rec.attention_ms,
+            "stage": stage,
+            "new_tokens": step.num_tokens,
+            "history_tokens": rec.history_tokens,
+            "fetched_fraction": rec.fetched_fraction(),
+            "latency_ms": total_ms,
+            "select_ms": rec.select_ms,
+            "fetch_ms": rec.fetch_ms,
+            "attention_ms": rec.attention_ms,
             "store_ms": rec.store_ms,
-            "mlp_and_rest_ms": max(0.0, total_ms - rec.select_ms - rec.fetch_ms - rec.attention_ms - rec.store_ms),
-            "bytes_device": rec.bytes_device, "bytes_host": rec.bytes_host, "bytes_disk": rec.bytes_disk,
+            "mlp_and_rest_ms": max(
+                0.0, total_ms - rec.select_ms - rec.fetch_ms - rec.attention_ms - rec.store_ms
+            ),
+            "bytes_device": rec.bytes_device,
+            "bytes_host": rec.bytes_host,
+            "bytes_disk": rec.bytes_disk,
         }
         self.steps.append(summary)
         for k in ("bytes_device", "bytes_host", "bytes_disk"):
             self.counters[k] += summary[k]
         if self._trace is not None:
-            self._trace.write_step({
-                "kind": "step", "step": self._trace.steps, "stage": stage, "new_tokens": step.num_tokens,
-                "history_tokens": rec.history_tokens, "layers": rec.layers,
-                "latency_ms": {k: summary[k] for k in ("latency_ms", "select_ms", "fetch_ms", "attention_ms")},
-            })
+            self._trace.write_step(
+                {
+                    "kind": "step",
+                    "step": self._trace.steps,
+                    "stage": stage,
+                    "new_tokens": step.num_tokens,
+                    "history_tokens": rec.history_tokens,
+                    "layers": rec.layers,
+                    "latency_ms": {
+                        k: summary[k] for k in ("latency_ms", "select_ms", "fetch_ms", "attention_ms")
+                    },
+                }
+            )
         return logits, rec, total_ms
 
     @property
@@ -189,8 +231,16 @@ class Session:
         self.last_frame_ts = timestamp_s
         self.counters["frames_accepted"] += 1
         phases = {"vision_ms": vision_ms, **{k: v for k, v in self.steps[-1].items() if k.endswith("_ms")}}
-        return FrameResult(True, index, timestamp_s, None, self.history_tokens, rec.fetched_fraction(),
-                           vision_ms + step_ms, phases)
+        return FrameResult(
+            True,
+            index,
+            timestamp_s,
+            None,
+            self.history_tokens,
+            rec.fetched_fraction(),
+            vision_ms + step_ms,
+            phases,
+        )
 
     def _dropped(self, index: int, timestamp_s: float, reason: str) -> FrameResult:
         self.counters["frames_dropped"] += 1
@@ -198,8 +248,16 @@ class Session:
         return FrameResult(False, index, timestamp_s, reason, self.history_tokens)
 
     # -- questions --------------------------------------------------------------------------------
-    def generate(self, question: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, stop: tuple[str, ...] | None = None, seed: int = 0) -> Iterator[TokenDelta]:
+    def generate(
+        self,
+        question: str,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: tuple[str, ...] | None = None,
+        seed: int = 0,
+    ) -> Iterator[TokenDelta]:
         """Prefill the question, then decode; yields text deltas. Multi-turn: the answer stays in
         the history and the next user turn is opened after it."""
         s = self.settings
@@ -209,8 +267,10 @@ class Session:
         stop = tuple(s.stop if stop is None else stop)
         q_ids = self.adapter.tokenize(question)
         if len(q_ids) > self.engine.config.max_question_tokens:
-            raise ValueError(f"question has {len(q_ids)} tokens; the limit is "
-                             f"{self.engine.config.max_question_tokens}: shorten it")
+            raise ValueError(
+                f"question has {len(q_ids)} tokens; the limit is "
+                f"{self.engine.config.max_question_tokens}: shorten it"
+            )
         stats = AnswerStats(question=question)
         self.last_answer_stats = stats
         t0 = time.perf_counter()
@@ -234,7 +294,7 @@ class Session:
                 text = text[: text.index(hit)]
                 finish = "stop"
             if not text.endswith("\ufffd") and len(text) > len(emitted):
-                delta, emitted = text[len(emitted):], text
+                delta, emitted = text[len(emitted) :], text
                 if stats.tokens == 0:
                     stats.time_to_first_token_ms = (time.perf_counter() - t0) * 1e3
                 stats.tokens = len(ids)
@@ -288,13 +348,21 @@ class Session:
         decodes = [s for s in self.steps if s["stage"] == "decode"]
         kv = self.store.stats()
         out = {
-            "session_id": self.id, "policy": self.settings.policy,
-            "frames_accepted": self.counters["frames_accepted"], "frames_dropped": self.counters["frames_dropped"],
-            "drop_reasons": dict(self.drop_reasons), "answers": self.counters["answers"],
+            "session_id": self.id,
+            "policy": self.settings.policy,
+            "frames_accepted": self.counters["frames_accepted"],
+            "frames_dropped": self.counters["frames_dropped"],
+            "drop_reasons": dict(self.drop_reasons),
+            "answers": self.counters["answers"],
             "history_tokens": self.history_tokens,
-            "fetched_fraction_frame": float(np.mean([s["fetched_fraction"] for s in frames])) if frames else 0.0,
-            "fetched_fraction_decode": float(np.mean([s["fetched_fraction"] for s in decodes])) if decodes else 0.0,
-            "bytes_fetched_device": self.counters["bytes_device"], "bytes_fetched_host": self.counters["bytes_host"],
+            "fetched_fraction_frame": float(np.mean([s["fetched_fraction"] for s in frames]))
+            if frames
+            else 0.0,
+            "fetched_fraction_decode": float(np.mean([s["fetched_fraction"] for s in decodes]))
+            if decodes
+            else 0.0,
+            "bytes_fetched_device": self.counters["bytes_device"],
+            "bytes_fetched_host": self.counters["bytes_host"],
             "bytes_fetched_disk": self.counters["bytes_disk"],
             "last_step": dict(self.steps[-1]) if self.steps else {},
         }
@@ -319,10 +387,14 @@ class Session:
             (tmp / "kv").mkdir()
             self.store.write_snapshot_files(tmp / "kv")
             state = {
-                "id": self.id, "settings": dataclasses.asdict(self.settings),
-                "next_position": self.cache.next_position, "prefix_tokens": self.prefix_tokens,
-                "recent_tokens": self.recent_tokens, "frame_index": self.frame_index,
-                "last_frame_ts": self.last_frame_ts, "counters": dict(self.counters),
+                "id": self.id,
+                "settings": dataclasses.asdict(self.settings),
+                "next_position": self.cache.next_position,
+                "prefix_tokens": self.prefix_tokens,
+                "recent_tokens": self.recent_tokens,
+                "frame_index": self.frame_index,
+                "last_frame_ts": self.last_frame_ts,
+                "counters": dict(self.counters),
                 "drop_reasons": dict(self.drop_reasons),
             }
             (tmp / "session.json").write_text(json.dumps(state))
@@ -340,8 +412,12 @@ class Session:
         self = cls(engine, settings, state["id"], _restoring=True)
         self.store.close()
         cfg = engine.config
-        disk_dir = Path(cfg.data_dir) / "kv-disk" / f"{self.id}-{uuid.uuid4().hex[:6]}" if cfg.data_dir else None
-        self.store = TieredKVStore.read_snapshot_files(folder / "kv", device=self.adapter.device, disk_dir=disk_dir)
+        disk_dir = (
+            Path(cfg.data_dir) / "kv-disk" / f"{self.id}-{uuid.uuid4().hex[:6]}" if cfg.data_dir else None
+        )
+        self.store = TieredKVStore.read_snapshot_files(
+            folder / "kv", device=self.adapter.device, disk_dir=disk_dir
+        )
         self.prefix_tokens = state["prefix_tokens"]
         self.recent_tokens = state["recent_tokens"]
         self._build_policy()

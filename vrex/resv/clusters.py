@@ -234,8 +234,12 @@ class HCTable:
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         state = {
-            "codes": self.codes.view, "sums": self.sums.view, "counts": self.counts.view,
-            "closed": self.closed.view, "member_of": self.member_of.view, "planes": self.planes,
+            "codes": self.codes.view,
+            "sums": self.sums.view,
+            "counts": self.counts.view,
+            "closed": self.closed.view,
+            "member_of": self.member_of.view,
+            "planes": self.planes,
         }
         if self.track_bounds:
             state.update(kmin=self.kmin.view, kmax=self.kmax.view, sumsq=self.sumsq.view)
@@ -271,7 +275,9 @@ def cluster_scores(table: HCTable, query: Tensor, scaling: float) -> Tensor:
     if est == "bound":
         lo, hi = table.kmin.view, table.kmax.view  # [G, C, Hg, d]
         qe = q[:, :, :, None, :]  # [G, Hg, R, 1, d]
-        s = torch.maximum(qe * lo.permute(0, 2, 1, 3)[:, :, None], qe * hi.permute(0, 2, 1, 3)[:, :, None]).sum(-1)
+        s = torch.maximum(
+            qe * lo.permute(0, 2, 1, 3)[:, :, None], qe * hi.permute(0, 2, 1, 3)[:, :, None]
+        ).sum(-1)
     else:
         s = torch.einsum("ghrd,gchd->ghrc", q, table.means())
         if est == "radius":

@@ -81,8 +81,15 @@ class Selector:
 
     name = "full"
 
-    def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 config: SelectorConfig | None = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: SelectorConfig | None = None,
+        device: torch.device | str = "cpu",
+    ):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.cfg = config or SelectorConfig(policy=self.name)
@@ -246,7 +253,9 @@ class ResvSelector(Selector):
         self._check(layer, query)
         table = self.tables[layer]
         if table.num_tokens != history_len:
-            raise ValueError(f"layer {layer}: table holds {table.num_tokens} tokens, history is {history_len}")
+            raise ValueError(
+                f"layer {layer}: table holds {table.num_tokens} tokens, history is {history_len}"
+            )
         mask = self.always_mask(history_len)
         hkv, c = self.num_kv_heads, table.num_clusters
         if not history_len or not c:
@@ -301,8 +310,14 @@ class ResvSelector(Selector):
 _CLASSES = {cls.name: cls for cls in (FullSelector, WindowSelector, TopKSelector, RekvSelector, ResvSelector)}
 
 
-def make_selector(num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                  config: SelectorConfig | str = "resv", device: torch.device | str = "cpu") -> Selector:
+def make_selector(
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    config: SelectorConfig | str = "resv",
+    device: torch.device | str = "cpu",
+) -> Selector:
     """A selector by name (``full``, ``window``, ``topk``, ``rekv``, ``resv``) or config."""
     if isinstance(config, str):
         config = SelectorConfig(policy=config)

@@ -67,7 +67,9 @@ def wicsum_select_bucketed(weights: Tensor, ratio: float, num_buckets: int) -> t
     # with nothing crossing (ratio 1 or an all-zero row) every bucket holding weight is taken
     nonempty = bucket_sum > 0
     last_nonempty = torch.where(
-        nonempty.any(1), num_buckets - 1 - nonempty.flip(1).float().argmax(1), torch.full_like(lo[:, 0], -1).long()
+        nonempty.any(1),
+        num_buckets - 1 - nonempty.flip(1).float().argmax(1),
+        torch.full_like(lo[:, 0], -1).long(),
     )
     exit_bucket = torch.where(crossed.any(1), crossed.float().argmax(1), last_nonempty)
     mask = (top <= exit_bucket.unsqueeze(1)) & (w > 0)

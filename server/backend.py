@@ -1,0 +1,166 @@
+"""The one place the server touches `vrex.engine`: loading it and adapting its calls.
+
+`vrex serve` always uses the real engine. Tests may set VREX_TEST_FAKE_ENGINE=1 (or a path
+to a module) to load the test double in tests/server/fake_engine.py instead; that switch is
+for the test suite only and is logged loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+
+from server.config import ServerConfig
+
+log = logging.getLogger("vrex.server")
+
+FAKE_ENGINE_ENV = "VREX_TEST_FAKE_ENGINE"
+
+
+class EngineUnavailable(RuntimeError):
+    """vrex.engine cannot be imported (not installed, or a dependency is missing)."""
+
+
+def load_engine_module() -> ModuleType:
+    """The real `vrex.engine`, or the test double when VREX_TEST_FAKE_ENGINE is set."""
+    fake = os.environ.get(FAKE_ENGINE_ENV, "")
+    if fake:
+        path = (
+            Path(fake)
+            if fake not in ("1", "true", "yes")
+            else Path(__file__).resolve().parents[1] / "tests" / "server" / "fake_engine.py"
+        )
+        log.warning(
+            "using the TEST fake engine from %s (%s is set); never do this in production",
+            path,
+            FAKE_ENGINE_ENV,
+        )
+        spec = importlib.util.spec_from_file_location("vrex_test_fake_engine", path)
+        if spec is None or spec.loader is None:
+            raise EngineUnavailable(f"{FAKE_ENGINE_ENV}={fake}: no module at {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module("vrex.engine")
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"cannot import vrex.engine ({exc}); install vrex with its model dependencies "
+            "(pip install 'vrex[demo,server]') and try again"
+        ) from exc
+
+
+@dataclass
+class Backend:
+    """The engine plus the names of its types, so the server never imports them directly."""
+
+    module: ModuleType
+    engine: Any
+
+    @property
+    def capacity_error(self) -> type[BaseException]:
+        return getattr(self.module, "CapacityError", MemoryError)
+
+    @property
+    def model_info(self) -> dict:
+        return dict(self.engine.model_info)
+
+    def make_settings(self, **kwargs: Any) -> Any:
+        return self.module.SessionSettings(**kwargs)
+
+    async def open_session(self, settings: Any) -> Any:
+        return await maybe_await(self.engine.open_session(settings))
+
+    async def resume(self, session_id: str) -> Any:
+        return await maybe_await(self.engine.resume(session_id))
+
+    async def snapshot(self, session: Any) -> None:
+        # on the engine's model thread when it has one: a snapshot copies the KV store, so it
+        # must not block the event loop nor overlap a step that mutates the store
+        runner = getattr(self.engine, "run", None)
+        if runner is not None and inspect.iscoroutinefunction(runner):
+            await runner(session.snapshot)
+        else:
+            await maybe_await(session.snapshot())
+
+    async def close_session(self, session: Any) -> None:
+        closer = getattr(self.engine, "close_session", None)
+        if closer is not None:  # the real engine: also drops it from its session table
+            await maybe_await(closer(session.id))
+        else:
+            await maybe_await(session.close())
+
+    async def close(self) -> None:
+        for name in ("shutdown", "close"):
+            closer = getattr(self.engine, name, None)
+            if closer is not None:
+                await asyncio.to_thread(closer)
+                return
+
+    def status_of(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """Map an engine exception to a gRPC status and a message that says what to do."""
+        if isinstance(exc, self.capacity_error):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"server is at capacity ({exc}); close another session or retry later"
+            )
+        if isinstance(exc, KeyError):
+            return grpc.StatusCode.NOT_FOUND, f"no such session {exc}; open a new session instead"
+        if isinstance(exc, ValueError):
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return grpc.StatusCode.INTERNAL, f"engine error {type(exc).__name__}: {exc}; see the server log"
+
+
+async def maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def create_backend(config: ServerConfig) -> Backend:
+    """Build the engine for `config` (loads the model; may take a while)."""
+    module = load_engine_module()
+    engine_config = module.EngineConfig(
+        model_dir=config.model_dir,
+        device=config.device,
+        device_kv_budget_bytes=config.device_kv_budget_bytes,
+        data_dir=config.data_dir,
+        max_sessions=config.max_sessions,
+    )
+    return Backend(module=module, engine=module.Engine(engine_config))
+
+
+def normalize_stats(raw: dict) -> dict:
+    """Session stats with `kv_bytes` as {tier: bytes}, whichever way the engine spells them."""
+    stats = dict(raw)
+    if "kv_bytes" not in stats:
+        prefix = "kv_resident_bytes_"
+        stats["kv_bytes"] = {k[len(prefix) :]: int(v) for k, v in raw.items() if k.startswith(prefix)}
+    return stats
+
+
+def answer_stats(session: Any) -> dict:
+    """The engine's stats of the last answer as a flat dict (num_tokens, finish_reason, ...)."""
+    raw = getattr(session, "last_answer_stats", None)
+    if raw is None:
+        return {}
+    if dataclasses.is_dataclass(raw):
+        raw = dataclasses.asdict(raw)
+    stats = dict(raw)
+    if "num_tokens" not in stats and "tokens" in stats:
+        stats["num_tokens"] = stats.pop("tokens")
+    for key in ("question", "text"):
+        stats.pop(key, None)
+    return stats

@@ -1,0 +1,453 @@
+"""`vrex serve` and `vrex stream`.
+
+Wire into vrex/cli.py with ("server.cli", "register"). `python -m server.cli ...` runs the
+same commands without the top-level CLI (the tests use that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_serve(subparsers)
+    _register_stream(subparsers)
+
+
+# ====================================================================== serve
+
+
+def _register_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the gRPC streaming server",
+        description="Serve the V-Rex gRPC API (vrex.v1.VRex, health, reflection). Without --model it "
+        "serves the embedded demo model, which answers text but cannot really see.",
+    )
+    p.add_argument(
+        "--model", type=Path, default=None, help="local checkpoint folder (default: the demo model)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="port (0 = any free port; see --ready-file)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain; needs --tls-key")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key; needs --tls-cert")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", default=None, help="require this key in metadata x-api-key")
+    keys.add_argument("--api-keys-file", type=Path, default=None, help="file with one accepted key per line")
+    p.add_argument("--max-sessions", type=int, default=8, help="most live sessions (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device for the engine (default cpu)")
+    p.add_argument(
+        "--device-kv-budget", type=int, default=None, metavar="BYTES", help="KV bytes kept on the device"
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="where sessions are snapshotted; makes them resumable"
+    )
+    p.add_argument(
+        "--snapshot-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="0 (default): snapshot before acking each accepted frame, so every acked frame survives a "
+        "crash; >0: at most one snapshot per session per interval (cheaper; the last interval may be lost)",
+    )
+    p.add_argument(
+        "--grace", type=float, default=10.0, metavar="SECONDS", help="SIGTERM grace for answers in flight"
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="close resumed, unattached sessions after this",
+    )
+    p.add_argument("--max-frame-bytes", type=int, default=None, help="largest frame payload (default 8 MiB)")
+    p.add_argument(
+        "--max-frame-pixels", type=int, default=None, help="largest width*height (default 3840*2160)"
+    )
+    p.add_argument("--max-question-chars", type=int, default=None, help="longest question (default 2000)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--ready-file", type=Path, default=None, help="write {port, pid} as JSON here once listening"
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="structured JSON logs (default) or text",
+    )
+    p.add_argument("--json", action="store_true", help="same as --log-format json")
+    p.set_defaults(func=cmd_serve)
+
+
+def server_config_from_args(args: argparse.Namespace):
+    from server.config import Limits, ServerConfig, load_api_keys_file
+
+    api_keys: frozenset[str] = frozenset()
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise ValueError("--api-key is empty; pass a non-empty key")
+        api_keys = frozenset([args.api_key])
+    elif args.api_keys_file is not None:
+        api_keys = load_api_keys_file(args.api_keys_file)
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--model", args.model)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    limit_overrides = {
+        name: value
+        for name, value in (
+            ("max_frame_bytes", args.max_frame_bytes),
+            ("max_frame_pixels", args.max_frame_pixels),
+            ("max_question_chars", args.max_question_chars),
+        )
+        if value is not None
+    }
+    if "max_frame_bytes" in limit_overrides:
+        limit_overrides["max_message_bytes"] = max(
+            Limits().max_message_bytes, limit_overrides["max_frame_bytes"] + 1024 * 1024
+        )
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        model_dir=args.model,
+        device=args.device,
+        device_kv_budget_bytes=args.device_kv_budget,
+        data_dir=args.data_dir,
+        max_sessions=args.max_sessions,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        api_keys=api_keys,
+        limits=Limits(**limit_overrides),
+        grace_s=args.grace,
+        snapshot_interval_s=args.snapshot_interval,
+        idle_timeout_s=args.idle_timeout,
+        metrics_port=args.metrics_port,
+        ready_file=args.ready_file,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.backend import EngineUnavailable
+    from server.logs import setup_logging
+    from server.service import serve
+
+    setup_logging("json" if args.json else args.log_format)
+    config = server_config_from_args(args)
+    if config.data_dir is not None:
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        return asyncio.run(serve(config))
+    except EngineUnavailable as exc:
+        print(f"vrex serve: {exc}", file=sys.stderr)
+        return 2
+
+
+# ====================================================================== stream
+
+
+def _register_stream(subparsers) -> None:
+    p = subparsers.add_parser(
+        "stream",
+        help="stream a video/camera/synthetic source to a server and ask questions",
+        description="Stream frames to a `vrex serve` server, show live progress and streamed answers.",
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="server address")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--video", type=Path, help="video file (read with PyAV, or OpenCV)")
+    src.add_argument("--camera", type=int, metavar="N", help="camera index (OpenCV/V4L2)")
+    src.add_argument("--synthetic", action="store_true", help="generated frames (a moving square)")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second to send (default 2)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this much stream time (synthetic default 10)",
+    )
+    p.add_argument("--size", default="320x240", metavar="WxH", help="synthetic frame size (default 320x240)")
+    p.add_argument(
+        "--encoding",
+        choices=("jpeg", "png", "webp", "raw"),
+        default="jpeg",
+        help="frame encoding (default jpeg)",
+    )
+    p.add_argument("--ask", action="append", default=[], metavar="TEXT", help="a question (repeatable)")
+    p.add_argument(
+        "--ask-at",
+        action="append",
+        type=float,
+        default=[],
+        metavar="SECONDS",
+        help="stream time of the matching --ask (default: at the end)",
+    )
+    p.add_argument("--interactive", action="store_true", help="read questions from stdin while streaming")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="answer length limit (0 = server default)")
+    p.add_argument(
+        "--speed", type=float, default=1.0, help="1 = real time; 2 = twice as fast; 0 = as fast as possible"
+    )
+    p.add_argument(
+        "--resume",
+        default="",
+        metavar="SESSION_ID",
+        help="attach to an existing session instead of opening one",
+    )
+    p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate (PEM) to trust; enables TLS")
+    p.add_argument("--api-key", default=None, help="API key sent as metadata x-api-key")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up connecting after this (default 10)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON lines (progress, answers, summary)")
+    p.set_defaults(func=cmd_stream)
+
+
+@dataclass
+class StreamReport:
+    session_id: str = ""
+    frames_sent: int = 0
+    frames_accepted: int = 0
+    frames_dropped: int = 0
+    history_tokens: int = 0
+    fetched_fraction: float = 0.0
+    elapsed_s: float = 0.0
+    answers: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def sent_fps(self) -> float:
+        return self.frames_sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def _open_source(args: argparse.Namespace) -> Iterator[tuple[float, np.ndarray]]:
+    """(timestamp_s, RGB frame) pairs from the chosen source, sampled to --fps (vrex.video)."""
+    from vrex.video import CameraSource, FileSource, SyntheticSource
+
+    if args.synthetic:
+        w, h = _parse_size(args.size)
+        seconds = args.duration if args.duration is not None else 10.0
+        return iter(SyntheticSource(width=w, height=h, fps=args.fps, seconds=seconds))
+    source = (
+        FileSource(args.video, fps=args.fps)
+        if args.video is not None
+        else CameraSource(args.camera, fps=args.fps)
+    )
+    return _until(source, args.duration)
+
+
+def _until(source, duration_s: float | None) -> Iterator[tuple[float, np.ndarray]]:
+    try:
+        for t_s, image in source:
+            if duration_s is not None and t_s >= duration_s:
+                return
+            yield t_s, image
+    finally:
+        source.close()
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must look like 320x240, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"--size must be positive, got {text!r}")
+    return w, h
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    if args.fps <= 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}")
+    if len(args.ask_at) > len(args.ask):
+        raise ValueError("more --ask-at than --ask; give one --ask TEXT per --ask-at SECONDS")
+    frames = _open_source(args)
+    asks = [(args.ask_at[i] if i < len(args.ask_at) else None, text) for i, text in enumerate(args.ask)]
+    from vrex.client import VRexError
+
+    try:
+        report = asyncio.run(run_stream(args, frames, asks))
+    except VRexError as exc:
+        print(f"vrex stream: server said {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"event": "summary", **_summary(report)}), flush=True)
+    else:
+        s = _summary(report)
+        print(
+            f"\nsession {s['session_id']}: sent {s['frames_sent']} frames, accepted {s['frames_accepted']}, "
+            f"dropped {s['frames_dropped']}, {s['history_tokens']} history tokens, {len(report.answers)} answers",
+            file=sys.stderr,
+        )
+    return 1 if report.errors and not report.frames_accepted else 0
+
+
+def _summary(report: StreamReport) -> dict:
+    return {
+        "session_id": report.session_id,
+        "frames_sent": report.frames_sent,
+        "frames_accepted": report.frames_accepted,
+        "frames_dropped": report.frames_dropped,
+        "history_tokens": report.history_tokens,
+        "fetched_fraction": report.fetched_fraction,
+        "elapsed_s": round(report.elapsed_s, 3),
+        "sent_fps": round(report.sent_fps, 3),
+        "answers": report.answers,
+        "errors": report.errors,
+    }
+
+
+async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | None, str]]) -> StreamReport:
+    """Send `frames` paced by their timestamps, ask questions on time, print progress."""
+    from vrex.client import Client, VRexError
+
+    report = StreamReport()
+    out_lock = asyncio.Lock()
+
+    def on_ack(ack) -> None:
+        report.frames_accepted = ack.frames_accepted
+        report.frames_dropped = ack.frames_dropped
+        report.history_tokens = ack.history_tokens
+        if ack.accepted:
+            report.fetched_fraction = ack.fetched_fraction
+
+    def on_error(err: VRexError) -> None:
+        report.errors.append(str(err))
+        print(f"vrex stream: {err}", file=sys.stderr)
+
+    async def ask(session, text: str, at_s: float) -> None:
+        async with out_lock:  # one answer printed at a time
+            if not args.json:
+                print(f"\n[{at_s:6.1f}s] Q: {text}\nA: ", end="", flush=True)
+            try:
+                async for delta in session.ask(text, max_new_tokens=args.max_new_tokens):
+                    if not args.json:
+                        print(delta, end="", flush=True)
+            except VRexError as exc:
+                report.errors.append(str(exc))
+                print(f"\nvrex stream: question failed: {exc}", file=sys.stderr)
+                return
+            a = session.last_answer
+            entry = {
+                "question": text,
+                "asked_at_s": round(at_s, 3),
+                "answer": a.text,
+                "num_tokens": a.num_tokens,
+                "time_to_first_token_ms": round(a.time_to_first_token_ms, 1),
+                "total_ms": round(a.total_ms, 1),
+            }
+            report.answers.append(entry)
+            if args.json:
+                print(json.dumps({"event": "answer", **entry}), flush=True)
+            else:
+                print(
+                    f"\n   ({a.num_tokens} tokens, first after {a.time_to_first_token_ms:.0f} ms)", flush=True
+                )
+
+    async with Client(args.server, api_key=args.api_key, tls_ca=args.tls_ca) as client:
+        try:
+            await client.wait_ready(args.connect_timeout)
+        except asyncio.TimeoutError:
+            raise VRexError(
+                "UNAVAILABLE",
+                f"cannot reach {args.server} within {args.connect_timeout:g} s; is `vrex serve` running there?",
+            ) from None
+        async with client.session(
+            fps=args.fps, resume_session_id=args.resume, on_ack=on_ack, on_error=on_error
+        ) as session:
+            report.session_id = session.session_id
+            if not args.json:
+                print(f"session {session.session_id} open on {args.server}", file=sys.stderr)
+            tasks: list[asyncio.Task] = []
+            pending = sorted((a for a in asks if a[0] is not None), key=lambda a: a[0])
+            at_end = [text for at, text in asks if at is None]
+            start = time.monotonic()
+            last_progress = start
+            stdin_task = (
+                asyncio.create_task(_stdin_questions(session, ask, start)) if args.interactive else None
+            )
+            for ts, image in frames:
+                if args.speed > 0:
+                    delay = start + ts / args.speed - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                while pending and pending[0][0] <= ts:
+                    at, text = pending.pop(0)
+                    tasks.append(asyncio.create_task(ask(session, text, at)))
+                await session.send_frame(image, ts, encoding=args.encoding)
+                report.frames_sent += 1
+                now = time.monotonic()
+                if now - last_progress >= 1.0:
+                    last_progress = now
+                    report.elapsed_s = now - start
+                    _progress(report, args.json)
+            for at, text in pending:
+                tasks.append(asyncio.create_task(ask(session, text, at)))
+            if tasks:
+                await asyncio.gather(*tasks)
+            for text in at_end:
+                await ask(session, text, time.monotonic() - start)
+            if stdin_task is not None:
+                print("\nsource ended; type more questions, or an empty line to quit", file=sys.stderr)
+                await stdin_task
+            await session.close()
+            report.elapsed_s = time.monotonic() - start
+            report.frames_accepted = session.frames_accepted or report.frames_accepted
+            report.frames_dropped = session.frames_dropped or report.frames_dropped
+    return report
+
+
+async def _stdin_questions(session, ask, start: float) -> None:
+    while True:
+        line = await asyncio.to_thread(sys.stdin.readline)
+        if not line or not line.strip():
+            return
+        await ask(session, line.strip(), time.monotonic() - start)
+
+
+def _progress(report: StreamReport, as_json: bool) -> None:
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "event": "progress",
+                    **{k: v for k, v in _summary(report).items() if k not in ("answers", "errors")},
+                }
+            ),
+            flush=True,
+        )
+        return
+    print(
+        f"\rsent {report.frames_sent} accepted {report.frames_accepted} dropped {report.frames_dropped} "
+        f"| {report.sent_fps:.1f} fps | history {report.history_tokens} tok | fetched {report.fetched_fraction:.2f}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vrex")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"vrex: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

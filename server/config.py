@@ -1,0 +1,97 @@
+"""Server settings: one frozen dataclass, filled from `vrex serve` flags."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; a request over one gets INVALID_ARGUMENT and the session goes on."""
+
+    max_frame_bytes: int = 8 * MIB  # encoded or raw payload of one frame
+    max_frame_pixels: int = 3840 * 2160  # width * height (4K)
+    max_question_chars: int = 2000
+    max_new_tokens: int = 512
+    # Transport cap: larger messages are refused by gRPC itself and end the call, so it sits
+    # well above max_frame_bytes to let the per-frame check answer first.
+    max_message_bytes: int = 32 * MIB
+    max_fps: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame_bytes", "max_frame_pixels", "max_question_chars", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)}")
+        if self.max_message_bytes < self.max_frame_bytes + 1024:
+            raise ValueError("Limits.max_message_bytes must exceed max_frame_bytes by at least 1 KiB")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (the bound port is logged and written to ready_file)
+    model_dir: Path | None = None
+    device: str = "cpu"
+    device_kv_budget_bytes: int | None = None
+    data_dir: Path | None = None
+    max_sessions: int = 8
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    limits: Limits = field(default_factory=Limits)
+    # Seconds SIGTERM waits for in-flight answers before cancelling them.
+    grace_s: float = 10.0
+    # 0: snapshot before every accepted frame's ack (every acknowledged frame survives kill -9).
+    # > 0: at most one snapshot per this many seconds per session (acks may run ahead).
+    snapshot_interval_s: float = 0.0
+    # A resumed session no stream attaches to is snapshotted and closed after this long.
+    idle_timeout_s: float = 60.0
+    # Bounded per-session queues: frames waiting for the engine, and questions.
+    max_pending_frames: int = 2
+    max_pending_questions: int = 2
+    max_outbound_events: int = 256
+    metrics_port: int | None = None
+    ready_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                "tls_cert and tls_key go together: pass both --tls-cert and --tls-key, or neither"
+            )
+        if self.max_sessions <= 0:
+            raise ValueError(f"max_sessions must be positive, got {self.max_sessions}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_pending_frames <= 0 or self.max_pending_questions <= 0 or self.max_outbound_events <= 0:
+            raise ValueError(
+                "queue sizes (max_pending_frames, max_pending_questions, max_outbound_events) must be positive"
+            )
+        if self.grace_s < 0 or self.snapshot_interval_s < 0 or self.idle_timeout_s <= 0:
+            raise ValueError("grace_s and snapshot_interval_s must be >= 0 and idle_timeout_s > 0")
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.api_keys)
+
+    def config_hash(self) -> str:
+        """Stable hash of the settings (API keys excluded)."""
+        data = asdict(self)
+        data.pop("api_keys")
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_api_keys_file(path: Path) -> frozenset[str]:
+    """One key per line; blank lines and lines starting with '#' are ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read --api-keys-file {path}: {exc.strerror}") from exc
+    keys = frozenset(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ValueError(f"--api-keys-file {path} holds no keys; put one key per line")
+    return keys

@@ -1,0 +1,255 @@
+"""Protocol behaviour against an in-process server over loopback (fake engine: fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from server.config import Limits, ServerConfig
+from server.service import create_server
+from vrex.api import vrex_pb2 as pb
+from vrex.client import Client, VRexError
+
+
+def image(seed: int = 0, width: int = 64, height: int = 48) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+async def serve(fake_backend):
+    """serve(**ServerConfig overrides) -> (RunningServer, Client)."""
+    running = []
+
+    async def make(**overrides):
+        config = ServerConfig(port=0, **overrides)
+        server = await create_server(config, fake_backend(config))
+        await server.start()
+        client = Client(f"127.0.0.1:{server.port}")
+        running.append((server, client))
+        return server, client
+
+    yield make
+    for server, client in running:
+        await client.close()
+        await server.stop(0)
+
+
+async def test_open_frames_question_close(serve):
+    server, client = await serve()
+    async with client.session(fps=2.0) as s:
+        assert s.opened.settings.fps == 2.0 and s.opened.settings.policy == "resv"
+        acks = [await s.send_frame(image(i), i * 0.5, wait=True) for i in range(3)]
+        assert [a.accepted for a in acks] == [True, True, True]
+        assert [a.frame_index for a in acks] == [0, 1, 2]
+        assert acks[-1].history_tokens > acks[0].history_tokens > 0
+        deltas = [d async for d in s.ask("what do you see?")]
+        assert len(deltas) > 1
+        assert s.last_answer.text == "".join(deltas)
+        assert "3 frames" in s.last_answer.text
+        stats = await s.stats()
+        assert stats.frames_accepted == 3 and stats.attached
+        assert stats.kv_bytes["device"] > 0
+    assert s.closed_event.session_id == s.session_id
+    assert server.servicer.sessions == {}  # closed sessions are freed
+
+
+async def test_per_request_errors_do_not_end_the_stream(serve):
+    server, client = await serve(
+        limits=Limits(max_question_chars=50, max_frame_bytes=10_000, max_message_bytes=2_000_000)
+    )
+    async with client.session() as s:
+        cases = [
+            (s.send_frame(b"\x89PNG but broken", 0.0, wait=True), "INVALID_ARGUMENT", "corrupt"),
+            (s.send_frame(b"GIF89a....", 0.0, wait=True), "INVALID_ARGUMENT", "JPEG, PNG or WebP"),
+            (s.send_frame(b"x" * 20_000, 0.0, wait=True), "INVALID_ARGUMENT", "over the limit"),
+            (s.ask_text("x" * 51), "INVALID_ARGUMENT", "shorten"),
+            (s.ask_text("ok", top_p=2.0), "INVALID_ARGUMENT", "top_p"),
+            (s.ask_text("ok", max_new_tokens=10**6), "INVALID_ARGUMENT", "max_new_tokens"),
+            (s.send_raw_event(pb.ClientEvent(), wait=True), "INVALID_ARGUMENT", "empty"),
+            (
+                s.send_raw_event(pb.ClientEvent(open=pb.Open()), wait=True),
+                "FAILED_PRECONDITION",
+                "already carries",
+            ),
+        ]
+        for call, code, words in cases:
+            with pytest.raises(VRexError) as info:
+                await call
+            assert info.value.code == code and words in info.value.message, info.value
+        ack = await s.send_frame(image(), 1.0, wait=True)
+        assert ack.accepted
+        with pytest.raises(VRexError, match="timestamps must not decrease"):
+            await s.send_frame(image(), 0.5, wait=True)
+        answer = await s.ask_text("still there?")
+        assert "1 frames" in answer.text
+
+
+async def test_events_before_open_and_bad_settings(serve):
+    _, client = await serve()
+    session = client.session(fps=1000.0)
+    with pytest.raises(VRexError, match="fps must be in"):
+        await session.start()
+    session.cancel()
+    call = client.stub.Stream()
+    await call.write(pb.ClientEvent(request_id=7, question=pb.Question(text="hi")))
+    event = await call.read()
+    assert event.request_id == 7 and event.error.code_name == "FAILED_PRECONDITION"
+    assert "send `open` first" in event.error.message
+    call.cancel()
+
+
+async def test_unary_info_stats_and_not_found(serve):
+    server, client = await serve(max_sessions=3)
+    info = await client.server_info()
+    assert info.model_name == "fake-test-engine" and info.is_demo_model
+    assert info.limits.max_sessions == 3 and info.limits.max_question_chars == Limits().max_question_chars
+    assert "jpeg" in info.image_formats and not info.auth_required
+    for call in (client.session_stats("nosuchsession"), client.resume_session("nosuchsession")):
+        with pytest.raises(VRexError) as e:
+            await call
+        assert e.value.code == "NOT_FOUND"
+    with pytest.raises(VRexError) as e:
+        await client.session_stats("../../etc/passwd")
+    assert e.value.code == "INVALID_ARGUMENT"
+    session = client.session(resume_session_id="unknown123")
+    with pytest.raises(VRexError) as e:
+        await session.start()
+    assert e.value.code == "NOT_FOUND"
+    session.cancel()
+
+
+async def test_too_many_sessions_is_resource_exhausted(serve):
+    server, client = await serve(max_sessions=2)
+    a = await client.session().__aenter__()
+    b = await client.session().__aenter__()
+    third = client.session()
+    with pytest.raises(VRexError) as e:
+        await third.start()
+    assert e.value.code == "RESOURCE_EXHAUSTED" and "close one" in e.value.message
+    third.cancel()
+    await a.close()
+    async with client.session() as c:  # a slot is free again
+        assert c.session_id
+    await b.close()
+
+
+async def test_backpressure_drops_oldest_frames_and_counts_them(serve, monkeypatch):
+    monkeypatch.setenv("VREX_FAKE_FRAME_MS", "40")  # the engine is slower than the input
+    server, client = await serve(max_pending_frames=2)
+    acks = []
+    async with client.session(fps=60.0, on_ack=acks.append) as s:
+        for i in range(40):
+            await s.send_frame(image(i, 16, 16), i / 60, encoding="raw")
+        await s.ask_text("done?")  # queued behind the frames: all acks have arrived
+        stats = await s.stats()
+    assert len(acks) == 40  # every frame is acked exactly once
+    dropped = [a for a in acks if not a.accepted]
+    assert dropped and all(a.dropped_reason == "backpressure" for a in dropped)
+    assert stats.frames_dropped_backpressure == len(dropped)
+    assert stats.frames_accepted == 40 - len(dropped)
+    assert acks[-1].accepted  # the newest frame is kept, older ones dropped
+
+
+async def test_deadline_and_cancel_free_the_session(serve, monkeypatch):
+    monkeypatch.setenv("VREX_FAKE_TOKEN_MS", "200")  # a slow answer, cut short
+    server, client = await serve()
+    s = client.session(timeout_s=0.6)
+    await s.start()
+    await s.send_frame(image(), 0.0, wait=True)
+    with pytest.raises(VRexError) as e:
+        await s.ask_text("a long answer please")
+    assert e.value.code in ("DEADLINE_EXCEEDED", "CANCELLED")
+    for _ in range(50):
+        if not server.servicer.sessions and not server.servicer.handlers:
+            break
+        await asyncio.sleep(0.05)
+    assert server.servicer.sessions == {} and not server.servicer.handlers
+
+    s2 = client.session()
+    await s2.start()
+    task = asyncio.create_task(s2.ask_text("slow"))
+    await asyncio.sleep(0.3)
+    s2.cancel()
+    with pytest.raises(VRexError):
+        await task
+    for _ in range(50):
+        if not server.servicer.sessions:
+            break
+        await asyncio.sleep(0.05)
+    assert server.servicer.sessions == {}
+
+
+async def test_half_close_finishes_queued_work(serve):
+    server, client = await serve()
+    s = client.session()
+    await s.start()
+    await s.send_frame(image(1), 0.0)
+    await s.send_frame(image(2), 1.0)
+    answer_task = asyncio.create_task(s.ask_text("anything?"))
+    await asyncio.sleep(0)  # let the question be written before the half-close
+    await s.done_writing()
+    answer = await answer_task
+    await s.wait_closed(10)
+    assert "2 frames" in answer.text
+    assert s.end_status == grpc.StatusCode.OK and s.closed_event is not None
+
+
+async def test_resume_after_disconnect_with_data_dir(serve, tmp_path):
+    server, client = await serve(data_dir=tmp_path / "data")
+    async with client.session(fps=1.0) as s:
+        for i in range(3):
+            assert (await s.send_frame(image(i), float(i), wait=True)).accepted
+    assert s.closed_event.resumable
+    info = await client.resume_session(s.session_id)
+    assert info.resumed and info.frames_accepted == 3
+    async with client.session(resume_session_id=s.session_id) as again:
+        assert again.opened.resumed is False  # live already, via ResumeSession
+        assert again.opened.frames_accepted == 3 and again.opened.settings.fps == 1.0
+        ack = await again.send_frame(image(9), 5.0, wait=True)
+        assert ack.frame_index == 3
+        with pytest.raises(VRexError, match="attached to another stream"):
+            other = client.session(resume_session_id=s.session_id)
+            try:
+                await other.start()
+            finally:
+                other.cancel()
+
+
+async def test_periodic_snapshot_mode_flushes_when_idle(serve, tmp_path):
+    server, client = await serve(data_dir=tmp_path / "data", snapshot_interval_s=0.2)
+    async with client.session(fps=1.0) as s:
+        await s.send_frame(image(0), 0.0, wait=True)
+        await s.send_frame(image(1), 1.0, wait=True)
+        path = tmp_path / "data" / s.session_id / "state.json"
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if path.exists() and '"frames_accepted": 2' in path.read_text():
+                break
+            await asyncio.sleep(0.05)
+        assert '"frames_accepted": 2' in path.read_text()
+
+
+async def test_unparseable_message_is_a_per_request_error(serve):
+    server, client = await serve()
+    async with client.session() as s:
+        raw = client.channel.stream_stream("/vrex.v1.VRex/Stream")
+        call = raw()
+        await call.write(pb.ClientEvent(request_id=1, open=pb.Open()).SerializeToString())
+        opened = pb.ServerEvent.FromString(await call.read())
+        assert opened.opened.session_id
+        await call.write(b"\xff\xff\xff")  # not a protobuf message
+        error = pb.ServerEvent.FromString(await call.read())
+        assert (
+            error.error.code_name == "INVALID_ARGUMENT"
+            and "not a valid vrex.v1.ClientEvent" in error.error.message
+        )
+        frame = pb.Frame(raw=pb.RawImage(rgb=bytes(12), width=2, height=2), timestamp_s=0.0)
+        await call.write(pb.ClientEvent(request_id=2, frame=frame).SerializeToString())
+        ack = pb.ServerEvent.FromString(await call.read())
+        assert ack.request_id == 2 and ack.frame_ack.accepted  # the same stream goes on
+        call.cancel()
+        assert (await s.send_frame(image(), 0.0, wait=True)).accepted
