@@ -86,7 +86,9 @@ def _run_stage(system: SystemConfig, steps: list[Step], policy: str, record_time
         breakdown_ms = {k: v / clock_hz * 1e3 for k, v in timing.breakdown_cycles.items()}
         energy = run_energy_mj(system, tech, timing.counters, time_s)
         result = {
-            "events": timing.events,
+            # every batch schedule tried counts: that is what the design point cost to simulate
+            "events": timing.events_all_candidates,
+            "stream_groups": timing.stream_groups,
             "cycles": timing.cycles,
             "counters": timing.counters,
             "roofline_bound_ms": roofline_bound_cycles(system, timing.counters) / clock_hz * 1e3,
@@ -166,9 +168,12 @@ def simulate(
         "energy_per_frame_mj": frame["energy_mj"] / n_frames if frame else None,
         "energy_per_token_mj": decode["energy_mj"] / n_decode if decode else None,
         "gops_per_w": frame["gops_per_w"] if frame else None,
+        # batch schedule the frame stage ran with (1 = lockstep; see sim/timing.py)
+        "stream_groups": frame.get("stream_groups", 1) if frame else None,
         "gops_per_w_text": decode["gops_per_w"] if decode else None,
         "events": events,
-        "events_per_frame": frame["events"] / n_frames if frame else None,
+        # a batched step simulates one frame per stream
+        "events_per_frame": frame["events"] / (n_frames * scenario.batch) if frame else None,
         "sim_wall_s": wall,
         "events_per_s": events / wall if wall > 0 else None,
         "stages": stages,

@@ -20,7 +20,8 @@ Synthetic ReSV model (used without a trace). Selected tokens per (layer, KV head
 - m_layer spreads layers over Fig. 20's 4.2-44 % range (normalised to mean 1, fixed seed);
   m_head is a mild +-20 % per-KV-head spread (mean 1).
 - Selected tokens are spread uniformly over the history, so the fraction that lies beyond
-  the device-resident recent window (`memory.recent_window_tokens`) is fetched.
+  the device-resident recent window (`memory.recent_window_tokens`) is fetched. The window
+  is the KVMU's hierarchical memory: with `accel.use_kvmu=false` there is none.
 - Clusters: ceil(H / tokens_per_cluster) per layer, shared by the KV heads (one hash per
   token over all KV heads, DESIGN.md); the WTU processes `early_exit_fraction` of a row.
 """
@@ -112,10 +113,13 @@ def make_step(
         selected = np.minimum(np.rint(grid), history)
     else:
         selected = np.full(shape, float(round(spec[ratio_key] * history)))
+    # The recent window on device is the KVMU's hierarchical memory: without the KVMU
+    # (ablation) the history is managed like the GPU baselines' (all of it offloaded).
+    window = mem.recent_window_tokens if (system.kind != "vrex" or system.accel.use_kvmu) else 0
     if not spec.get("offload", True):
         offloaded_fraction = 0.0
     else:
-        offloaded = max(0, history - mem.recent_window_tokens)
+        offloaded = max(0, history - window)
         offloaded_fraction = offloaded / history if history else 0.0
     fetched = np.rint(selected * offloaded_fraction)
     clusters = np.full(num_layers, math.ceil(history / resv.tokens_per_cluster) if history else 0)
