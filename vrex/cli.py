@@ -14,6 +14,7 @@ _REGISTRARS: list[tuple[str, str]] = [
     ("vrex.kv.cli", "register"),
     ("server.cli", "register"),
     ("sim.cli", "register"),
+    ("vrex.codesign", "register"),
     ("vrex.power", "register"),
     ("benchmarks.cli", "register"),
 ]

@@ -1,0 +1,623 @@
+"""Design-space sweeps: sample config fields, simulate every point, keep the Pareto front.
+
+A space is a YAML file (or a dict of the same shape)::
+
+    system: vrex8                 # base system: built-in name or YAML file
+    overrides: {memory.link_bandwidth_gbps: 4}   # fixed changes to the base system
+    scenario: {kv_tokens: 40000, batch: 1}       # fixed scenario fields
+    sampler: lhs                  # grid | random | lhs (Latin hypercube)
+    samples: 32                   # points for random / lhs
+    seed: 0
+    parameters:                   # any config field by dotted name, or a scenario field
+      accel.num_cores: [4, 8, 16]                         # a list: grid values / choices
+      memory.link_bandwidth_gbps: {low: 2, high: 16, log: true}
+      accel.clock_mhz: {low: 400, high: 1200, num: 3}     # `num` makes a range griddable
+      kv_tokens: [10000, 40000]
+    objectives: {fps: max, energy_per_frame_j: min, area_mm2: min}   # optional
+
+Every value is checked through the override mechanism of `sim.config` before anything runs,
+so a bad field or value is an error naming it. Results are cached per point by config hash
+(one JSON file per point in `<out>.cache/`), so an interrupted sweep resumes where it stopped;
+the key also holds a fingerprint of the simulator's code and data files, so results of an
+older simulator are never reused. The `config_hash` column is `simulate()`'s config hash.
+Executors: `local` (processes) and `dask` (an existing cluster via its address, or a local
+one); Ray is not implemented (one distributed engine is enough; see `run_sweep`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, fields, is_dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from sim.api import area, resolve_scenario, resolve_system, simulate
+from sim.config import Scenario, SystemConfig, config_hash, override, validate
+from sim.pareto import pareto_mask
+
+SAMPLERS = ("grid", "random", "lhs")
+EXECUTORS = ("local", "dask", "ray")
+CACHE_SCHEMA = "vrex.sweep/1"
+DEFAULT_OBJECTIVES = {"fps": "max", "energy_per_frame_j": "min", "area_mm2": "min"}
+# what evaluate() returns per point, with the direction that is better
+METRICS = {
+    "fps": "max",
+    "throughput_fps": "max",
+    "frame_latency_ms": "min",
+    "energy_per_frame_j": "min",
+    "power_w": "min",
+    "fps_per_w": "max",
+    "edp_j_s": "min",
+    "area_mm2": "min",
+    "peak_power_w": "min",
+    "gops_per_w": "max",
+    "tpot_ms": "min",
+    "energy_per_token_mj": "min",
+}
+_SPACE_KEYS = ("system", "overrides", "scenario", "sampler", "samples", "seed", "parameters", "objectives")
+_SCENARIO_FIELDS = tuple(f.name for f in fields(Scenario))
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One swept field: either explicit `values` or a numeric range [low, high]."""
+
+    name: str  # as written in the space (a column of the results)
+    target: str  # "system" or "scenario"
+    path: str  # dotted path inside the target
+    values: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    num: int | None = None  # grid points of a range
+    log: bool = False
+    integer: bool = False  # the field is an int: sampled values are rounded
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    system: SystemConfig
+    scenario: Scenario
+    sampler: str
+    samples: int | None
+    seed: int
+    parameters: tuple[Parameter, ...]
+    objectives: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OBJECTIVES))
+
+
+@dataclass
+class SweepResult:
+    results: Any  # pandas DataFrame, one row per point
+    pareto: Any  # pandas DataFrame, the rows on the front
+    computed: int  # points simulated in this run
+    cached: int  # points read back from the cache
+    wall_s: float
+    out: Path
+    pareto_out: Path
+    cache_dir: Path
+
+
+# ---------------------------------------------------------------- the space
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _split(name: str) -> tuple[str, str]:
+    """Route a parameter name to the system or the scenario."""
+    if name.startswith("scenario."):
+        return "scenario", name[len("scenario.") :]
+    if name.split(".", 1)[0] in _SCENARIO_FIELDS:
+        return "scenario", name
+    return "system", name
+
+
+def _apply(system: SystemConfig, scenario: Scenario, values: dict[str, Any], params) -> tuple:
+    for p in params:
+        if p.name not in values:
+            continue
+        if p.target == "system":
+            system = override(system, p.path, values[p.name])
+        else:
+            scenario = override(scenario, p.path, values[p.name])
+    validate(system)
+    validate(scenario)
+    return system, scenario
+
+
+def _parameter(name: str, spec: Any, system: SystemConfig, scenario: Scenario) -> Parameter:
+    where = f"parameters.{name}"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"parameters: names must be dotted config fields, got {name!r}")
+    target, path = _split(name)
+    base = system if target == "system" else scenario
+    try:
+        current = _get(base, path)
+    except AttributeError:
+        current = None
+    try:  # the override mechanism names an unknown field and lists the known ones
+        override(base, path, current)
+    except ValueError as exc:
+        hint = "" if target == "scenario" else f" (scenario fields: {', '.join(_SCENARIO_FIELDS)})"
+        raise ValueError(f"{where}: {exc}{hint}") from None
+    if is_dataclass(current):
+        raise ValueError(f"{where}: {path!r} is a group of fields; sweep one of its fields instead")
+
+    def check(value: Any) -> None:
+        try:
+            _apply(system, scenario, {name: value}, [Parameter(name, target, path)])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    integer = isinstance(current, int) and not isinstance(current, bool)
+    if isinstance(spec, list | tuple):
+        if not spec:
+            raise ValueError(f"{where}: the list of values is empty")
+        for v in spec:
+            check(v)
+        return Parameter(name, target, path, values=tuple(spec), integer=integer)
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"low", "high", "num", "log"}
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; use low, high, num, log")
+        if not isinstance(current, int | float) or isinstance(current, bool):
+            raise ValueError(f"{where}: a low/high range needs a numeric field; give a list of values")
+        try:
+            low, high = float(spec["low"]), float(spec["high"])
+        except KeyError as exc:
+            raise ValueError(f"{where}: a range needs both low and high (missing {exc})") from None
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: low and high must be numbers") from None
+        if low > high:
+            raise ValueError(f"{where}: low={low} is above high={high}")
+        log = bool(spec.get("log", False))
+        if log and low <= 0:
+            raise ValueError(f"{where}: a log range needs low > 0")
+        num = spec.get("num")
+        if num is not None and (not isinstance(num, int) or num < 1):
+            raise ValueError(f"{where}: num must be a positive integer, got {num!r}")
+        check(low)
+        check(high)
+        return Parameter(name, target, path, low=low, high=high, num=num, log=log, integer=integer)
+    # a single value: a fixed setting, convenient when editing spaces
+    check(spec)
+    return Parameter(name, target, path, values=(spec,), integer=integer)
+
+
+def load_space(space: str | Path | dict[str, Any]) -> SweepSpace:
+    """Read and validate a space (YAML path or dict); errors name the offending field."""
+    if isinstance(space, str | Path):
+        path = Path(space)
+        if not path.exists():
+            raise FileNotFoundError(f"sweep space file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+    else:
+        data = dict(space)
+    if not isinstance(data, dict):
+        raise ValueError("a sweep space must be a mapping (system, scenario, sampler, parameters, ...)")
+    unknown = set(data) - set(_SPACE_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown sweep-space key(s) {', '.join(sorted(unknown))}; known: {', '.join(_SPACE_KEYS)}"
+        )
+    try:
+        system = resolve_system(str(data.get("system", "vrex8")), data.get("overrides") or None)
+    except ValueError as exc:
+        raise ValueError(f"system/overrides: {exc}") from None
+    try:
+        scenario = resolve_scenario(data.get("scenario") or {})
+    except ValueError as exc:
+        raise ValueError(f"scenario: {exc}") from None
+    sampler = data.get("sampler", "grid")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not known; choose one of {', '.join(SAMPLERS)}")
+    samples = data.get("samples")
+    if sampler != "grid" and (not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"samples: the {sampler} sampler needs a positive integer number of samples")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    raw = data.get("parameters")
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError("parameters: give at least one field to sweep (a mapping of name: values)")
+    params = tuple(_parameter(name, spec, system, scenario) for name, spec in raw.items())
+    if sampler == "grid":
+        for p in params:
+            if p.values is None and p.num is None:
+                raise ValueError(f"parameters.{p.name}: a range needs `num` for grid sampling")
+    objectives = data.get("objectives") or dict(DEFAULT_OBJECTIVES)
+    if isinstance(objectives, list):
+        objectives = {name: METRICS.get(name, "") for name in objectives}
+    for name, sense in objectives.items():
+        if name not in METRICS:
+            raise ValueError(f"objectives.{name}: not a metric; choose from {', '.join(METRICS)}")
+        if sense not in ("max", "min"):
+            raise ValueError(f"objectives.{name}: sense must be max or min, got {sense!r}")
+    return SweepSpace(system, scenario, sampler, samples, seed, params, dict(objectives))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _from_unit(p: Parameter, u: float) -> Any:
+    """Map u in [0, 1) to a value of the parameter."""
+    if p.values is not None:
+        return p.values[min(int(u * len(p.values)), len(p.values) - 1)]
+    if p.log:
+        value = math.exp(math.log(p.low) + u * (math.log(p.high) - math.log(p.low)))
+    else:
+        value = p.low + u * (p.high - p.low)
+    return _typed(p, value)
+
+
+def _typed(p: Parameter, value: float) -> Any:
+    return int(round(value)) if p.integer else float(value)
+
+
+def _grid_values(p: Parameter) -> list[Any]:
+    if p.values is not None:
+        return list(p.values)
+    if p.num == 1:
+        return [_typed(p, p.low)]
+    raw = np.geomspace(p.low, p.high, p.num) if p.log else np.linspace(p.low, p.high, p.num)
+    out: list[Any] = []
+    for v in raw:
+        v = _typed(p, float(v))
+        if v not in out:  # integer rounding can merge neighbours
+            out.append(v)
+    return out
+
+
+def sample_points(space: SweepSpace) -> list[dict[str, Any]]:
+    """The points of the space, deterministic for a given seed."""
+    params = space.parameters
+    if space.sampler == "grid":
+        import itertools
+
+        grids = [_grid_values(p) for p in params]
+        return [
+            dict(zip([p.name for p in params], combo, strict=True)) for combo in itertools.product(*grids)
+        ]
+    rng = np.random.default_rng(space.seed)
+    n = space.samples
+    if space.sampler == "random":
+        unit = rng.random((n, len(params)))
+    else:  # Latin hypercube: one sample in each of n strata per dimension
+        unit = np.empty((n, len(params)))
+        for j in range(len(params)):
+            unit[:, j] = (rng.permutation(n) + rng.random(n)) / n
+    return [{p.name: _from_unit(p, float(unit[i, j])) for j, p in enumerate(params)} for i in range(n)]
+
+
+def resolve_point(space: SweepSpace, point: dict[str, Any], index: int | None = None) -> tuple:
+    """(SystemConfig, Scenario) of one point; ValueError names the point and the field."""
+    try:
+        return _apply(space.system, space.scenario, point, space.parameters)
+    except ValueError as exc:
+        where = f"point {index} " if index is not None else "point "
+        raise ValueError(f"{where}{point}: {exc}") from None
+
+
+@lru_cache(maxsize=1)
+def simulator_fingerprint() -> str:
+    """Hash of the simulator's code and data files: a recalibrated simulator gets a fresh cache."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("*.py"), *root.glob("data/*"), *root.glob("systems/*")]):
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def point_key(system: SystemConfig, scenario: Scenario) -> str:
+    """Cache key: the config hash, the simulator fingerprint, and the trace's content if any."""
+    extra = {"simulator": simulator_fingerprint()}
+    if scenario.trace:
+        extra["trace_sha256"] = hashlib.sha256(Path(scenario.trace).read_bytes()).hexdigest()[:16]
+    return config_hash(system, scenario, extra)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(system: SystemConfig, scenario: Scenario) -> dict[str, float | None]:
+    """Objectives of one design point (runs in a worker process)."""
+    res = simulate(system, scenario)
+    batch = scenario.batch
+    lat_ms = res["frame_latency_ms"]
+    step_mj = res["energy_per_frame_mj"]  # one frame step, all streams of the batch
+    out: dict[str, float | None] = dict.fromkeys(METRICS)
+    if lat_ms:
+        energy_j = step_mj * 1e-3 / batch
+        power_w = step_mj / lat_ms  # mJ / ms
+        out.update(
+            fps=res["fps"],
+            throughput_fps=res["throughput_fps"],
+            frame_latency_ms=lat_ms,
+            energy_per_frame_j=energy_j,
+            power_w=power_w,
+            fps_per_w=res["throughput_fps"] / power_w if power_w > 0 else None,
+            edp_j_s=energy_j * lat_ms * 1e-3,
+            gops_per_w=res["gops_per_w"],
+        )
+    out["tpot_ms"] = res["tpot_ms"]
+    out["energy_per_token_mj"] = res["energy_per_token_mj"]
+    if system.kind == "vrex":
+        chip = area(system)["chip_total"]
+        out["area_mm2"] = chip["area_mm2"]
+        out["peak_power_w"] = chip["power_mw"] * 1e-3
+    return out
+
+
+def _evaluate_chunk(chunk: list[tuple[str, SystemConfig, Scenario]]) -> list[tuple[str, dict]]:
+    return [(key, evaluate(system, scenario)) for key, system, scenario in chunk]
+
+
+def _iter_local(chunks: list, workers: int) -> Iterator[list[tuple[str, dict]]]:
+    if workers <= 1:  # in-process: no pool start-up, easiest to debug
+        for chunk in chunks:
+            yield _evaluate_chunk(chunk)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
+        futures = [pool.submit(_evaluate_chunk, chunk) for chunk in chunks]
+        for fut in as_completed(futures):
+            yield fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _iter_dask(chunks: list, workers: int, client=None, address: str | None = None):
+    try:
+        from dask.distributed import Client, LocalCluster
+        from dask.distributed import as_completed as dask_as_completed
+    except ImportError:
+        raise ValueError(
+            "--executor dask needs Dask: pip install 'dask[distributed]' (or use --executor local)"
+        ) from None
+    cluster = None
+    own = client is None
+    if own:
+        if address:
+            client = Client(address)
+        else:
+            cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, dashboard_address=None)
+            client = Client(cluster)
+    try:
+        futures = client.map(_evaluate_chunk, chunks, pure=False)
+        for fut in dask_as_completed(futures):
+            yield fut.result()
+    finally:
+        if own:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def _stem(out: Path) -> str:
+    return out.name[: -len(".parquet")] if out.name.endswith(".parquet") else out.name
+
+
+def cache_dir_for(out: str | Path) -> Path:
+    """results.parquet -> results.cache/ (one JSON file per config hash)."""
+    out = Path(out)
+    return out.with_name(_stem(out) + ".cache")
+
+
+def pareto_path_for(out: str | Path) -> Path:
+    """results.parquet -> results.pareto.parquet."""
+    out = Path(out)
+    return out.with_name(_stem(out) + ".pareto.parquet")
+
+
+def _read_cache(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a half-written file from a killed run: recompute it
+    if record.get("schema") != CACHE_SCHEMA:
+        return None
+    return record.get("metrics")
+
+
+def _write_cache(cache_dir: Path, key: str, metrics: dict) -> None:
+    tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"schema": CACHE_SCHEMA, "config_hash": key, "metrics": metrics}))
+    os.replace(tmp, cache_dir / f"{key}.json")  # atomic: a kill never leaves a torn entry
+
+
+def run_sweep(
+    space: SweepSpace | str | Path | dict,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    executor: str = "local",
+    client=None,
+    scheduler_address: str | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+    on_result: Callable[[str, dict], None] | None = None,
+) -> SweepResult:
+    """Simulate every point of `space`, write `out` (parquet) and `<stem>.pareto.parquet`.
+
+    Points whose config hash is in `<stem>.cache/` are read back, not recomputed; each new
+    result is cached as soon as it arrives, so a killed sweep resumes. `executor="dask"` uses
+    `client` (a dask.distributed Client), else `scheduler_address`, else a LocalCluster of
+    `workers` processes. `executor="ray"` is not implemented: one distributed engine is enough
+    and Dask runs on a laptop, an SSH cluster or Kubernetes alike.
+    """
+    try:
+        import pandas as pd
+        import pyarrow  # noqa: F401 - the parquet writer
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ValueError(
+            f"sweeps need pandas, pyarrow and tqdm ({exc.name} is missing): pip install 'vrex[sweep]'"
+        ) from None
+
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r} is not known; choose one of local, dask")
+    if executor == "ray":
+        raise ValueError(
+            "executor ray is not implemented (Dask covers scale-out: one distributed engine, no "
+            "home-made scheduler); use --executor dask, with --scheduler ADDRESS for a running cluster"
+        )
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not isinstance(space, SweepSpace):
+        space = load_space(space)
+    start = time.perf_counter()
+    out = Path(out)
+    cache_dir = cache_dir_for(out)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    points = sample_points(space)
+    resolved = [resolve_point(space, p, i) for i, p in enumerate(points)]  # all errors up front
+    keys = [point_key(s, c) for s, c in resolved]
+    metrics: dict[str, dict] = {}
+    todo: dict[str, tuple[SystemConfig, Scenario]] = {}
+    for key, cfg in zip(keys, resolved, strict=True):
+        if key in metrics or key in todo:
+            continue
+        cached = _read_cache(cache_dir / f"{key}.json")
+        if cached is not None:
+            metrics[key] = cached
+        else:
+            todo[key] = cfg
+    n_cached = len(metrics)
+    tasks = [(key, s, c) for key, (s, c) in todo.items()]
+    if chunk_size is None:  # a few chunks per worker keeps the bar moving and workers busy
+        chunk_size = max(1, min(16, len(tasks) // (8 * workers) or 1))
+    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
+    if executor == "dask":
+        stream = _iter_dask(chunks, workers, client, scheduler_address)
+    else:
+        stream = _iter_local(chunks, workers)
+    bar = tqdm(total=n_cached + len(tasks), initial=n_cached, desc="sweep", unit="pt", disable=not progress)
+    computed = 0
+    try:
+        for batch in stream:
+            for key, values in batch:
+                _write_cache(cache_dir, key, values)
+                metrics[key] = values
+                computed += 1
+                if on_result is not None:
+                    on_result(key, values)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if hasattr(stream, "close"):
+            stream.close()
+
+    rows = []
+    for i, (point, key) in enumerate(zip(points, keys, strict=True)):
+        system, scenario = resolved[i]
+        row = {"point": i, "config_hash": config_hash(system, scenario), **point, **metrics[key]}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for name in METRICS:
+        df[name] = pd.to_numeric(df[name], errors="coerce").astype(float)
+    objectives = {k: v for k, v in space.objectives.items() if df[k].notna().any()}
+    mask = pareto_mask(df[list(objectives)].to_numpy(dtype=float), list(objectives.values()))
+    df["pareto"] = mask
+    pareto = df[mask].reset_index(drop=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pareto_out = pareto_path_for(out)
+    _write_parquet(df, out)
+    _write_parquet(pareto, pareto_out)
+    return SweepResult(
+        results=df,
+        pareto=pareto,
+        computed=computed,
+        cached=n_cached,
+        wall_s=time.perf_counter() - start,
+        out=out,
+        pareto_out=pareto_out,
+        cache_dir=cache_dir,
+    )
+
+
+def _write_parquet(df, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- which knobs matter
+
+
+def sensitivity(df, params: list[str], objectives: list[str]):
+    """Spearman rank correlation of each numeric parameter with each objective (a DataFrame).
+
+    +1: the objective rises with the knob everywhere in the sample, 0: no monotone effect.
+    Non-numeric parameters (strings) are left out; constant columns give NaN.
+    """
+    import pandas as pd
+
+    ranks = {}
+    for p in params:
+        col = df[p]
+        if col.dtype == bool:
+            col = col.astype(int)
+        if pd.api.types.is_numeric_dtype(col):
+            ranks[p] = col.rank()
+    table = {}
+    for obj in objectives:
+        target = df[obj].rank()
+        table[obj] = {p: r.corr(target) for p, r in ranks.items()}
+    return pd.DataFrame(table)
+
+
+def one_at_a_time(
+    system: SystemConfig | str,
+    knobs: dict[str, tuple[Any, Any]],
+    scenario: Scenario | dict | None = None,
+    objectives: tuple[str, ...] = ("fps", "energy_per_frame_j", "area_mm2"),
+):
+    """Change one knob at a time to its low and high value; % change of each objective.
+
+    Returns a DataFrame (knob, objective, low_pct, high_pct) for a tornado plot.
+    """
+    import pandas as pd
+
+    base_sys = resolve_system(system)
+    base_scn = resolve_scenario(scenario)
+    params = {name: Parameter(name, *_split(name)) for name in knobs}
+    base = evaluate(base_sys, base_scn)
+    rows = []
+    for name, (low, high) in knobs.items():
+        changed = []
+        for value in (low, high):
+            s, c = _apply(base_sys, base_scn, {name: value}, [params[name]])
+            changed.append(evaluate(s, c))
+        for obj in objectives:
+            b = base.get(obj)
+            if b is None or b == 0:
+                continue
+            rows.append(
+                {
+                    "knob": name,
+                    "objective": obj,
+                    "low": low,
+                    "high": high,
+                    "low_pct": (changed[0][obj] / b - 1) * 100,
+                    "high_pct": (changed[1][obj] / b - 1) * 100,
+                }
+            )
+    return pd.DataFrame(rows)
