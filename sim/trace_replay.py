@@ -6,13 +6,11 @@ Line 1 is a header {"kind": "header", "schema": "vrex.trace/1", "model": {...}, 
 h, "history_tokens": H, "clusters": C, "selected_clusters": c, "selected_tokens": s,
 "early_exit_fraction": f, "bytes": {"device": .., "host": .., "disk": ..}}]}]}.
 
-The reader is self-contained so the simulator works without the `vrex` package; if
-`vrex.trace` is importable its schema name is used.
+The schema and its validation live in `vrex.trace`, the one module of `vrex` that sim reads.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,63 +18,20 @@ import numpy as np
 
 from sim.config import SystemConfig, validate
 from sim.workload import Step, policy_table
-
-try:  # the only vrex module sim may use
-    from vrex.trace import SCHEMA as TRACE_SCHEMA  # type: ignore[attr-defined]
-except Exception:  # noqa: BLE001 - absent or older vrex: fall back to the documented name
-    TRACE_SCHEMA = "vrex.trace/1"
-
-_MODEL_FIELDS = (
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "hidden_size",
-    "intermediate_size",
-    "vocab_size",
-)
+from vrex.trace import MODEL_FIELDS
+from vrex.trace import read_trace as _read_trace
 
 
 def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
-    """Return (header, steps) after checking the schema and the record kinds."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"trace file not found: {path}")
-    header, steps = None, []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            kind = record.get("kind")
-            if header is None:
-                if kind != "header":
-                    raise ValueError(
-                        f"{path}:{lineno}: the first record must be the header, got kind={kind!r}"
-                    )
-                if record.get("schema") != TRACE_SCHEMA:
-                    raise ValueError(
-                        f"{path}: schema {record.get('schema')!r} is not supported; expected {TRACE_SCHEMA!r}"
-                    )
-                header = record
-            elif kind == "step":
-                if record.get("stage") not in ("frame", "text", "decode"):
-                    raise ValueError(f"{path}:{lineno}: stage must be frame, text or decode")
-                steps.append(record)
-            else:
-                raise ValueError(f"{path}:{lineno}: unknown record kind {kind!r}")
-    if header is None:
-        raise ValueError(f"{path}: empty trace (no header)")
-    return header, steps
+    """Return (header, steps), validated against the vrex.trace schema."""
+    header, steps = _read_trace(path)
+    return header, list(steps)
 
 
 def system_for_trace(system: SystemConfig, header: dict) -> SystemConfig:
     """Use the traced model's dimensions (and KV dtype) in the simulated system."""
     model = header.get("model") or {}
-    changes = {k: int(model[k]) for k in _MODEL_FIELDS if k in model}
+    changes = {k: int(model[k]) for k in MODEL_FIELDS if k in model}
     if "kv_dtype_bytes" in header:
         changes["dtype_bytes"] = int(header["kv_dtype_bytes"])
     system = replace(system, model=replace(system.model, **changes))
