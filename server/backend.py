@@ -87,14 +87,46 @@ class Backend:
     async def resume(self, session_id: str) -> Any:
         return await maybe_await(self.engine.resume(session_id))
 
-    async def snapshot(self, session: Any) -> None:
-        # on the engine's model thread when it has one: a snapshot copies the KV store, so it
-        # must not block the event loop nor overlap a step that mutates the store
+    async def on_model_thread(self, fn: Any, *args: Any) -> Any:
+        # the engine's model thread when it has one: work that reads or changes the KV store must
+        # not block the event loop nor overlap another session's step
         runner = getattr(self.engine, "run", None)
         if runner is not None and inspect.iscoroutinefunction(runner):
-            await runner(session.snapshot)
-        else:
-            await maybe_await(session.snapshot())
+            return await runner(fn, *args)
+        return await maybe_await(fn(*args))
+
+    async def snapshot(self, session: Any) -> None:
+        await self.on_model_thread(session.snapshot)
+
+    @property
+    def device_kv_budget_bytes(self) -> int | None:
+        """The per-session device KV budget the engine uses (after `auto` was resolved)."""
+        return getattr(getattr(self.engine, "config", None), "device_kv_budget_bytes", None)
+
+    # -- write-ahead log replay (server/wal.py) ---------------------------------------------
+    async def replay_frame(self, session: Any, image: Any, timestamp_s: float, frame_index: int) -> bool:
+        """Prefill a logged frame again; False when the restored snapshot already holds it."""
+        return bool(await self.on_model_thread(session.replay_frame, image, timestamp_s, frame_index))
+
+    async def replay_answer(
+        self, session: Any, question: str, token_ids: list[int], answer_index: int
+    ) -> bool:
+        """Prefill a logged question and its answer tokens again; False when already held."""
+        return bool(await self.on_model_thread(session.replay_answer, question, token_ids, answer_index))
+
+    def answer_history(self, session: Any) -> tuple[list[int], int]:
+        """(token ids the last answer put into the history, its answer index) for the log."""
+        raw = getattr(session, "last_answer_stats", None)
+        ids = (
+            raw.get("history_token_ids") if isinstance(raw, dict) else getattr(raw, "history_token_ids", None)
+        )
+        if ids is None:
+            raise RuntimeError(
+                "the engine does not report the answer's history tokens (history_token_ids); "
+                "it is too old for --durability wal: update vrex or use --durability snapshot"
+            )
+        num_answers = int(session.stats().get("answers", 0))
+        return [int(t) for t in ids], num_answers - 1
 
     async def close_session(self, session: Any) -> None:
         closer = getattr(self.engine, "close_session", None)
@@ -130,16 +162,59 @@ async def maybe_await(value: Any) -> Any:
 
 
 def create_backend(config: ServerConfig) -> Backend:
-    """Build the engine for `config` (loads the model; may take a while)."""
+    """Build the engine for `config` (loads the model; may take a while).
+
+    With `device_kv_budget_auto`, the per-session device KV budget is sized once the model is
+    loaded: free memory then (vrex.memory.device_kv_budget_auto: MemAvailable on CPU and Jetson,
+    torch.cuda.mem_get_info on a discrete GPU) minus the headroom max(1 GiB, 10% of total),
+    divided by --max-sessions, so every session can fill its device tier at once.
+    """
     module = load_engine_module()
     engine_config = module.EngineConfig(
         model_dir=config.model_dir,
         device=config.device,
-        device_kv_budget_bytes=config.device_kv_budget_bytes,
+        device_kv_budget_bytes=None if config.device_kv_budget_auto else config.device_kv_budget_bytes,
         data_dir=config.data_dir,
         max_sessions=config.max_sessions,
     )
-    return Backend(module=module, engine=module.Engine(engine_config))
+    engine = module.Engine(engine_config)
+    if config.device_kv_budget_auto:
+        per_session = auto_device_kv_budget(config.device, config.max_sessions)
+        # Sessions read the budget when they open, so setting it after the load is enough.
+        engine.config = dataclasses.replace(engine.config, device_kv_budget_bytes=per_session)
+    return Backend(module=module, engine=engine)
+
+
+def auto_device_kv_budget(device: str, max_sessions: int) -> int:
+    """`--device-kv-budget auto`, per session; logs what it chose (event device_kv_budget_auto).
+
+    Call after the model is loaded.
+    """
+    from vrex import memory
+
+    free, total, source = memory.free_and_total_bytes(device)
+    headroom = max(memory.DEFAULT_HEADROOM_BYTES, int(memory.DEFAULT_HEADROOM_FRACTION * total))
+    budget = memory.device_kv_budget_auto(device=device)
+    per_session = budget // max_sessions
+    if per_session <= 0:
+        raise ValueError(
+            f"--device-kv-budget auto: {free} bytes free ({source}) after the model loaded, less than "
+            f"the {headroom}-byte headroom plus one byte per session; free memory, lower --max-sessions "
+            "or pass an explicit size such as 512MiB"
+        )
+    from server.logs import log_event
+
+    log_event(
+        "device_kv_budget_auto",
+        free_bytes=free,
+        total_bytes=total,
+        source=source,
+        headroom_bytes=headroom,
+        device_budget_bytes=budget,
+        max_sessions=max_sessions,
+        per_session_bytes=per_session,
+    )
+    return per_session
 
 
 def normalize_stats(raw: dict) -> dict:

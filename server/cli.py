@@ -46,18 +46,39 @@ def _register_serve(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=8, help="most live sessions (default 8)")
     p.add_argument("--device", default="cpu", help="torch device for the engine (default cpu)")
     p.add_argument(
-        "--device-kv-budget", type=int, default=None, metavar="BYTES", help="KV bytes kept on the device"
+        "--device-kv-budget",
+        default=None,
+        metavar="SIZE|auto",
+        help="device KV tier per session, e.g. 512MiB or 2GB; 'auto': free memory once the model is "
+        "loaded, minus max(1 GiB, 10%% of total), divided by --max-sessions (logged at start-up); "
+        "default: unbounded",
     )
     p.add_argument(
         "--data-dir", type=Path, default=None, help="where sessions are snapshotted; makes them resumable"
     )
     p.add_argument(
+        "--durability",
+        choices=("wal", "snapshot", "interval"),
+        default="wal",
+        help="with --data-dir: 'wal' (default) logs each acked frame and answer to a per-session "
+        "write-ahead log and fsyncs before the ack, with periodic full snapshots; 'snapshot' takes a "
+        "full snapshot before every ack (slower as the history grows); 'interval' only snapshots every "
+        "--snapshot-interval seconds (the last interval may be lost in a crash)",
+    )
+    p.add_argument(
         "--snapshot-interval",
         type=float,
-        default=0.0,
+        default=300.0,
         metavar="SECONDS",
-        help="0 (default): snapshot before acking each accepted frame, so every acked frame survives a "
-        "crash; >0: at most one snapshot per session per interval (cheaper; the last interval may be lost)",
+        help="snapshot a session with unsaved changes at most this often (default 300; with 'wal', "
+        "0 = only every --snapshot-every records)",
+    )
+    p.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=256,
+        metavar="RECORDS",
+        help="'wal': full snapshot, and an empty log, after this many logged frames and answers (default 256)",
     )
     p.add_argument(
         "--grace", type=float, default=10.0, metavar="SECONDS", help="SIGTERM grace for answers in flight"
@@ -114,12 +135,21 @@ def server_config_from_args(args: argparse.Namespace):
         limit_overrides["max_message_bytes"] = max(
             Limits().max_message_bytes, limit_overrides["max_frame_bytes"] + 1024 * 1024
         )
+    budget_auto = args.device_kv_budget is not None and args.device_kv_budget.strip().lower() == "auto"
+    budget = None
+    if args.device_kv_budget is not None and not budget_auto:
+        from vrex.memory import parse_budget
+
+        budget = parse_budget(args.device_kv_budget)
+        if budget <= 0:
+            raise ValueError(f"--device-kv-budget must be positive or 'auto', got {args.device_kv_budget!r}")
     return ServerConfig(
         host=args.host,
         port=args.port,
         model_dir=args.model,
         device=args.device,
-        device_kv_budget_bytes=args.device_kv_budget,
+        device_kv_budget_bytes=budget,
+        device_kv_budget_auto=budget_auto,
         data_dir=args.data_dir,
         max_sessions=args.max_sessions,
         tls_cert=args.tls_cert,
@@ -127,7 +157,9 @@ def server_config_from_args(args: argparse.Namespace):
         api_keys=api_keys,
         limits=Limits(**limit_overrides),
         grace_s=args.grace,
+        durability=args.durability,
         snapshot_interval_s=args.snapshot_interval,
+        snapshot_every_frames=args.snapshot_every,
         idle_timeout_s=args.idle_timeout,
         metrics_port=args.metrics_port,
         ready_file=args.ready_file,

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MIB = 1024 * 1024
+DURABILITY_MODES = ("wal", "snapshot", "interval")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class ServerConfig:
     port: int = 50051  # 0 = any free port (the bound port is logged and written to ready_file)
     model_dir: Path | None = None
     device: str = "cpu"
-    device_kv_budget_bytes: int | None = None
+    device_kv_budget_bytes: int | None = None  # per session; None: unbounded
+    # Size the per-session device budget from free memory once the model is loaded (--device-kv-budget auto).
+    device_kv_budget_auto: bool = False
     data_dir: Path | None = None
     max_sessions: int = 8
     tls_cert: Path | None = None
@@ -46,9 +49,17 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     # Seconds SIGTERM waits for in-flight answers before cancelling them.
     grace_s: float = 10.0
-    # 0: snapshot before every accepted frame's ack (every acknowledged frame survives kill -9).
-    # > 0: at most one snapshot per this many seconds per session (acks may run ahead).
-    snapshot_interval_s: float = 0.0
+    # How acknowledged frames and answers survive a crash (only with data_dir):
+    #   "wal"      append each to a per-session write-ahead log and fsync before the ack; full
+    #              snapshots every snapshot_every_frames records or snapshot_interval_s seconds
+    #              empty the log (server/wal.py). Every ack survives kill -9, cheaply.
+    #   "snapshot" a full snapshot before every accepted frame's ack (cost grows with the history).
+    #   "interval" at most one snapshot per snapshot_interval_s; the last interval may be lost.
+    durability: str = "wal"
+    # Seconds between snapshots of a session with unsaved changes ("wal": 0 = by count only).
+    snapshot_interval_s: float = 300.0
+    # "wal": take a full snapshot (and empty the log) after this many logged records.
+    snapshot_every_frames: int = 256
     # A resumed session no stream attaches to is snapshotted and closed after this long.
     idle_timeout_s: float = 60.0
     # Bounded per-session queues: frames waiting for the engine, and questions.
@@ -73,6 +84,16 @@ class ServerConfig:
             )
         if self.grace_s < 0 or self.snapshot_interval_s < 0 or self.idle_timeout_s <= 0:
             raise ValueError("grace_s and snapshot_interval_s must be >= 0 and idle_timeout_s > 0")
+        if self.durability not in DURABILITY_MODES:
+            raise ValueError(
+                f"durability must be one of {', '.join(DURABILITY_MODES)}, got {self.durability!r}"
+            )
+        if self.durability == "interval" and self.snapshot_interval_s <= 0:
+            raise ValueError("durability 'interval' needs snapshot_interval_s > 0 (--snapshot-interval)")
+        if self.snapshot_every_frames <= 0:
+            raise ValueError(f"snapshot_every_frames must be positive, got {self.snapshot_every_frames}")
+        if self.device_kv_budget_auto and self.device_kv_budget_bytes is not None:
+            raise ValueError("device_kv_budget_bytes and device_kv_budget_auto exclude each other")
 
     @property
     def auth_required(self) -> bool:

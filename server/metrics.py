@@ -6,6 +6,7 @@ every call is a no-op.
 
 from __future__ import annotations
 
+import collections
 import time
 
 
@@ -19,6 +20,8 @@ class NullMetrics:
     def answer(self, ttft_ms: float, total_ms: float, num_tokens: int) -> None: ...
     def kv_bytes(self, session_id: str, per_tier: dict) -> None: ...
     def forget(self, session_id: str) -> None: ...
+    def energy(self, kind: str, energy_mj: float) -> None: ...
+    def power_sampler(self, sampler) -> None: ...
 
 
 class PrometheusMetrics(NullMetrics):
@@ -50,6 +53,26 @@ class PrometheusMetrics(NullMetrics):
         )
         self._fps.set_function(self._fps_now)
         self._kv_by_session: dict[str, dict] = {}
+        # Measured energy (vrex.power sampler): energy per frame = rate(mJ total) / rate(events).
+        self._energy = pc.Counter(
+            "vrex_energy_millijoules", "Module energy charged to frames and answers", ["kind"], registry=r
+        )
+        self._energy_events = pc.Counter(
+            "vrex_energy_measured_events", "Frames and answers with measured energy", ["kind"], registry=r
+        )
+        self._recent_frame_mj: collections.deque[float] = collections.deque(maxlen=100)
+        self._energy_per_frame = pc.Gauge(
+            "vrex_energy_per_frame_mj", "Mean energy of the last 100 measured frames (mJ)", registry=r
+        )
+        self._energy_per_frame.set_function(
+            lambda: sum(self._recent_frame_mj) / len(self._recent_frame_mj) if self._recent_frame_mj else 0.0
+        )
+        self._power_present = pc.Gauge(
+            "vrex_power_sampler_present", "1 when a power sampler (tegrastats/jtop) runs, else 0", registry=r
+        )
+        self._power = pc.Gauge("vrex_power_average_mw", "Module power over the last 10 s (mW)", registry=r)
+        self._sampler = None
+        self._power.set_function(self._power_now)
 
     def _fps_now(self) -> float:
         cutoff = time.monotonic() - 10.0
@@ -90,6 +113,26 @@ class PrometheusMetrics(NullMetrics):
     def forget(self, session_id: str) -> None:
         self._kv_by_session.pop(session_id, None)
         self._publish_kv()
+
+    def energy(self, kind: str, energy_mj: float) -> None:
+        self._energy.labels(kind).inc(energy_mj)
+        self._energy_events.labels(kind).inc()
+        if kind == "frame":
+            self._recent_frame_mj.append(energy_mj)
+
+    def power_sampler(self, sampler) -> None:
+        self._sampler = sampler
+        self._power_present.set(1 if sampler is not None else 0)
+
+    def _power_now(self) -> float:
+        sampler = self._sampler
+        if sampler is None:
+            return 0.0
+        samples = sampler.samples()
+        if len(samples) < 2:
+            return 0.0
+        now = sampler.clock()
+        return sampler.average_power_mw(max(now - 10.0, samples[0].t_s), now) or 0.0
 
     def _publish_kv(self) -> None:
         totals: dict[str, int] = {}

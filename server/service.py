@@ -14,8 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server import wal
 from server.backend import Backend, create_backend
 from server.config import ServerConfig
+from server.energy import SessionEnergy, start_sampler
 from server.images import SUPPORTED_FORMATS
 from server.logs import log_event
 from server.metrics import NullMetrics, make_metrics
@@ -34,10 +36,18 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VRex"].full_name  # "vrex.v1.VRex
 
 
 class VRexServicer(pb_grpc.VRexServicer):
-    def __init__(self, config: ServerConfig, backend: Backend, metrics: NullMetrics | None = None):
+    def __init__(
+        self,
+        config: ServerConfig,
+        backend: Backend,
+        metrics: NullMetrics | None = None,
+        power_sampler=None,
+    ):
         self.config = config
         self.backend = backend
         self.metrics = metrics or NullMetrics()
+        self.power_sampler = power_sampler  # vrex.power.PowerSampler, started; None: none here
+        self.metrics.power_sampler(power_sampler)
         self.sessions: dict[str, LiveSession] = {}
         self.handlers: set[StreamHandler] = set()
         self._lock = asyncio.Lock()  # guards open/attach/release against each other
@@ -45,6 +55,48 @@ class VRexServicer(pb_grpc.VRexServicer):
     @property
     def snapshots_enabled(self) -> bool:
         return self.config.data_dir is not None
+
+    @property
+    def wal_enabled(self) -> bool:
+        return self.snapshots_enabled and self.config.durability == "wal"
+
+    # ------------------------------------------------------------------ durability
+
+    async def make_frame_durable(self, live: LiveSession, frame: pb.Frame, result) -> None:
+        """Called before an accepted frame is acked: log it (wal) or snapshot (snapshot)."""
+        if live.wal is not None:
+            record = wal.frame_record(frame.SerializeToString(), result.frame_index, frame.timestamp_s)
+            await asyncio.to_thread(live.wal.append, record)
+        elif self.snapshots_enabled and self.config.durability == "snapshot":
+            await self.snapshot(live)
+        elif self.snapshots_enabled and self.config.durability == "interval":
+            if time.monotonic() - live.last_snapshot_s >= self.config.snapshot_interval_s:
+                await self.snapshot(live)
+
+    async def make_answer_durable(self, live: LiveSession, question: str) -> None:
+        """Called after an answer's last token, before answer_done: log its history tokens."""
+        if live.wal is None:
+            return  # snapshot modes: the next snapshot holds it
+        token_ids, answer_index = self.backend.answer_history(live.engine_session)
+        await asyncio.to_thread(live.wal.append, wal.answer_record(question, token_ids, answer_index))
+
+    def snapshot_due(self, live: LiveSession) -> bool:
+        """wal: the log holds snapshot_every_frames records, or the last snapshot is too old."""
+        if live.wal is None or not live.dirty:
+            return False
+        interval = self.config.snapshot_interval_s
+        return live.wal.num_records >= self.config.snapshot_every_frames or (
+            interval > 0 and time.monotonic() - live.last_snapshot_s >= interval
+        )
+
+    def charge_energy(self, live: LiveSession) -> None:
+        for kind, energy_mj in live.energy.settle():
+            self.metrics.energy(kind, energy_mj)
+
+    async def _open_wal(self, live: LiveSession) -> wal.LogContents:
+        log = await asyncio.to_thread(wal.WriteAheadLog, wal.wal_path(self.config.data_dir, live.id))
+        live.wal = log
+        return log.recovered
 
     # ------------------------------------------------------------------ session registry
 
@@ -68,9 +120,27 @@ class VRexServicer(pb_grpc.VRexServicer):
             except Exception as exc:
                 code, message = self.backend.status_of(exc)
                 raise RequestError(code, message) from exc
-            live = LiveSession(engine_session=engine_session, settings=settings, attached=True)
+            live = LiveSession(
+                engine_session=engine_session,
+                settings=settings,
+                attached=True,
+                energy=SessionEnergy(self.power_sampler),
+            )
             self.sessions[live.id] = live
         self.metrics.session_opened()
+        if self.wal_enabled:
+            # a base snapshot, so the log always has one to replay onto
+            try:
+                await self.snapshot(live)
+                contents = await self._open_wal(live)
+                if contents.records:  # a new id cannot have a log; never replay a stranger's
+                    await asyncio.to_thread(live.wal.truncate)
+            except Exception as exc:
+                await self.release(live, snapshot=False)
+                raise RequestError(
+                    grpc.StatusCode.INTERNAL,
+                    f"cannot make session {live.id} durable in --data-dir ({exc}); check the folder",
+                ) from exc
         log_event("session_open", session=live.id, fps=settings.fps, policy=settings.policy)
         return live
 
@@ -112,28 +182,78 @@ class VRexServicer(pb_grpc.VRexServicer):
                 raise RequestError(code, message) from exc
             settings = _settings_of(engine_session, self.config)
             live = LiveSession(
-                engine_session=engine_session, settings=settings, last_snapshot_s=time.monotonic()
+                engine_session=engine_session,
+                settings=settings,
+                last_snapshot_s=time.monotonic(),
+                energy=SessionEnergy(self.power_sampler),
             )
+            replayed = None
+            if self.wal_enabled:
+                replayed = await self._replay_log(live)
             self.sessions[live.id] = live
         self.metrics.session_opened()
-        log_event("session_resume", session=live.id)
+        log_event("session_resume", session=live.id, **(vars(replayed) if replayed else {}))
         return live, True
 
+    async def _replay_log(self, live: LiveSession) -> wal.ReplayReport:
+        """Bring a restored session up to its last acknowledged record (see server/wal.py)."""
+        t0 = time.monotonic()
+        try:
+            contents = await self._open_wal(live)
+            report = await wal.replay(self.backend, live.engine_session, contents)
+        except Exception as exc:
+            log_event("wal_replay_failed", logging.ERROR, session=live.id, error=repr(exc))
+            if live.wal is not None:
+                live.wal.close()
+            await self.backend.close_session(live.engine_session)
+            raise RequestError(
+                grpc.StatusCode.DATA_LOSS,
+                f"session {live.id}: its write-ahead log {wal.wal_path(self.config.data_dir, live.id)} "
+                f"does not replay onto its snapshot ({exc}); move the log away to resume from the "
+                "snapshot alone (frames acked after it are then lost)",
+            ) from exc
+        live.dirty = bool(report.frames_replayed or report.answers_replayed)
+        log_event(
+            "wal_replayed",
+            session=live.id,
+            frames=report.frames_replayed,
+            answers=report.answers_replayed,
+            skipped=report.records_skipped,
+            torn_bytes=report.torn_bytes,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        return report
+
     async def snapshot(self, live: LiveSession) -> None:
+        """A full snapshot; with the write-ahead log, the log is emptied after it (a crash in
+        between is safe: replay skips the records the snapshot holds)."""
         if not self.snapshots_enabled:
             return
+        t0 = time.monotonic()
         await self.backend.snapshot(live.engine_session)
+        if live.wal is not None:
+            num_records = live.wal.num_records
+            await asyncio.to_thread(live.wal.truncate)
+            log_event(
+                "snapshot",
+                session=live.id,
+                wal_records=num_records,
+                seconds=round(time.monotonic() - t0, 3),
+            )
         live.last_snapshot_s = time.monotonic()
         live.dirty = False
 
-    async def release(self, live: LiveSession) -> bool:
+    async def release(self, live: LiveSession, snapshot: bool = True) -> bool:
         """Snapshot (if there is a data dir) and close the session; True if resumable."""
         resumable = False
         try:
-            if self.snapshots_enabled:
+            if self.snapshots_enabled and snapshot:
                 await self.snapshot(live)
                 resumable = True
         finally:
+            if live.wal is not None:
+                live.wal.close()
+                live.wal = None
             async with self._lock:
                 if self.sessions.pop(live.id, None) is not None:
                     self.metrics.session_closed()
@@ -184,7 +304,7 @@ class VRexServicer(pb_grpc.VRexServicer):
                 max_question_chars=limits.max_question_chars,
                 max_new_tokens=limits.max_new_tokens,
                 max_message_bytes=limits.max_message_bytes,
-                device_kv_budget_bytes=self.config.device_kv_budget_bytes or 0,
+                device_kv_budget_bytes=self.backend.device_kv_budget_bytes or 0,
             ),
             version=_version(),
             grpc_version=grpc.__version__,
@@ -235,6 +355,8 @@ def stats_message(live: LiveSession) -> pb.SessionStats:
         "fetched_fraction_frame",
         "fetched_fraction_text",
         "kv_bytes",
+        "power_sampler",
+        "power_note",
     }
     kv = stats.get("kv_bytes", {}) or {}
     extra = {
@@ -253,6 +375,8 @@ def stats_message(live: LiveSession) -> pb.SessionStats:
         kv_bytes={str(k): int(v) for k, v in kv.items()},
         attached=live.attached,
         extra=extra,
+        power_sampler=str(stats.get("power_sampler") or ""),
+        power_note=str(stats.get("power_note") or ""),
     )
 
 
@@ -314,6 +438,8 @@ class RunningServer:
             self._reaper.cancel()
         await self.servicer.release_all()
         await self.servicer.backend.close()
+        if self.servicer.power_sampler is not None:
+            await asyncio.to_thread(self.servicer.power_sampler.stop)
         log_event("server_stopped")
 
 
@@ -349,7 +475,7 @@ def parse_client_event(data: bytes) -> pb.ClientEvent | MalformedEvent:
 
 
 async def create_server(
-    config: ServerConfig, backend: Backend, metrics: NullMetrics | None = None
+    config: ServerConfig, backend: Backend, metrics: NullMetrics | None = None, power_sampler=None
 ) -> RunningServer:
     """Build (not start) the server on config.host:config.port; port 0 picks a free port."""
     interceptors = []
@@ -363,7 +489,7 @@ async def create_server(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    servicer = VRexServicer(config, backend, metrics)
+    servicer = VRexServicer(config, backend, metrics, power_sampler)
     add_servicer(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -402,7 +528,8 @@ async def serve(config: ServerConfig, backend: Backend | None = None) -> int:
             notice=info.get("notice")
             or "no --model given: serving the embedded demo model; it answers text but cannot really see",
         )
-    running = await create_server(config, backend, metrics)
+    sampler = await asyncio.to_thread(start_sampler)  # None off a Jetson: stats say so
+    running = await create_server(config, backend, metrics, sampler)
     await running.start()
     if config.metrics_port is not None:
         metrics.start_http(config.host, config.metrics_port)
@@ -420,6 +547,9 @@ async def serve(config: ServerConfig, backend: Backend | None = None) -> int:
         model=info.get("name"),
         max_sessions=config.max_sessions,
         metrics_port=config.metrics_port,
+        durability=config.durability if config.data_dir else None,
+        device_kv_budget_bytes=backend.device_kv_budget_bytes,
+        power_sampler=sampler.source if sampler is not None else None,
     )
     if config.ready_file is not None:
         _write_atomic(Path(config.ready_file), json.dumps({"port": running.port, "pid": os.getpid()}))

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from server.backend import answer_stats, normalize_stats
+from server.energy import SessionEnergy
 from server.images import FrameError, check_frame_size, decode_frame
 from server.logs import log_event
+from server.wal import WriteAheadLog
 from vrex.api import vrex_pb2 as pb
 
 if TYPE_CHECKING:
@@ -66,13 +68,20 @@ class LiveSession:
     last_used_s: float = field(default_factory=time.monotonic)
     last_snapshot_s: float = 0.0
     dirty: bool = False  # acked frames not yet in a snapshot
+    wal: WriteAheadLog | None = None  # --durability wal: acked records since the last snapshot
+    energy: SessionEnergy = field(default_factory=lambda: SessionEnergy(None))
 
     @property
     def id(self) -> str:
         return self.engine_session.id
 
     def stats(self) -> dict:
-        return normalize_stats(self.engine_session.stats())
+        stats = normalize_stats(self.engine_session.stats())
+        stats.update(self.energy.stats())
+        if self.wal is not None:
+            stats["wal_records"] = self.wal.num_records
+            stats["wal_bytes"] = self.wal.num_bytes
+        return stats
 
 
 def check_session_id(session_id: str) -> None:
@@ -453,7 +462,9 @@ class StreamHandler:
             await self._emit(error_event(item.request_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
             return
         try:
+            t0_s = live.energy.clock()
             result = await live.engine_session.submit_frame(image, item.frame.timestamp_s)
+            t1_s = live.energy.clock()
         except Exception as exc:
             code, message = self.servicer.backend.status_of(exc)
             log_event("frame_error", logging.WARNING, session=live.id, code=code.name, error=repr(exc))
@@ -462,11 +473,13 @@ class StreamHandler:
         if not result.accepted:
             await self._ack_dropped(item, result.dropped_reason or "sampler")
             return
+        # the engine's own time for the frame, not the wait for the shared model thread
+        engine_s = float(getattr(result, "latency_ms", 0.0) or 0.0) / 1000
+        live.energy.record("frame", max(t0_s, t1_s - engine_s) if engine_s > 0 else t0_s, t1_s)
         live.dirty = True
-        interval = self.config.snapshot_interval_s
-        if self.servicer.snapshots_enabled and time.monotonic() - live.last_snapshot_s >= interval:
-            # interval 0: durable before the ack, so every acked frame survives kill -9
-            await self.servicer.snapshot(live)
+        # durable before the ack, so every acknowledged frame survives kill -9
+        await self.servicer.make_frame_durable(live, item.frame, result)
+        self.servicer.charge_energy(live)
         stats = live.stats()
         self.servicer.metrics.kv_bytes(live.id, stats.get("kv_bytes", {}))
         ack_ms = (time.monotonic() - item.received_s) * 1000
@@ -487,6 +500,8 @@ class StreamHandler:
                 ),
             )
         )
+        if self.servicer.snapshot_due(live):  # after the ack: a snapshot never delays one
+            await self.servicer.snapshot(live)
 
     async def _answer(self, item: _QuestionItem) -> None:
         live = self.live
@@ -499,6 +514,7 @@ class StreamHandler:
             stop=tuple(q.stop) or tuple(s.stop),
         )
         start = time.monotonic()
+        start_power_s = live.energy.clock()
         ttft_ms = 0.0
         parts: list[str] = []
         try:
@@ -522,6 +538,20 @@ class StreamHandler:
             await self._emit(error_event(item.request_id, code, message))
             return
         total_ms = (time.monotonic() - start) * 1000
+        live.energy.record("answer", start_power_s, live.energy.clock())
+        live.dirty = True  # the question and answer are in the history now
+        try:  # durable before answer_done
+            await self.servicer.make_answer_durable(live, q.text)
+        except Exception as exc:
+            log_event("wal_error", logging.ERROR, session=live.id, error=repr(exc))
+            await self._emit(
+                error_event(
+                    item.request_id,
+                    grpc.StatusCode.INTERNAL,
+                    f"the answer could not be logged ({exc}); it may be lost if the server crashes",
+                )
+            )
+        self.servicer.charge_energy(live)
         stats = answer_stats(live.engine_session)
         num_tokens = int(stats.pop("num_tokens", len(parts)))
         finish_reason = str(stats.pop("finish_reason", ""))
@@ -530,7 +560,6 @@ class StreamHandler:
             k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         self.servicer.metrics.answer(ttft_ms, total_ms, num_tokens)
-        live.dirty = True  # the question and answer are in the history now
         log_event(
             "answer",
             session=live.id,
@@ -552,3 +581,5 @@ class StreamHandler:
                 ),
             )
         )
+        if self.servicer.snapshot_due(live):
+            await self.servicer.snapshot(live)

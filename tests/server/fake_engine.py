@@ -124,7 +124,30 @@ class Session:
             "num_tokens": emitted,
             "finish_reason": "length" if emitted < len(words) else "stop",
             "fetched_fraction_text": 0.25,
+            "history_token_ids": [1000 + i for i in range(emitted)],
         }
+
+    # write-ahead log replay: the same effects as submit_frame / ask, idempotent by index
+    def replay_frame(self, image: np.ndarray, timestamp_s: float, frame_index: int) -> bool:
+        s = self._state
+        if frame_index < s.frames_accepted:
+            return False
+        period_s = 1.0 / self.settings.fps
+        if s.last_timestamp_s is not None and timestamp_s - s.last_timestamp_s < period_s * 0.999:
+            raise ValueError(f"logged frame {frame_index} would be dropped by the sampler on replay")
+        s.last_timestamp_s = timestamp_s
+        s.last_mean_rgb = [float(c) for c in image.reshape(-1, 3).mean(axis=0)]
+        s.history_tokens += TOKENS_PER_FRAME
+        s.frames_accepted += 1
+        return True
+
+    def replay_answer(self, question: str, token_ids: list[int], answer_index: int) -> bool:
+        s = self._state
+        if answer_index < s.questions:
+            return False
+        s.questions += 1
+        s.history_tokens += len(question.split()) + len(token_ids)
+        return True
 
     def stats(self) -> dict:
         s = self._state
@@ -136,6 +159,7 @@ class Session:
             "fetched_fraction_text": 0.25,
             "kv_bytes": {"device": s.history_tokens * KV_BYTES_PER_TOKEN, "host": 0, "disk": 0},
             "questions": s.questions,
+            "answers": s.questions,
         }
 
     def snapshot(self) -> None:

@@ -250,7 +250,7 @@ class SessionStatsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionStats(_message.Message):
-    __slots__ = ("session_id", "frames_accepted", "frames_dropped", "frames_dropped_backpressure", "history_tokens", "fetched_fraction_frame", "fetched_fraction_text", "kv_bytes", "attached", "extra")
+    __slots__ = ("session_id", "frames_accepted", "frames_dropped", "frames_dropped_backpressure", "history_tokens", "fetched_fraction_frame", "fetched_fraction_text", "kv_bytes", "attached", "extra", "power_sampler", "power_note")
     class KvBytesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +275,8 @@ class SessionStats(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    POWER_SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    POWER_NOTE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     frames_accepted: int
     frames_dropped: int
@@ -285,7 +287,9 @@ class SessionStats(_message.Message):
     kv_bytes: _containers.ScalarMap[str, int]
     attached: bool
     extra: _containers.ScalarMap[str, float]
-    def __init__(self, session_id: _Optional[str] = ..., frames_accepted: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_dropped_backpressure: _Optional[int] = ..., history_tokens: _Optional[int] = ..., fetched_fraction_frame: _Optional[float] = ..., fetched_fraction_text: _Optional[float] = ..., kv_bytes: _Optional[_Mapping[str, int]] = ..., attached: _Optional[bool] = ..., extra: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    power_sampler: str
+    power_note: str
+    def __init__(self, session_id: _Optional[str] = ..., frames_accepted: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_dropped_backpressure: _Optional[int] = ..., history_tokens: _Optional[int] = ..., fetched_fraction_frame: _Optional[float] = ..., fetched_fraction_text: _Optional[float] = ..., kv_bytes: _Optional[_Mapping[str, int]] = ..., attached: _Optional[bool] = ..., extra: _Optional[_Mapping[str, float]] = ..., power_sampler: _Optional[str] = ..., power_note: _Optional[str] = ...) -> None: ...
 
 class ResumeSessionRequest(_message.Message):
     __slots__ = ("session_id",)

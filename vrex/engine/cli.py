@@ -29,7 +29,9 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-seconds", type=float, default=None, help="stop streaming after this much video")
     p.add_argument(
-        "--device-kv-budget", help="device KV tier size per session, e.g. 2GiB (default: unbounded)"
+        "--device-kv-budget",
+        help="device KV tier size per session, e.g. 2GiB, or 'auto': free memory once the model is loaded "
+        "minus max(1 GiB, 10%% of total) (default: unbounded)",
     )
     p.add_argument("--host-kv-budget", help="host KV tier size per session (default: unbounded)")
     p.add_argument("--device", default="cpu")
@@ -64,13 +66,29 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(args.ask)} --ask but {len(args.ask_at)} --ask-at: give one time per question")
     video = _resolve_video(args.video)
     source = FileSource(video, fps=None)  # the session's sampler keeps --fps
-    budget = parse_bytes(args.device_kv_budget) if args.device_kv_budget else None
+    auto_budget = str(args.device_kv_budget or "").strip().lower() == "auto"
+    budget = parse_bytes(args.device_kv_budget) if args.device_kv_budget and not auto_budget else None
     host = parse_bytes(args.host_kv_budget) if args.host_kv_budget else None
     engine = Engine(
         EngineConfig(
             model_dir=args.model, device=args.device, device_kv_budget_bytes=budget, host_kv_budget_bytes=host
         )
     )
+    if auto_budget:  # sized now that the model is loaded; sessions read it when they open
+        import dataclasses
+
+        from vrex.memory import device_kv_budget_auto
+
+        budget = device_kv_budget_auto(device=args.device)
+        if budget <= 0:
+            raise ValueError(
+                "--device-kv-budget auto: no memory left after the headroom; pass a size like 512MiB"
+            )
+        engine.config = dataclasses.replace(engine.config, device_kv_budget_bytes=budget)
+        print(
+            f"--device-kv-budget auto: {budget} bytes ({budget / 2**30:.2f} GiB) for the device KV tier",
+            file=sys.stderr,
+        )
     info = engine.model_info
     if info["notice"] and not args.json:
         print(f"note: {info['notice']}", file=sys.stderr)

@@ -58,10 +58,14 @@ class EngineConfig:
     max_sessions: int = 8
     max_question_tokens: int = 512
     block_tokens: int = 8  # pages are per cluster; small blocks waste less on small clusters
+    batch_frames: bool = True  # prefill concurrent sessions' frames in one forward
+    max_batch_rows: int = 8  # sessions per batched forward
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {self.max_batch_rows}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         for name in ("device_kv_budget_bytes", "host_kv_budget_bytes"):

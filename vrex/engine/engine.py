@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +17,9 @@ import torch
 from vrex.models import load_model
 from vrex.models.demo import DEMO_NOTICE, ensure_demo_model, is_demo_model
 
+from .batching import forward_batch
 from .config import EngineConfig, SessionSettings
-from .session import Session
+from .session import FrameResult, PendingFrame, Session
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -23,7 +28,19 @@ class CapacityError(RuntimeError):
     """No room for another session (max_sessions reached)."""
 
 
+@dataclass
+class _FrameJob:
+    session: Session
+    image: np.ndarray
+    timestamp_s: float
+    future: Future
+
+
 class Engine:
+    """One model shared by sessions. Steps run on one model thread; frames that several sessions
+    submit at once are prefilled together, one forward with a row per session
+    (:func:`~vrex.engine.batching.forward_batch`), when their token counts match."""
+
     def __init__(self, config: EngineConfig | None = None, *, adapter=None):
         self.config = config or EngineConfig()
         if adapter is None:
@@ -39,6 +56,11 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         # one model thread: steps of different sessions interleave, never overlap
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vrex-model")
+        # frames waiting for the model thread; each session has at most one in flight
+        # (Session.submit_frame drops frames while busy), so this stays near max_sessions jobs
+        self._pending: deque[_FrameJob] = deque()
+        self._pending_lock = threading.Lock()
+        self.batch_counters: Counter = Counter()
 
     @property
     def model_info(self) -> dict:
@@ -62,6 +84,96 @@ class Engine:
     async def run(self, fn, *args):
         """Run ``fn(*args)`` on the model thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- frames of many sessions --------------------------------------------------------------
+    async def submit_frame(self, session: Session, image: np.ndarray, timestamp_s: float) -> FrameResult:
+        """``session.add_frame(image, timestamp_s)`` on the model thread, batched with the frames
+        other sessions submitted meanwhile. Use ``Session.submit_frame``, which keeps one frame
+        per session in flight."""
+        job = _FrameJob(session, image, timestamp_s, Future())
+        with self._pending_lock:
+            # closed sessions' last frames may still wait, hence the slack over max_sessions
+            if len(self._pending) >= 2 * self.config.max_sessions:
+                raise RuntimeError(
+                    f"{len(self._pending)} frames are already waiting (one per session is the most "
+                    "expected): submit through Session.submit_frame"
+                )
+            self._pending.append(job)
+        # every submitter queues one drain; the first to run takes every frame pending by then
+        await self.run(self._drain_frames)
+        return await asyncio.wrap_future(job.future)
+
+    def _take_pending(self) -> list[_FrameJob]:
+        with self._pending_lock:
+            jobs = list(self._pending)
+            self._pending.clear()
+        return jobs
+
+    def _drain_frames(self) -> None:
+        """Model thread: encode every pending frame (taking frames that arrive meanwhile too),
+        then prefill them, one forward per group of equal token counts."""
+        ready: list[tuple[_FrameJob, PendingFrame]] = []
+        while len(ready) < self.config.max_batch_rows and (jobs := self._take_pending()):
+            for job in jobs:
+                try:
+                    prepared = job.session.prepare_frame(job.image, job.timestamp_s)
+                except Exception as err:  # noqa: BLE001 - a bad frame fails its own request only
+                    job.future.set_exception(err)
+                    continue
+                if isinstance(prepared, FrameResult):
+                    job.future.set_result(prepared)
+                else:
+                    ready.append((job, prepared))
+        groups: dict[int, list[tuple[_FrameJob, PendingFrame]]] = {}
+        for item in ready:
+            groups.setdefault(item[1].step.num_tokens, []).append(item)
+        rows = self.config.max_batch_rows if self.config.batch_frames else 1
+        for group in groups.values():
+            for start in range(0, len(group), rows):
+                self._prefill_frames(group[start : start + rows])
+
+    def _prefill_frames(self, group: list[tuple[_FrameJob, PendingFrame]]) -> None:
+        self.batch_counters["forwards"] += 1
+        self.batch_counters["frame_rows"] += len(group)
+        if len(group) == 1:
+            job, pending = group[0]
+            try:
+                _, rec, step_ms = job.session._step(pending.step, "frame")
+                job.future.set_result(job.session.finish_frame(pending, rec, step_ms))
+            except Exception as err:  # noqa: BLE001 - reported to the submitter
+                job.future.set_exception(err)
+            return
+        sessions = [job.session for job, _ in group]
+        steps = [pending.step for _, pending in group]
+        try:
+            for session, step in zip(sessions, steps, strict=True):
+                session.policy.begin_step("frame", step.num_tokens)
+            t0 = time.perf_counter()
+            forward_batch(self.adapter, steps, [s.cache for s in sessions], last_logits_only=True)
+            total_ms = (time.perf_counter() - t0) * 1e3
+            recs = [s.policy.end_step() for s in sessions]
+        except Exception as err:  # noqa: BLE001 - reported to every submitter of the batch
+            for job, _ in group:
+                job.future.set_exception(err)
+            return
+        self.batch_counters["batched_forwards"] += 1
+        self.batch_counters["batched_rows"] += len(group)
+        self.batch_counters["max_batch_rows"] = max(self.batch_counters["max_batch_rows"], len(group))
+        retrieval_ms = sum(r.select_ms + r.fetch_ms + r.attention_ms + r.store_ms for r in recs)
+        shared_ms = max(0.0, total_ms - retrieval_ms)
+        for (job, pending), rec in zip(group, recs, strict=True):
+            session = job.session
+            session._record_step(
+                pending.step, "frame", rec, total_ms, batch_rows=len(group), shared_ms=shared_ms
+            )
+            job.future.set_result(session.finish_frame(pending, rec, total_ms))
+
+    def stats(self) -> dict:
+        """Model-thread counters: ``forwards`` (frame prefill forwards), ``frame_rows`` (frames
+        they carried), ``batched_forwards`` / ``batched_rows`` (those with more than one
+        session), ``max_batch_rows``."""
+        keys = ("forwards", "frame_rows", "batched_forwards", "batched_rows", "max_batch_rows")
+        return {k: int(self.batch_counters[k]) for k in keys}
 
     def open_session(
         self,

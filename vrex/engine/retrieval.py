@@ -23,23 +23,31 @@ def light_attention(
     query: Tensor, hist_k: Tensor, hist_v: Tensor, lengths: Tensor, key: Tensor, value: Tensor, scaling: float
 ) -> Tensor:
     """Attention of new queries ``[Hq, T, d]`` over each KV head's own padded history
-    (``[Hkv, L, d]``, ``lengths`` valid rows) plus the new keys (causal). Returns ``[T, Hq, d]``."""
+    (``[Hkv, L, d]``, ``lengths`` valid rows) plus the new keys (causal). Returns ``[T, Hq, d]``.
+
+    GQA without copies: the query heads of a KV head are a second batch dim and the keys are
+    broadcast to them (a view), so neither K/V nor the mask is repeated per query head. The
+    mask is built once per KV head as the additive 0 / -inf bias sdpa would make of it."""
     hq, t, d = query.shape
     hkv, hist_len = hist_k.shape[0], hist_k.shape[1]
     group = hq // hkv
     k = torch.cat([hist_k.to(key.dtype), key], 1)
     v = torch.cat([hist_v.to(value.dtype), value], 1)
-    hist_ok = torch.arange(hist_len, device=key.device)[None, :] < lengths.to(key.device)[:, None]  # [Hkv, L]
-    causal = torch.ones(t, t, dtype=torch.bool, device=key.device).tril()
-    allowed = torch.cat([hist_ok[:, None, :].expand(hkv, t, hist_len), causal.expand(hkv, t, t)], -1)
+    allowed = torch.ones(hkv, t, hist_len + t, dtype=torch.bool, device=key.device)
+    allowed[:, :, hist_len:] = torch.ones(t, t, dtype=torch.bool, device=key.device).tril()
+    lengths = lengths.to(key.device)
+    if hist_len and bool((lengths < hist_len).any()):
+        hist_ok = torch.arange(hist_len, device=key.device)[None, :] < lengths[:, None]  # [Hkv, L]
+        allowed[:, :, :hist_len] = hist_ok[:, None, :]
+    bias = torch.zeros(allowed.shape, dtype=query.dtype, device=key.device).masked_fill_(~allowed, -torch.inf)
     out = F.scaled_dot_product_attention(
-        query[None],
-        k.repeat_interleave(group, 0)[None],
-        v.repeat_interleave(group, 0)[None],
-        attn_mask=allowed.repeat_interleave(group, 0)[None],
+        query.view(hkv, group, t, d),
+        k[:, None].expand(hkv, group, -1, d),
+        v[:, None].expand(hkv, group, -1, d),
+        attn_mask=bias[:, None],
         scale=scaling,
-    )[0]
-    return out.transpose(0, 1)
+    )
+    return out.reshape(hq, t, d).transpose(0, 1)
 
 
 @dataclass
@@ -87,22 +95,23 @@ class RetrievalPolicy:
 
     def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
         rec = self.record
-        n = self.store.length(layer)
+        store = self.store
+        n = store.length(layer)
         t0 = time.perf_counter()
         sel = self.selector.select(layer, query, n, scaling)
         t1 = time.perf_counter()
-        tiers = self.store.tier_of(layer).to(sel.token_mask.device)  # [Hkv, N]
         if self.selector.name == "full":
-            hist_k, hist_v = self.store.fetch_all(layer)
-            lengths = torch.full((hist_k.shape[0],), n, dtype=torch.int64)
+            everything = torch.arange(n, dtype=torch.int64)
+            fetched = store.fetch(layer, [everything] * store.num_kv_heads)
         else:
-            fetched = self.store.fetch(layer, sel.positions())
-            hist_k, hist_v, lengths = fetched.keys, fetched.values, fetched.lengths
+            fetched = store.fetch(layer, sel.positions())
+        # where each selected token was, only when some came from below the device tier
+        tiers = store.tier_of(layer) if fetched.bytes_host or fetched.bytes_disk else None
         t2 = time.perf_counter()
-        out = light_attention(query, hist_k, hist_v, lengths, key, value, scaling)
+        out = light_attention(query, fetched.keys, fetched.values, fetched.lengths, key, value, scaling)
         t3 = time.perf_counter()
         ids = self.selector.observe(layer, key)
-        self.store.append(layer, key, value, ids)
+        store.append(layer, key, value, ids)
         t4 = time.perf_counter()
         rec.select_ms += (t1 - t0) * 1e3
         rec.fetch_ms += (t2 - t1) * 1e3
@@ -111,15 +120,20 @@ class RetrievalPolicy:
         rec.layers.append(self._layer_record(layer, n, sel, tiers))
         return out
 
-    def _layer_record(self, layer: int, n: int, sel, tiers: Tensor) -> dict:
-        mask = sel.token_mask
-        per_tier = [((tiers == t) & mask).sum(1).tolist() for t in (DEVICE, HOST, DISK)]
+    def _layer_record(self, layer: int, n: int, sel, tiers: Tensor | None) -> dict:
+        selected = sel.token_mask.sum(1)
+        if tiers is not None:  # [Hkv, N] tier of every history token
+            tiers = tiers.to(sel.token_mask.device)
+            per_tier = [((tiers == t) & sel.token_mask).sum(1).tolist() for t in (DEVICE, HOST, DISK)]
+        else:  # all of it was on the device: no need to look up where each token lives
+            zeros = [0] * selected.shape[0]
+            per_tier = [selected.tolist(), zeros, zeros]
+        clusters = sel.clusters.tolist() if sel.clusters is not None else None
+        chosen = sel.selected_clusters.tolist() if sel.selected_clusters is not None else None
         heads = []
-        for h in range(mask.shape[0]):
-            moved = {
-                name: int(per_tier[i][h]) * self.token_bytes_per_head
-                for i, name in enumerate(("device", "host", "disk"))
-            }
+        tb = self.token_bytes_per_head
+        for h, count in enumerate(selected.tolist()):
+            moved = {"device": per_tier[0][h] * tb, "host": per_tier[1][h] * tb, "disk": per_tier[2][h] * tb}
             self.record.bytes_device += moved["device"]
             self.record.bytes_host += moved["host"]
             self.record.bytes_disk += moved["disk"]
@@ -127,11 +141,9 @@ class RetrievalPolicy:
                 {
                     "kv_head": h,
                     "history_tokens": n,
-                    "clusters": int(sel.clusters[h]) if sel.clusters is not None else 0,
-                    "selected_clusters": int(sel.selected_clusters[h])
-                    if sel.selected_clusters is not None
-                    else 0,
-                    "selected_tokens": int(mask[h].sum()),
+                    "clusters": int(clusters[h]) if clusters is not None else 0,
+                    "selected_clusters": int(chosen[h]) if chosen is not None else 0,
+                    "selected_tokens": int(count),
                     "early_exit_fraction": sel.early_exit_fraction,
                     "bytes": moved,
                 }
@@ -142,7 +154,8 @@ class RetrievalPolicy:
     def end_step(self) -> StepRecord:
         """Close the clusters whose pages left the device tier: only device-resident clusters
         take new members (DESIGN.md), so a page never has to be fetched back to grow."""
-        if self.track_evictions:
+        # nothing ever leaves an unbounded device tier
+        if self.track_evictions and self.store.budgets.device_bytes is not None:
             stats = self.store.stats()
             moved = sum(v for k, v in stats.items() if k.startswith("evicted_bytes_device"))
             if moved != self._moved_down:

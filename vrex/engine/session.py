@@ -21,6 +21,7 @@ import torch
 
 from vrex.kv import TierBudgets, TieredKVStore
 from vrex.kv.snapshot import atomic_folder, verify_manifest, write_manifest
+from vrex.models.adapters import StepInput
 from vrex.resv import SelectorConfig, make_selector
 
 from .config import SessionSettings
@@ -45,6 +46,16 @@ class FrameResult:
 
 
 @dataclass
+class PendingFrame:
+    """A kept, encoded frame waiting for its prefill step."""
+
+    index: int
+    timestamp_s: float
+    step: StepInput
+    vision_ms: float
+
+
+@dataclass
 class TokenDelta:
     text: str
     token_id: int
@@ -61,6 +72,8 @@ class AnswerStats:
     total_ms: float = 0.0
     fetched_fraction_text: float = 0.0
     fetched_fraction_decode: float = 0.0
+    # the answer tokens fed back into the KV history (a write-ahead log replays exactly these)
+    history_token_ids: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -89,7 +102,7 @@ class Session:
         self.counters: Counter = Counter()
         self.drop_reasons: Counter = Counter()
         self.steps: deque[dict] = deque(maxlen=256)
-        self.answers: list[AnswerStats] = []
+        self.answers: deque[AnswerStats] = deque(maxlen=256)  # the latest; counters count all
         self.last_answer_stats: AnswerStats | None = None
         self.last_frame_ts: float | None = None
         self.frame_index = 0
@@ -165,7 +178,24 @@ class Session:
         logits = self.adapter.forward(step, self.cache, last_logits_only=last_only)
         total_ms = (time.perf_counter() - t0) * 1e3
         rec = self.policy.end_step()
+        self._record_step(step, stage, rec, total_ms)
+        return logits, rec, total_ms
+
+    def _record_step(
+        self,
+        step,
+        stage: str,
+        rec: StepRecord,
+        total_ms: float,
+        *,
+        batch_rows: int = 1,
+        shared_ms: float | None = None,
+    ) -> None:
+        """Stats and trace of one step. In a batched step (``batch_rows`` > 1) ``total_ms`` is the
+        whole forward's wall time and ``shared_ms`` the part of it not spent in any row's retrieval
+        (the batched projections and MLP), which is this row's ``mlp_and_rest_ms``."""
         self.counters[f"steps_{stage}"] += 1
+        own_ms = rec.select_ms + rec.fetch_ms + rec.attention_ms + rec.store_ms
         summary = {
             "stage": stage,
             "new_tokens": step.num_tokens,
@@ -176,12 +206,11 @@ class Session:
             "fetch_ms": rec.fetch_ms,
             "attention_ms": rec.attention_ms,
             "store_ms": rec.store_ms,
-            "mlp_and_rest_ms": max(
-                0.0, total_ms - rec.select_ms - rec.fetch_ms - rec.attention_ms - rec.store_ms
-            ),
+            "mlp_and_rest_ms": max(0.0, total_ms - own_ms if shared_ms is None else shared_ms),
             "bytes_device": rec.bytes_device,
             "bytes_host": rec.bytes_host,
             "bytes_disk": rec.bytes_disk,
+            "batch_rows": batch_rows,
         }
         self.steps.append(summary)
         for k in ("bytes_device", "bytes_host", "bytes_disk"):
@@ -200,7 +229,6 @@ class Session:
                     },
                 }
             )
-        return logits, rec, total_ms
 
     @property
     def history_tokens(self) -> int:
@@ -219,6 +247,14 @@ class Session:
         return None
 
     def add_frame(self, image: np.ndarray, timestamp_s: float) -> FrameResult:
+        pending = self.prepare_frame(image, timestamp_s)
+        if isinstance(pending, FrameResult):
+            return pending
+        _, rec, step_ms = self._step(pending.step, "frame")
+        return self.finish_frame(pending, rec, step_ms)
+
+    def prepare_frame(self, image: np.ndarray, timestamp_s: float) -> FrameResult | PendingFrame:
+        """Sample and encode a frame: a dropped :class:`FrameResult`, or the step to prefill."""
         index = self.frame_index
         self.frame_index += 1
         reason = self.sample(timestamp_s)
@@ -226,19 +262,24 @@ class Session:
             return self._dropped(index, timestamp_s, reason)
         t0 = time.perf_counter()
         step = self.adapter.frame_embeds(image)
-        vision_ms = (time.perf_counter() - t0) * 1e3
-        _, rec, step_ms = self._step(step, "frame")
-        self.last_frame_ts = timestamp_s
+        return PendingFrame(index, timestamp_s, step, (time.perf_counter() - t0) * 1e3)
+
+    def finish_frame(self, pending: PendingFrame, rec: StepRecord, step_ms: float) -> FrameResult:
+        """After the frame's step ran (alone or in a batch): the frame is in the history."""
+        self.last_frame_ts = pending.timestamp_s
         self.counters["frames_accepted"] += 1
-        phases = {"vision_ms": vision_ms, **{k: v for k, v in self.steps[-1].items() if k.endswith("_ms")}}
+        phases = {
+            "vision_ms": pending.vision_ms,
+            **{k: v for k, v in self.steps[-1].items() if k.endswith("_ms")},
+        }
         return FrameResult(
             True,
-            index,
-            timestamp_s,
+            pending.index,
+            pending.timestamp_s,
             None,
             self.history_tokens,
             rec.fetched_fraction(),
-            vision_ms + step_ms,
+            pending.vision_ms + step_ms,
             phases,
         )
 
@@ -303,6 +344,7 @@ class Session:
                 break
             if i + 1 < max_new:
                 logits, rec, _ = self._step(self.adapter.token_input(token), "decode")
+                stats.history_token_ids.append(token)
                 decode_fractions.append(rec.fetched_fraction())
         stats.tokens = len(ids)
         stats.text = emitted
@@ -312,6 +354,39 @@ class Session:
         stats.total_ms = (time.perf_counter() - t0) * 1e3
         self.answers.append(stats)
         self.counters["answers"] += 1
+
+    # -- replay from a write-ahead log (server/wal.py) ----------------------------------------------
+    def replay_frame(self, image: np.ndarray, timestamp_s: float, frame_index: int) -> bool:
+        """Prefill again a frame that was accepted as ``frame_index`` before a crash, after
+        ``restore``. False when the restored state already holds it (the log may overlap the
+        snapshot). Records must be replayed in their original order."""
+        if frame_index < self.frame_index:
+            return False
+        self.frame_index = frame_index  # frames dropped in between are not logged
+        result = self.add_frame(image, timestamp_s)
+        if not result.accepted:
+            raise ValueError(
+                f"logged frame {frame_index} at {timestamp_s} s was dropped on replay "
+                f"({result.dropped_reason}); the log does not belong to this snapshot"
+            )
+        return True
+
+    def replay_answer(self, question: str, history_token_ids: list[int], answer_index: int) -> bool:
+        """Prefill again the question and answer tokens of answer number ``answer_index`` (the
+        same steps ``generate`` ran, without sampling). False when the state already holds it."""
+        if answer_index < self.counters["answers"]:
+            return False
+        self._step(self.adapter.question_input(question), "text")
+        for token in history_token_ids:
+            self._step(self.adapter.token_input(int(token)), "decode")
+        self._step(self.adapter.next_turn_input(), "text")
+        self.answers.append(
+            AnswerStats(
+                question=question, finish_reason="replayed", history_token_ids=list(history_token_ids)
+            )
+        )
+        self.counters["answers"] += 1
+        return True
 
     # -- async API for servers ------------------------------------------------------------------
     async def submit_frame(self, image: np.ndarray, timestamp_s: float) -> FrameResult:
@@ -324,7 +399,8 @@ class Session:
             return self._dropped(index, timestamp_s, "behind real time: the previous step is still running")
         self._busy = True
         try:
-            return await self.engine.run(self.add_frame, image, timestamp_s)
+            # the engine batches this frame's prefill with other sessions' pending frames
+            return await self.engine.submit_frame(self, image, timestamp_s)
         finally:
             self._busy = False
 

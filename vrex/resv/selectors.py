@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .clusters import HCTable, cluster_scores
 from .config import DEFAULT, ResvConfig
-from .wicsum import wicsum_select, wicsum_select_bucketed
+from .wicsum import cut_counts, mask_of_cut, sorted_values, wicsum_select_bucketed
 
 POLICIES = ("full", "window", "topk", "rekv", "resv")
 
@@ -262,14 +262,22 @@ class ResvSelector(Selector):
             zeros = torch.zeros(hkv, dtype=torch.int64, device=self.device)
             return Selection(mask, clusters=zeros, selected_clusters=zeros)
         scores = cluster_scores(table, query.to(self.device), scaling)  # [Hkv, R, C]
-        counts = table.counts.view.repeat_interleave(table.heads_per_group, 0).to(torch.float32)  # [Hkv, C]
+        hg = table.heads_per_group
+        counts_i = table.counts.view  # [G, C]
+        if hg > 1:
+            counts_i = counts_i[:, None].expand(-1, hg, -1).reshape(hkv, c)
+        counts = counts_i.to(torch.float32)  # [Hkv, C]
         valid = (counts > 0)[:, None, :]
+        all_valid = bool(valid.all())  # empty slots only appear when groups seed unevenly
         if self.resv.weight_form == "softmax":
-            rowmax = scores.masked_fill(~valid, -torch.inf).amax(-1, keepdim=True)
-            weights = torch.exp(scores - rowmax) * counts[:, None, :]
+            # empty slots score -inf, so exp gives them weight 0 without a second pass
+            masked = scores if all_valid else scores.masked_fill(~valid, -torch.inf)
+            rowmax = masked.amax(-1, keepdim=True)
+            weights = torch.exp(masked - rowmax) * counts[:, None, :]
         else:
             weights = scores.clamp_min(0) * counts[:, None, :]
-        weights = weights.masked_fill(~valid, 0.0)
+            if not all_valid:
+                weights = weights.masked_fill(~valid, 0.0)
         rows = weights.reshape(-1, c)
         ratio = self.resv.decode_ratio if query.shape[1] == 1 else self.resv.frame_ratio
         exit_fraction = None
@@ -277,13 +285,16 @@ class ResvSelector(Selector):
             picked, frac = wicsum_select_bucketed(rows, ratio, self.resv.num_buckets)
             exit_fraction = float(frac.mean())
         else:
-            picked = wicsum_select(rows, ratio)
+            ascending = sorted_values(rows)
+            picked = mask_of_cut(rows, ascending, cut_counts(ascending, ratio))
         cluster_mask = picked.reshape(hkv, -1, c).any(1)  # union over rows and query heads
-        member = table.member_of.view.repeat_interleave(table.heads_per_group, 0)  # [Hkv, N]
+        member = table.member_of.view  # [G, N]
+        if hg > 1:
+            member = member.expand(hkv, -1)
         mask |= cluster_mask.gather(1, member)
         return Selection(
             mask,
-            clusters=(counts > 0).sum(1),
+            clusters=valid[:, 0, :].sum(1),
             selected_clusters=cluster_mask.sum(1),
             early_exit_fraction=exit_fraction,
         )
