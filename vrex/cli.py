@@ -12,6 +12,7 @@ _REGISTRARS: list[tuple[str, str]] = [
     ("vrex.engine.cli", "register"),
     ("vrex.models.cli", "register"),
     ("vrex.kv.cli", "register"),
+    ("vrex.engine.bench", "register"),
     ("server.cli", "register"),
     ("sim.cli", "register"),
     ("vrex.codesign", "register"),

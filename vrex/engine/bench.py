@@ -67,7 +67,7 @@ def phase_profile(
     engine: Engine, *, policy: str = "resv", video: str = "bikes.mp4", warm_frames: int = 25, frames: int = 8
 ) -> dict:
     """Mean milliseconds per frame step of each phase, after ``warm_frames`` frames of history."""
-    session = engine.open_session(SessionSettings(policy=policy, fps=1000))
+    session = engine.open_session(SessionSettings(policy=policy, fps=120))
     selector, store = session.policy.selector, session.store
     timers = _Timers()
     timers.wrap(selector, "select", "select_ms")
@@ -127,7 +127,7 @@ def batch_throughput(
         ),
     }
     opened = {
-        name: [e.open_session(SessionSettings(policy=policy, fps=1000)) for _ in range(sessions)]
+        name: [e.open_session(SessionSettings(policy=policy, fps=120)) for _ in range(sessions)]
         for name, e in engines.items()
     }
 
@@ -167,8 +167,7 @@ def batch_throughput(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vrex.engine.bench", description=__doc__.split("\n")[0])
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=["phases", "batch"])
     parser.add_argument("--policy", default="resv", choices=["resv", "full", "window", "topk", "rekv"])
     parser.add_argument("--video", default="bikes.mp4")
@@ -178,7 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", help="local model folder (default: the demo model)")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def register(subparsers) -> None:
+    """``vrex engine-bench phases|batch``: the same as ``python -m vrex.engine.bench``."""
+    parser = subparsers.add_parser("engine-bench", help="frame-step phases; batched vs one-by-one prefill")
+    _add_arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vrex.engine.bench", description=__doc__.split("\n")[0])
+    _add_arguments(parser)
+    return _run(parser.parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     engine = Engine(EngineConfig(model_dir=args.model))
     if args.what == "phases":

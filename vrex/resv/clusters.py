@@ -94,7 +94,9 @@ class HCTable:
         self._csr: tuple[Tensor, Tensor] | None = None
         # +-1 bits of the cluster codes, extended lazily (codes never change once seeded)
         self._signs = _Rows((g,), (config.n_bits,), torch.float32, device)
-        # unit-length representatives for the similarity floor, updated for touched clusters only
+        # representatives and their unit-length form (for the similarity floor), updated for
+        # the clusters a step touched only
+        self._means = _Rows((g,), (hg, d), torch.float32, device)
         self._unit = _Rows((g,), (hg, d), torch.float32, device)
 
     # -- sizes ---------------------------------------------------------------------------
@@ -107,9 +109,12 @@ class HCTable:
         return self.member_of.n
 
     def means(self) -> Tensor:
-        """Representative keys ``[G, C, Hg, d]``."""
-        c = self.counts.view.clamp_min(1).to(torch.float32)
-        return self.sums.view / c[..., None, None]
+        """Representative keys ``[G, C, Hg, d]`` (kept current by :meth:`_append`; do not modify)."""
+        if self._means.n != self.num_clusters:  # first use or after a restore: all of them
+            c = self.counts.view.clamp_min(1).to(torch.float32)
+            self._means.n = 0
+            self._means.grow(self.num_clusters).copy_(self.sums.view / c[..., None, None])
+        return self._means.view
 
     def open_mask(self) -> Tensor:
         """``[G, C]``: clusters that still accept members."""
@@ -239,12 +244,16 @@ class HCTable:
             self.sumsq.view.scatter_add_(1, cluster[:, :, None].expand(gk.shape[:3]), (gk * gk).sum(-1))
         self.member_of.grow(t)[:, -t:] = cluster
         self._csr = None
-        if self.cfg.similarity_floor is not None and self._unit.n == c_old:
-            unit = self._unit.grow(max_new)  # unused slots stay 0 = normalize(0)
+        keep_means = self._means.n == c_old
+        keep_unit = self.cfg.similarity_floor is not None and self._unit.n == c_old
+        if keep_means or keep_unit:
             gi = torch.arange(g, device=cluster.device)[:, None].expand(g, t)
             cnt = self.counts.view[gi, cluster].clamp_min(1).to(torch.float32)
-            sums = self.sums.view[gi, cluster]
-            unit[gi, cluster] = torch.nn.functional.normalize(sums / cnt[..., None, None], dim=-1)
+            mean = self.sums.view[gi, cluster] / cnt[..., None, None]
+            if keep_means:
+                self._means.grow(max_new)[gi, cluster] = mean  # unused slots stay 0 = 0 / 1
+            if keep_unit:
+                self._unit.grow(max_new)[gi, cluster] = torch.nn.functional.normalize(mean, dim=-1)
 
     def members(self) -> tuple[Tensor, Tensor]:
         """CSR form per group: ``(offsets [G, C+1], tokens [G, N])`` with cluster c's history
@@ -285,6 +294,7 @@ class HCTable:
             rows.grow(value.shape[1]).copy_(value)
         self._csr = None
         self._signs.n = 0
+        self._means.n = 0
         self._unit.n = 0
 
 
