@@ -1,0 +1,804 @@
+"""`vrex bench fidelity`: ReSV and the baseline selectors against full attention, on real weights.
+
+Four parts, all through real streaming sessions of one model (the demo model by default:
+SmolLM2-135M-Instruct text weights; its vision tower is random, so video fidelity is measured
+against the same model's full-attention output, not against human answers):
+
+1. ``needle``  — a filler stream (Python stdlib docstrings) prefilled chunk by chunk as frame
+   steps, one pass key at a random depth, then the question. Exact match of the key in a greedy
+   answer, per selector. Only trials where full attention finds the key count.
+2. ``video``   — sample videos at 1-2 fps, questions at several times. Per selector: the answer
+   teacher-forced on the full-attention answer (token agreement, mean KL of the next-token
+   distributions), per-layer attention-output relative error, fetched fraction per stage,
+   layer and KV head.
+3. ``budget``  — each selector's knob swept (ReSV ratio, top-k / ReKV budget, window size):
+   fidelity against fetched fraction, as a table and a PNG.
+4. ``default`` — ReSV settings swept (scope, Hamming threshold, floor, cap, estimator, frame
+   and decode ratio); the rule of issue 4 picks the shipped default.
+
+Every row names its ``policy`` (the variant) and carries figures with units in the key names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import vrex.resv as resv
+from benchmarks.common import emit, machine
+from vrex.engine import Engine, EngineConfig, SessionSettings
+from vrex.engine.session import Session
+from vrex.resv import ResvConfig, SelectorConfig
+
+QUESTION = "What is the secret pass key? Answer with the number."
+NEEDLE = "The secret pass key is {key}. Remember it: the pass key is {key}. "
+DEPTH_BINS = ((0.1, 0.37), (0.37, 0.63), (0.63, 0.9))
+RAW_LOG = None  # --raw FILE: every trial as a JSON line as soon as it ends (long runs)
+VIDEO_QUESTIONS = ("What is happening in the video?", "Describe what you saw so far.")
+
+
+# ------------------------------------------------------------------------------------------
+# Variants: a name, a policy and the selector settings
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    policy: str
+    resv: ResvConfig = resv.DEFAULT
+    budget_fraction: float = 0.1
+    recent_tokens: int | None = None  # None: the session default (one frame)
+    knob: str = ""  # what the budget sweep varied, for the table and plot
+
+    def selector_config(self, sink_tokens: int, recent_tokens: int) -> SelectorConfig:
+        return SelectorConfig(
+            policy=self.policy,
+            sink_tokens=sink_tokens,
+            recent_tokens=self.recent_tokens if self.recent_tokens is not None else recent_tokens,
+            resv=self.resv,
+            budget_fraction=self.budget_fraction,
+        )
+
+
+def baseline_variants() -> list[Variant]:
+    """Full attention first (the reference), then ReSV default and paper presets and baselines."""
+    return [
+        Variant("full", "full"),
+        Variant("resv", "resv", resv.DEFAULT),
+        Variant("resv-paper", "resv", resv.PAPER),
+        Variant("topk", "topk", budget_fraction=0.1),
+        Variant("rekv", "rekv", budget_fraction=0.1),
+        Variant("window", "window"),
+    ]
+
+
+def budget_variants(quick: bool) -> list[Variant]:
+    ratios = (0.3, 0.7, 0.9) if quick else (0.1, 0.3, 0.5, 0.7, 0.9, 0.97)
+    fractions = (0.05, 0.2, 0.4) if quick else (0.03, 0.06, 0.1, 0.2, 0.3, 0.45)
+    windows = (128, 512) if quick else (128, 256, 512, 1024)
+    out = [Variant("full", "full")]
+    for r in ratios:
+        cfg = resv.DEFAULT.replace(frame_ratio=r, decode_ratio=r)
+        out.append(Variant(f"resv-r{r:g}", "resv", cfg, knob=f"ratio={r:g}"))
+    for r in ratios:
+        cfg = resv.PAPER.replace(frame_ratio=r, decode_ratio=r)
+        out.append(Variant(f"resv-paper-r{r:g}", "resv", cfg, knob=f"ratio={r:g}"))
+    for f in fractions:
+        out.append(Variant(f"topk-b{f:g}", "topk", budget_fraction=f, knob=f"budget={f:g}"))
+        out.append(Variant(f"rekv-b{f:g}", "rekv", budget_fraction=f, knob=f"budget={f:g}"))
+    for w in windows:
+        out.append(Variant(f"window-w{w}", "window", recent_tokens=w, knob=f"recent={w}"))
+    return out
+
+
+def default_candidates(quick: bool) -> list[Variant]:
+    """ReSV settings for the default sweep (the axes of issue 4, one or two at a time)."""
+    d = resv.DEFAULT
+    grid: dict[str, ResvConfig] = {
+        "paper": resv.PAPER,
+        "default": d,
+        "ph-t9-f0.8-r0.7/0.9": d.replace(frame_ratio=0.7),
+        "ph-t9-f0.8-r0.9/0.7": d.replace(decode_ratio=0.7),
+        "ph-t7-f0.9-r0.3/0.3": d.replace(
+            hamming_threshold=7, similarity_floor=0.9, frame_ratio=0.3, decode_ratio=0.3
+        ),
+        "ph-t9-f0.85-r0.9/0.9": d.replace(similarity_floor=0.85),
+        "ph-t9-f0.8-r0.7/0.7": d.replace(frame_ratio=0.7, decode_ratio=0.7),
+        "ph-t7-f0.9-r0.5/0.5": d.replace(
+            hamming_threshold=7, similarity_floor=0.9, frame_ratio=0.5, decode_ratio=0.5
+        ),
+    }
+    if not quick:
+        grid.update(
+            {
+                "ph-t9-f0.8-r0.5/0.5": d.replace(frame_ratio=0.5, decode_ratio=0.5),
+                "ph-t7-f0.8-r0.9/0.9": d.replace(hamming_threshold=7),
+                "ph-t11-f0.8-r0.9/0.9": d.replace(hamming_threshold=11),
+                "ph-t9-none-r0.9/0.9": d.replace(similarity_floor=None),
+                "ph-t9-f0.8-cap16": d.replace(max_cluster_tokens=16),
+                "ph-t9-f0.8-radius": d.replace(estimator="radius"),
+                "all-t9-f0.8-r0.9/0.9": d.replace(scope="all_heads"),
+                "ph-t7-f0.9-r0.3/0.5": d.replace(
+                    hamming_threshold=7, similarity_floor=0.9, frame_ratio=0.3, decode_ratio=0.5
+                ),
+            }
+        )
+    return [Variant("full", "full")] + [Variant(f"resv:{k}", "resv", c, knob=k) for k, c in grid.items()]
+
+
+class BenchSession(Session):
+    """A session whose selector settings come from a :class:`Variant` (any ResvConfig, budget or
+    window), not from a named preset: the benchmark sweeps settings no preset holds."""
+
+    def __init__(self, engine: Engine, variant: Variant):
+        self.variant = variant
+        super().__init__(engine, SessionSettings(policy=variant.policy, max_new_tokens=32))
+
+    def _selector_config(self) -> SelectorConfig:
+        return self.variant.selector_config(self.prefix_tokens, self.recent_tokens)
+
+
+# ------------------------------------------------------------------------------------------
+# Stream helpers
+
+
+@dataclass
+class FetchTally:
+    """Selected / history token counts per stage, layer and KV head, summed over steps."""
+
+    selected: dict = field(default_factory=lambda: defaultdict(int))
+    history: dict = field(default_factory=lambda: defaultdict(int))
+    bytes_fetched: int = 0
+
+    def add(self, rec) -> None:
+        for layer in rec.layers:
+            for h in layer["heads"]:
+                key = (rec.stage, layer["layer"], h["kv_head"])
+                self.selected[key] += h["selected_tokens"]
+                self.history[key] += h["history_tokens"]
+        self.bytes_fetched += rec.bytes_device + rec.bytes_host + rec.bytes_disk
+
+    def fraction(self, stage: str | None = None, layer: int | None = None, head: int | None = None) -> float:
+        sel = hist = 0
+        for (s, lay, h), n in self.history.items():
+            if (
+                (stage is None or s == stage)
+                and (layer is None or lay == layer)
+                and (head is None or h == head)
+            ):
+                hist += n
+                sel += self.selected[(s, lay, h)]
+        return sel / hist if hist else float("nan")
+
+    def per_layer_head(self, stage: str) -> list[list[float]]:
+        layers = sorted({lay for (s, lay, _) in self.history if s == stage})
+        heads = sorted({h for (s, _, h) in self.history if s == stage})
+        return [[round(self.fraction(stage, lay, h), 4) for h in heads] for lay in layers]
+
+
+def _step(session: Session, step, stage: str, tally: FetchTally | None, last_only: bool = True):
+    logits, rec, _ = session._step(step, stage, last_only)
+    if tally is not None:
+        tally.add(rec)
+    return logits
+
+
+class ErrorProbe:
+    """Per-layer relative error of the restricted attention output against full attention over
+    the same session's own history (teacher-forced on that session's queries)."""
+
+    def __init__(self, session: Session):
+        from vrex.engine.retrieval import light_attention
+
+        self.sums = defaultdict(float)
+        self.counts = defaultdict(int)
+        policy = session.policy
+        inner = policy.attend
+
+        def attend(layer, query, key, value, scaling):
+            n = policy.store.length(layer)
+            full = None
+            if n:
+                hk, hv = policy.store.fetch_all(layer)
+                lengths = torch.full((hk.shape[0],), n, dtype=torch.int64)
+                full = light_attention(query, hk, hv, lengths, key, value, scaling)
+            out = inner(layer, query, key, value, scaling)
+            if full is not None:
+                err = float((out.float() - full.float()).norm() / full.float().norm().clamp_min(1e-12))
+                self.sums[layer] += err
+                self.counts[layer] += 1
+            return out
+
+        policy.attend = attend
+
+    def per_layer(self) -> list[float]:
+        return [self.sums[k] / self.counts[k] for k in sorted(self.counts)]
+
+
+def _close(session: Session) -> None:
+    session.close()
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Needle in a stream
+
+
+def filler_ids(adapter, min_tokens: int) -> torch.Tensor:
+    """Token ids of Python stdlib docstrings: real, offline, deterministic text."""
+    import argparse as m1
+    import collections as m2
+    import functools as m3
+    import itertools as m4
+    import json as m5
+    import os as m6
+    import pathlib as m7
+    import re as m8
+    import string as m9
+    import textwrap as m10
+
+    parts = []
+    for mod in (m1, m2, m3, m4, m5, m6, m7, m8, m9, m10):
+        for _, obj in sorted(vars(mod).items()):
+            doc = inspect.getdoc(obj) if callable(obj) else None
+            if doc and "pass key" not in doc:
+                parts.append(doc.strip())
+    text = "\n\n".join(dict.fromkeys(parts))  # deduplicated, order kept
+    ids = adapter.tokenize(text)
+    while len(ids) < min_tokens:
+        ids = torch.cat([ids, ids])
+    return ids
+
+
+def _ids_step(adapter, ids: torch.Tensor, kind: str):
+    return adapter._ids_step(ids, kind)
+
+
+def _chunks(ids: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def needle_trial(
+    engine: Engine,
+    variant: Variant,
+    filler: torch.Tensor,
+    key: str,
+    depth: float,
+    chunk_tokens: int,
+    offset: int,
+    history: int,
+) -> dict:
+    a = engine.adapter
+    session = BenchSession(engine, variant)
+    try:
+        needle = a.tokenize(NEEDLE.format(key=key))
+        body = filler[offset : offset + history - len(needle)]
+        at = int(depth * len(body))
+        stream = torch.cat([body[:at], needle, body[at:]])
+        tally = FetchTally()
+        t0 = time.perf_counter()
+        for chunk in _chunks(stream, chunk_tokens):
+            _step(session, _ids_step(a, chunk, "frame"), "frame", tally)
+        prefill_s = time.perf_counter() - t0
+        answer, q_logits = _greedy(session, QUESTION, 24, tally)
+        text = a.tokenizer.decode(answer, skip_special_tokens=True)
+        found = key in text
+        return {
+            "found": bool(found),
+            "answer": text.strip()[:80],
+            "needle_position": at,
+            "history_tokens": session.history_tokens,
+            "fetched_fraction_frame": tally.fraction("frame"),
+            "fetched_fraction_text": tally.fraction("text"),
+            "fetched_fraction_decode": tally.fraction("decode"),
+            "bytes_fetched": tally.bytes_fetched,
+            "prefill_s": prefill_s,
+        }
+    finally:
+        _close(session)
+
+
+def _greedy(session: Session, question: str, max_new: int, tally: FetchTally | None):
+    a = session.adapter
+    logits = _step(session, a.question_input(question), "text", tally)
+    eos = set(a.eos_token_ids)
+    ids: list[int] = []
+    all_logits = [logits[0, -1]]
+    for _ in range(max_new):
+        token = int(logits[0, -1].argmax())
+        if token in eos:
+            break
+        ids.append(token)
+        logits = _step(session, a.token_input(token), "decode", tally)
+        all_logits.append(logits[0, -1])
+    return ids, all_logits
+
+
+def run_needle(
+    engine: Engine,
+    variants: list[Variant],
+    trials: int,
+    histories: list[int],
+    chunk_tokens: int,
+    seed: int,
+    log,
+) -> tuple[list[dict], list[dict]]:
+    """Per variant and history: accuracy over trials where full attention found the key."""
+    filler = filler_ids(engine.adapter, max(histories) * 2 + 64)
+    rng = random.Random(seed)
+    raw: list[dict] = []
+    for history in histories:
+        for t in range(trials):
+            lo, hi = DEPTH_BINS[t % len(DEPTH_BINS)]
+            depth = rng.uniform(lo, hi)
+            key = str(rng.randint(10000, 99999))
+            offset = rng.randint(0, len(filler) - history - 1)
+            full_found = None
+            for v in variants:
+                if v.policy != "full" and not full_found:
+                    continue  # only trials where full attention finds the key count
+                r = needle_trial(engine, v, filler, key, depth, chunk_tokens, offset, history)
+                r.update(
+                    policy=v.name,
+                    trial=t,
+                    depth=round(depth, 3),
+                    depth_bin=t % len(DEPTH_BINS),
+                    history=history,
+                )
+                raw.append(r)
+                if RAW_LOG is not None:
+                    RAW_LOG.write(json.dumps(r) + "\n")
+                    RAW_LOG.flush()
+                if v.policy == "full":
+                    full_found = r["found"]
+                log(
+                    f"needle H={history} trial {t} depth {depth:.2f} {v.name}: found={r['found']} "
+                    f"frame={r['fetched_fraction_frame']:.3f} dec={r['fetched_fraction_decode']:.3f} ({r['prefill_s']:.0f}s)"
+                )
+    return summarize_needle(raw, variants), raw
+
+
+def summarize_needle(raw: list[dict], variants: list[Variant]) -> list[dict]:
+    rows = []
+    histories = sorted({r["history"] for r in raw})
+    for v in variants:
+        for history in histories:
+            mine = [r for r in raw if r["policy"] == v.name and r["history"] == history]
+            full = [r for r in raw if r["policy"] == "full" and r["history"] == history]
+            valid = {r["trial"] for r in full if r["found"]}
+            counted = [r for r in mine if r["trial"] in valid]
+            row = {
+                "part": "needle",
+                "policy": v.name,
+                "history_tokens": history,
+                "trials": len(full),
+                "trials_full_found": len(valid),
+                "accuracy": _mean([float(r["found"]) for r in counted]),
+            }
+            for b in range(len(DEPTH_BINS)):
+                bin_rows = [r for r in counted if r["depth_bin"] == b]
+                row[f"accuracy_depth{b}"] = _mean([float(r["found"]) for r in bin_rows])
+                row[f"counted_depth{b}"] = len(bin_rows)
+            for k in (
+                "fetched_fraction_frame",
+                "fetched_fraction_text",
+                "fetched_fraction_decode",
+                "bytes_fetched",
+            ):
+                row[k] = _mean([r[k] for r in counted])
+            rows.append(row)
+    return rows
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Video streams, teacher-forced on the full-attention answer
+
+
+def video_steps(engine: Engine, name: str, fps: float, max_frames: int | None) -> list:
+    from vrex.video import FileSource, sample_video
+
+    steps = []
+    for _, image in FileSource(sample_video(name), fps=fps):
+        steps.append(engine.adapter.frame_embeds(image))
+        if max_frames and len(steps) >= max_frames:
+            break
+    return steps
+
+
+def ask_points(num_frames: int, num_questions: int) -> list[int]:
+    """Frame counts after which a question is asked: evenly spread, the last at the end."""
+    return sorted({max(1, round(num_frames * (i + 1) / num_questions)) for i in range(num_questions)})
+
+
+def run_video_stream(
+    engine: Engine,
+    variant: Variant,
+    frames: list,
+    asks: list[int],
+    reference: list | None,
+    answer_tokens: int,
+    probe: bool,
+) -> dict:
+    """One stream. For ``reference=None`` (full attention) the greedy answers are made and their
+    logits returned; otherwise the reference answers are teacher-forced and compared."""
+    a = engine.adapter
+    session = BenchSession(engine, variant)
+    err_probe = ErrorProbe(session) if probe and variant.policy != "full" else None
+    tally = FetchTally()
+    answers, agree, kls, n_tok = [], 0, [], 0
+    try:
+        q = 0
+        for i, step in enumerate(frames, start=1):
+            _step(session, step, "frame", tally)
+            if q < len(asks) and i == asks[q]:
+                question = VIDEO_QUESTIONS[q % len(VIDEO_QUESTIONS)]
+                if reference is None:
+                    ids, logits = _greedy(session, question, answer_tokens, tally)
+                    answers.append((ids, [lg.log_softmax(-1) for lg in logits[: len(ids)]]))
+                else:
+                    ref_ids, ref_logp = reference[q]
+                    logits = _step(session, a.question_input(question), "text", tally)
+                    for j, tok in enumerate(ref_ids):
+                        logp = logits[0, -1].log_softmax(-1)
+                        agree += int(int(logp.argmax()) == tok)
+                        kls.append(float((ref_logp[j].exp() * (ref_logp[j] - logp)).sum()))
+                        n_tok += 1
+                        if j + 1 < len(ref_ids):
+                            logits = _step(session, a.token_input(tok), "decode", tally)
+                _step(session, a.next_turn_input(), "text", tally)
+                q += 1
+        out = {
+            "answers": answers,
+            "agreement": agree / n_tok if n_tok else float("nan"),
+            "kl": _mean(kls),
+            "answer_tokens": n_tok,
+            "tally": tally,
+            "history_tokens": session.history_tokens,
+            "layer_error": err_probe.per_layer() if err_probe else [],
+        }
+        return out
+    finally:
+        _close(session)
+
+
+def run_video(
+    engine: Engine,
+    variants: list[Variant],
+    videos: list[tuple[str, float, int | None]],
+    num_questions: int,
+    answer_tokens: int,
+    probe: bool,
+    log,
+    part: str = "video",
+) -> list[dict]:
+    rows = []
+    per_variant = defaultdict(list)
+    for name, fps, max_frames in videos:
+        frames = video_steps(engine, name, fps, max_frames)
+        asks = ask_points(len(frames), num_questions)
+        ref = None
+        for v in variants:
+            t0 = time.perf_counter()
+            if v.policy == "full":
+                res = run_video_stream(engine, v, frames, asks, None, answer_tokens, False)
+                ref = res["answers"]
+                res.update(agreement=1.0, kl=0.0, answer_tokens=sum(len(i) for i, _ in ref))
+            else:
+                res = run_video_stream(engine, v, frames, asks, ref, answer_tokens, probe)
+            res["video"] = name
+            per_variant[v.name].append(res)
+            log(
+                f"{part} {name} {v.name}: agree={res['agreement']:.3f} kl={res['kl']:.4f} "
+                f"frame={res['tally'].fraction('frame'):.3f} ({time.perf_counter() - t0:.0f}s)"
+            )
+            rows.append(_video_row(part, v, [res], name, fps, len(frames), asks))
+    for v in variants:
+        rows.append(_video_row(part, v, per_variant[v.name], "all", None, None, None))
+    return rows
+
+
+def _video_row(part, v, results, video, fps, frames, asks) -> dict:
+    n = sum(r["answer_tokens"] for r in results)
+    agree = sum(r["agreement"] * r["answer_tokens"] for r in results) / n if n else float("nan")
+    kl = sum(r["kl"] * r["answer_tokens"] for r in results) / n if n else float("nan")
+    tally = FetchTally()
+    for r in results:
+        for k, val in r["tally"].selected.items():
+            tally.selected[k] += val
+        for k, val in r["tally"].history.items():
+            tally.history[k] += val
+        tally.bytes_fetched += r["tally"].bytes_fetched
+    layer_err = [r["layer_error"] for r in results if r["layer_error"]]
+    per_layer_err = [sum(col) / len(col) for col in zip(*layer_err, strict=True)] if layer_err else []
+    row = {
+        "part": part,
+        "policy": v.name,
+        "knob": v.knob,
+        "video": video,
+        "fps": fps,
+        "frames": frames,
+        "ask_after_frames": asks,
+        "history_tokens": max(r["history_tokens"] for r in results) if results else 0,
+        "answer_tokens": n,
+        "agreement": agree,
+        "kl_mean_nats": kl,
+        "fetched_fraction_frame": tally.fraction("frame"),
+        "fetched_fraction_text": tally.fraction("text"),
+        "fetched_fraction_decode": tally.fraction("decode"),
+        "bytes_fetched": tally.bytes_fetched,
+        "attn_rel_error_mean": _mean(per_layer_err) if per_layer_err else None,
+        "attn_rel_error_worst_layer": max(per_layer_err) if per_layer_err else None,
+    }
+    if video == "all":
+        row["fetched_fraction_frame_per_layer_head"] = tally.per_layer_head("frame")
+        row["fetched_fraction_decode_per_layer_head"] = tally.per_layer_head("decode")
+        row["attn_rel_error_per_layer"] = [round(x, 4) for x in per_layer_err]
+    return row
+
+
+# ------------------------------------------------------------------------------------------
+# 4. The rule that picks the shipped default
+
+
+def choose_default(
+    needle_rows: list[dict], video_rows: list[dict], min_depths: int = 2
+) -> tuple[str | None, list[dict]]:
+    """Fewest fetched bytes among ReSV settings with needle accuracy equal to full attention at
+    ``min_depths`` or more depth bins (bins where full attention found the key in some trial)
+    and answer agreement >= 99% on the video streams."""
+    verdicts = []
+    full = {r["history_tokens"]: r for r in needle_rows if r["policy"] == "full"}
+    for r in needle_rows:
+        if not r["policy"].startswith("resv"):
+            continue
+        f = full.get(r["history_tokens"])
+        depths_ok = 0
+        for b in range(len(DEPTH_BINS)):
+            if r.get(f"counted_depth{b}", 0) and r[f"accuracy_depth{b}"] == 1.0:
+                depths_ok += 1
+        video = next((v for v in video_rows if v["policy"] == r["policy"] and v["video"] == "all"), None)
+        agreement = video["agreement"] if video else float("nan")
+        ok = depths_ok >= min_depths and agreement >= 0.99 and f is not None
+        verdicts.append(
+            {
+                "part": "default",
+                "policy": r["policy"],
+                "history_tokens": r["history_tokens"],
+                "needle_accuracy": r["accuracy"],
+                "depths_equal_to_full": depths_ok,
+                "agreement": agreement,
+                "kl_mean_nats": video["kl_mean_nats"] if video else None,
+                "fetched_fraction_frame": r["fetched_fraction_frame"],
+                "fetched_fraction_decode": r["fetched_fraction_decode"],
+                "video_fetched_fraction_frame": video["fetched_fraction_frame"] if video else None,
+                "video_fetched_fraction_decode": video["fetched_fraction_decode"] if video else None,
+                "bytes_fetched": r["bytes_fetched"] + (video["bytes_fetched"] if video else 0),
+                "passes_rule": ok,
+            }
+        )
+    passing = [v for v in verdicts if v["passes_rule"]]
+    winner = min(passing, key=lambda v: v["bytes_fetched"])["policy"] if passing else None
+    for v in verdicts:
+        v["winner"] = v["policy"] == winner
+    return winner, verdicts
+
+
+# ------------------------------------------------------------------------------------------
+# Plot
+
+
+def plot_budget(rows: list[dict], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    families = defaultdict(list)
+    for r in rows:
+        if r["video"] != "all" or r["policy"] == "full":
+            continue
+        fam = r["policy"].rsplit("-", 1)[0] if "-" in r["policy"] else r["policy"]
+        families[fam].append(r)
+    for fam, rs in sorted(families.items()):
+        rs = sorted(rs, key=lambda r: r["fetched_fraction_frame"])
+        x = [r["fetched_fraction_frame"] for r in rs]
+        axes[0].plot(x, [max(r["kl_mean_nats"], 1e-6) for r in rs], "o-", label=fam)
+        axes[1].plot(x, [r["agreement"] for r in rs], "o-", label=fam)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("mean KL vs full attention (nats)")
+    axes[1].set_ylabel("answer-token agreement (teacher-forced)")
+    for ax in axes:
+        ax.set_xlabel("fetched fraction of history (frame steps)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Fidelity vs fetched fraction (demo model, video streams)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_fetch_heatmap(rows: list[dict], path: str) -> str | None:
+    """Fetched fraction per layer and KV head, frame and decode stage (the paper's Fig. 20 view)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked = [r for r in rows if r["video"] == "all" and r["policy"] not in ("full", "window")]
+    picked = [r for r in picked if r.get("fetched_fraction_frame_per_layer_head")]
+    if not picked:
+        return None
+    fig, axes = plt.subplots(2, len(picked), figsize=(2.2 * len(picked) + 1, 7), squeeze=False)
+    for j, r in enumerate(picked):
+        for i, stage in enumerate(("frame", "decode")):
+            grid = r.get(f"fetched_fraction_{stage}_per_layer_head") or [[0.0]]
+            im = axes[i][j].imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+            axes[i][j].set_title(f"{r['policy']} {stage}", fontsize=8)
+            axes[i][j].set_xlabel("KV head")
+            axes[i][j].set_ylabel("layer")
+    fig.subplots_adjust(hspace=0.35, wspace=0.5, right=0.8)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="fetched fraction of history")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+
+
+PARTS = ("needle", "video", "budget", "default")
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, engine: Engine | None = None) -> list[dict]:
+    quick = args.quick
+    torch.manual_seed(args.seed)
+    if engine is None:
+        engine = Engine(EngineConfig(model_dir=args.model))
+    parts = args.part or list(PARTS)
+    trials = args.trials or (6 if quick else 50)
+    histories = args.history or ([2048] if quick else [2048, 4096, 8192])
+    videos = [("bikes.mp4", 1.0, args.max_frames or (6 if quick else None))]
+    if not quick:
+        videos += [("bigbuckbunny.mp4", 2.0, args.max_frames), ("vtest.avi", 1.0, args.max_frames)]
+    if args.video:
+        videos = [(v, args.fps, args.max_frames) for v in args.video]
+    rows: list[dict] = []
+    needle_rows: list[dict] = []
+    video_rows: list[dict] = []
+    if "needle" in parts:
+        needle_rows, _ = run_needle(
+            engine, baseline_variants(), trials, histories, args.chunk_tokens, args.seed, _log
+        )
+        rows += needle_rows
+    if "video" in parts:
+        video_rows = run_video(
+            engine, baseline_variants(), videos, args.questions, args.answer_tokens, True, _log
+        )
+        rows += video_rows
+        if args.heatmap:
+            plot_fetch_heatmap(video_rows, args.heatmap)
+    if "budget" in parts:
+        budget_rows = run_video(
+            engine,
+            budget_variants(quick),
+            videos[:1],
+            args.questions,
+            args.answer_tokens,
+            False,
+            _log,
+            "budget",
+        )
+        rows += budget_rows
+        if args.plot:
+            plot_budget(budget_rows, args.plot)
+    if "default" in parts:
+        cands = default_candidates(quick)
+        d_trials = args.default_trials or (3 if quick else 9)
+        d_hist = [histories[0]]
+        n_rows, _ = run_needle(engine, cands, d_trials, d_hist, args.chunk_tokens, args.seed + 1, _log)
+        v_rows = run_video(
+            engine, cands, videos[:1], args.questions, args.answer_tokens, False, _log, "default-video"
+        )
+        winner, verdicts = choose_default(n_rows, v_rows)
+        _log(f"default: winner {winner}")
+        rows += n_rows + v_rows + verdicts
+    if rows:
+        rows[0]["machine"] = machine()
+    return rows
+
+
+COLUMNS = (
+    "part",
+    "policy",
+    "video",
+    "history_tokens",
+    "trials_full_found",
+    "accuracy",
+    "agreement",
+    "kl_mean_nats",
+    "fetched_fraction_frame",
+    "fetched_fraction_text",
+    "fetched_fraction_decode",
+    "attn_rel_error_mean",
+    "passes_rule",
+)
+
+
+def _main(args: argparse.Namespace) -> int:
+    global RAW_LOG
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.raw:
+        RAW_LOG = open(args.raw, "a")  # noqa: SIM115 - closed at exit
+    rows = run(args)
+    emit(rows, COLUMNS, args.json, args.out)
+    return 0
+
+
+def register(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "fidelity",
+        help="ReSV vs full attention, ReKV-like, top-k and window on real weights (needle, video, budget sweep, default choice)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes: history 2K, 6 needle trials, 6 frames of bikes.mp4"
+    )
+    p.add_argument("--part", action="append", choices=PARTS, help="run only this part (repeatable)")
+    p.add_argument("--model", help="model folder (default: the demo model)")
+    p.add_argument("--trials", type=int, help="needle trials per history (default 50, quick 6)")
+    p.add_argument("--default-trials", type=int, help="needle trials per ReSV setting in the default sweep")
+    p.add_argument("--history", action="append", type=int, help="needle history tokens (repeatable)")
+    p.add_argument(
+        "--chunk-tokens", type=int, default=64, help="tokens per prefilled text chunk (a frame step)"
+    )
+    p.add_argument(
+        "--video", action="append", help="sample video name (repeatable; default bikes, bigbuckbunny, vtest)"
+    )
+    p.add_argument("--fps", type=float, default=1.0, help="sampling rate for --video")
+    p.add_argument("--max-frames", type=int, help="at most this many frames per video")
+    p.add_argument("--questions", type=int, default=2, help="questions per video, spread over the stream")
+    p.add_argument("--answer-tokens", type=int, default=12, help="greedy answer tokens of full attention")
+    p.add_argument(
+        "--plot", default="docs/fidelity_budget.png", help="PNG of fidelity vs fetched fraction ('' = none)"
+    )
+    p.add_argument(
+        "--heatmap",
+        default="docs/fidelity_fetch_heatmap.png",
+        help="PNG of fetched fraction per layer and KV head ('' = none)",
+    )
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", help="append every needle trial to this JSON-lines file as it ends")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.add_argument("--out", help="also write the JSON rows to this file")
+    p.set_defaults(func=_main)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="fidelity")
+    sub = parser.add_subparsers()
+    register(sub)
+    ns = parser.parse_args(["fidelity", *sys.argv[1:]])
+    sys.exit(ns.func(ns))

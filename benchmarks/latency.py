@@ -1,0 +1,337 @@
+"""`vrex bench latency`: per-frame step latency against history length, per selector, with the
+KV cache spread over the tiers (device < history; the rest in host RAM and on disk).
+
+How a history of H tokens is built: **synthetic keys and values are written straight into the
+session's tiered store** (and shown to the selector, which builds its HC table / key copies from
+them), one 64-token "frame" at a time, with the decoder's real shape (layers, KV heads, head dim).
+Keys are structured like a video stream: each frame is a noisy copy of its scene (a per-layer,
+per-head offset plus a per-patch pattern), with a scene cut every few frames. Running the real
+30-layer model over 40K tokens on a 2-core CPU would take hours; the store and the selectors do
+not care where keys came from, but **ReSV's fetched fraction on synthetic keys is not the one on
+real keys** (see the fidelity benchmark for that). The measured step itself is real: a video frame
+(bikes.mp4) through the full model with retrieval, the session's own phase timers.
+
+Policies: ``full`` (fetch everything every step, FlexGen-like), ``rekv``, ``topk``, ``resv`` (the
+shipped default preset) and ``resv-paper`` (the paper's preset).
+Budgets: the device tier holds ``--device-fraction`` of the history's KV bytes, the host tier
+``--host-fraction``, the rest goes to disk (memory-mapped files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import emit, machine
+from vrex.engine import Engine, EngineConfig, SessionSettings
+from vrex.engine.session import Session
+
+POLICIES = ("full", "rekv", "topk", "resv", "resv-paper")  # resv-paper: the paper preset
+FRAME_TOKENS = 64
+
+
+class SyntheticStream:
+    """Structured keys/values for every layer, one frame at a time (deterministic)."""
+
+    def __init__(
+        self, num_layers: int, num_kv_heads: int, head_dim: int, seed: int = 0, scene_frames: int = 8
+    ):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.shape = (num_layers, num_kv_heads, head_dim)
+        self.scene_frames = scene_frames
+        self.patch = torch.randn(num_layers, num_kv_heads, FRAME_TOKENS, head_dim, generator=self.gen) * 1.5
+        self.frame = 0
+        self._new_scene()
+
+    def _new_scene(self) -> None:
+        layers, heads, d = self.shape
+        self.scene = torch.randn(layers, heads, 1, d, generator=self.gen) * 3.0
+
+    def next_frame(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[L, Hkv, 64, d]`` of the next frame."""
+        if self.frame and self.frame % self.scene_frames == 0:
+            self._new_scene()
+        self.frame += 1
+        noise = torch.randn(self.patch.shape, generator=self.gen)
+        keys = self.scene + self.patch + 0.5 * noise
+        values = torch.randn(self.patch.shape, generator=self.gen)
+        return keys, values
+
+
+def kv_bytes(adapter, tokens: int) -> int:
+    return tokens * adapter.num_layers * adapter.num_kv_heads * 2 * adapter.head_dim * adapter.dtype.itemsize
+
+
+def fill_history(session: Session, stream: SyntheticStream, target_tokens: int) -> float:
+    """Append synthetic frames until the history holds ``target_tokens``; returns seconds."""
+    policy, store, dtype = session.policy, session.store, session.adapter.dtype
+    device = session.adapter.device
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        while store.length(0) + FRAME_TOKENS <= target_tokens:
+            keys, values = stream.next_frame()
+            for layer in range(store.num_layers):
+                k = keys[layer].to(device, dtype)
+                ids = policy.selector.observe(layer, k)
+                store.append(layer, k, values[layer].to(device, dtype), ids)
+            session.cache.next_position += FRAME_TOKENS
+            policy.end_step()  # closes ReSV clusters whose pages left the device tier
+    return time.perf_counter() - t0
+
+
+def frame_steps(adapter, count: int) -> list:
+    from vrex.video import FileSource, sample_video
+
+    steps = []
+    try:
+        for _, image in FileSource(sample_video("bikes.mp4"), fps=2.0):
+            steps.append(adapter.frame_embeds(image))
+            if len(steps) >= count:
+                break
+    except (FileNotFoundError, ImportError):
+        rng = np.random.default_rng(0)
+        while len(steps) < count:
+            steps.append(adapter.frame_embeds(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)))
+    return steps
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(
+    adapter,
+    policy: str,
+    history: int,
+    frames: list,
+    device_fraction: float,
+    host_fraction: float,
+    seed: int,
+    data_dir: str,
+) -> dict:
+    budget = kv_bytes(adapter, history)
+    # A step may open a new page (block) per token per KV head in one layer (ReSV singletons):
+    # the device tier must hold that much at once, whatever the fraction says.
+    step_tokens = max(max(f.num_tokens for f in frames), adapter.prompt_prefix().num_tokens)
+    block_bytes = EngineConfig().block_tokens * 2 * adapter.head_dim * adapter.dtype.itemsize
+    device_bytes = max(int(device_fraction * budget), 2 * step_tokens * adapter.num_kv_heads * block_bytes)
+    host_bytes = max(int(host_fraction * budget), 1)
+    config = EngineConfig(
+        device=str(adapter.device),
+        device_kv_budget_bytes=device_bytes,
+        host_kv_budget_bytes=host_bytes,
+        data_dir=data_dir,
+    )
+    engine = Engine(config, adapter=adapter)
+    name, preset = (policy.split("-", 1) + ["default"])[:2]
+    session = engine.open_session(SessionSettings(policy=name, resv_preset=preset, budget_fraction=0.1))
+    try:
+        stream = SyntheticStream(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, seed)
+        fill_s = fill_history(session, stream, history - len(frames) * frames[0].num_tokens)
+        peaks = {"host": 0, "disk": 0}
+        steps = []
+        for step in frames:
+            _sync(adapter.device)
+            session._step(step, "frame")
+            _sync(adapter.device)
+            steps.append(dict(session.steps[-1]))
+            kv = session.store.stats()
+            for tier in peaks:
+                peaks[tier] = max(peaks[tier], kv[f"resident_bytes_{tier}"])
+        kv = session.store.stats()
+        rows = steps[1:] if len(steps) > 1 else steps  # the first step warms caches
+
+        def med(key: str) -> float:
+            return float(statistics.median(s[key] for s in rows))
+
+        row = {
+            "policy": policy,
+            "history_tokens": session.history_tokens,
+            "history_kv_bytes": kv_bytes(adapter, session.history_tokens),
+            "budget_bytes_device": device_bytes,
+            "budget_bytes_host": host_bytes,
+            "step_ms": med("latency_ms"),
+            "select_ms": med("select_ms"),
+            "fetch_ms": med("fetch_ms"),
+            "attention_ms": med("attention_ms"),
+            "store_ms": med("store_ms"),
+            "mlp_and_rest_ms": med("mlp_and_rest_ms"),
+            "fetched_fraction": med("fetched_fraction"),
+            "bytes_device_per_step": med("bytes_device"),
+            "bytes_host_per_step": med("bytes_host"),
+            "bytes_disk_per_step": med("bytes_disk"),
+            "peak_resident_bytes_device": kv.get("peak_resident_bytes_device", 0),
+            "peak_resident_bytes_host": peaks["host"],
+            "peak_resident_bytes_disk": peaks["disk"],
+            "peak_rss_bytes_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "steps_measured": len(rows),
+            "fill_s": fill_s,
+        }
+        row["select_share"] = row["select_ms"] / row["step_ms"] if row["step_ms"] else 0.0
+        return row
+    finally:
+        engine.close_session(session.id, forget=True)
+
+
+def add_speedups(rows: list[dict]) -> None:
+    by = {(r["policy"], r["history_tokens"] // 1000): r for r in rows}
+    for r in rows:
+        h = r["history_tokens"] // 1000
+        for ref in ("full", "rekv"):
+            other = by.get((ref, h))
+            if other and r["step_ms"]:
+                r[f"speedup_vs_{ref}"] = other["step_ms"] / r["step_ms"]
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 4's latency targets at the longest history measured."""
+    longest = max(r["history_tokens"] for r in rows)
+    at = {r["policy"]: r for r in rows if r["history_tokens"] == longest}
+    out = []
+    resv = at.get("resv")
+    if resv is None:
+        return out
+    checks = [
+        ("resv >= 3x faster than full-fetch", resv.get("speedup_vs_full"), 3.0),
+        ("resv >= 1.5x faster than rekv", resv.get("speedup_vs_rekv"), 1.5),
+    ]
+    for name, value, need in checks:
+        if value is not None:
+            out.append(
+                {
+                    "policy": "resv",
+                    "target": name,
+                    "history_tokens": longest,
+                    "value": value,
+                    "met": value >= need,
+                }
+            )
+    out.append(
+        {
+            "policy": "resv",
+            "target": "resv selection <= 10% of the step",
+            "history_tokens": longest,
+            "value": resv["select_share"],
+            "met": resv["select_share"] <= 0.10,
+        }
+    )
+    return out
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, adapter=None) -> list[dict]:
+    if adapter is None:
+        adapter = Engine(EngineConfig(model_dir=args.model, device=args.device)).adapter
+    histories = args.history or ([1000, 5000] if args.quick else [1000, 5000, 10000, 20000, 40000])
+    policies = args.policy or list(POLICIES)
+    frames = frame_steps(adapter, args.steps)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vrex-latency-", dir=args.data_dir) as data_dir:
+        for history in histories:
+            for policy in policies:
+                row = measure(
+                    adapter,
+                    policy,
+                    history,
+                    frames,
+                    args.device_fraction,
+                    args.host_fraction,
+                    args.seed,
+                    data_dir,
+                )
+                row["device"] = str(adapter.device)
+                row["model_shape"] = (
+                    f"{adapter.num_layers}L x {adapter.num_kv_heads} KV heads x d{adapter.head_dim}"
+                )
+                _log(
+                    f"latency H={history} {policy}: step {row['step_ms']:.0f} ms select {row['select_ms']:.0f} "
+                    f"fetch {row['fetch_ms']:.0f} attn {row['attention_ms']:.0f} frac {row['fetched_fraction']:.3f} "
+                    f"(fill {row['fill_s']:.0f}s)"
+                )
+                rows.append(row)
+                if args.raw:
+                    with open(args.raw, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    add_speedups(rows)
+    rows += targets(rows)
+    rows[0]["machine"] = machine()
+    return rows
+
+
+COLUMNS = (
+    "policy",
+    "history_tokens",
+    "step_ms",
+    "select_ms",
+    "fetch_ms",
+    "attention_ms",
+    "store_ms",
+    "mlp_and_rest_ms",
+    "fetched_fraction",
+    "bytes_host_per_step",
+    "bytes_disk_per_step",
+    "speedup_vs_full",
+    "speedup_vs_rekv",
+    "target",
+    "value",
+    "met",
+)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    emit(rows, COLUMNS, args.json, args.out)
+    return 0
+
+
+def register(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "latency", help="per-frame step latency vs history per selector, KV spread over device/host/disk"
+    )
+    p.add_argument("--quick", action="store_true", help="histories 1K and 5K only")
+    p.add_argument(
+        "--history", action="append", type=int, help="history tokens (repeatable; default 1K..40K)"
+    )
+    p.add_argument("--policy", action="append", choices=POLICIES, help="policy (repeatable; default all)")
+    p.add_argument("--model", help="model folder (default: the demo model)")
+    p.add_argument(
+        "--device", default="cpu", help="torch device of the model and the device tier (cpu, cuda)"
+    )
+    p.add_argument(
+        "--device-fraction", type=float, default=0.25, help="device tier budget, share of the history KV"
+    )
+    p.add_argument(
+        "--host-fraction", type=float, default=0.5, help="host tier budget, share of the history KV"
+    )
+    p.add_argument(
+        "--steps", type=int, default=3, help="frame steps measured per point (the first is warm-up)"
+    )
+    p.add_argument("--data-dir", help="where the disk tier's files go (default: the temp folder)")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", help="append every measured point to this JSON-lines file as it ends")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.add_argument("--out", help="also write the JSON rows to this file")
+    p.set_defaults(func=_main)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="latency")
+    sub = parser.add_subparsers()
+    register(sub)
+    ns = parser.parse_args(["latency", *sys.argv[1:]])
+    sys.exit(ns.func(ns))

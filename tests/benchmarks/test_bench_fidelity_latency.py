@@ -1,0 +1,168 @@
+"""Smoke tests of `vrex bench fidelity` and `vrex bench latency` on a tiny random model."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+import vrex.resv as resv
+from benchmarks import fidelity, latency
+from vrex.engine import Engine, EngineConfig
+from vrex.models import tiny_random
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.set_num_threads(1)
+    eng = Engine(EngineConfig(model_dir=str(tiny_random("smolvlm", seed=0))))
+    yield eng
+    eng.shutdown()
+
+
+def _frames(engine, n: int) -> list:
+    rng = np.random.default_rng(0)
+    return [engine.adapter.frame_embeds(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_teacher_forcing_full_on_full_agrees_exactly(engine):
+    frames = _frames(engine, 4)
+    full = fidelity.Variant("full", "full")
+    ref = fidelity.run_video_stream(engine, full, frames, [2, 4], None, 4, False)
+    assert len(ref["answers"]) == 2
+    again = fidelity.run_video_stream(engine, full, frames, [2, 4], ref["answers"], 4, False)
+    assert again["answer_tokens"] == sum(len(ids) for ids, _ in ref["answers"]) > 0
+    assert again["agreement"] == 1.0
+    assert abs(again["kl"]) < 1e-5
+
+
+def test_restricted_selectors_report_fractions_and_errors(engine):
+    frames = _frames(engine, 6)
+    full = fidelity.Variant("full", "full")
+    ref = fidelity.run_video_stream(engine, full, frames, [6], None, 3, False)
+    # recent window of 1 token: the frames before the last are not fetched, so attention output differs
+    narrow = fidelity.Variant("window", "window", recent_tokens=1)
+    res = fidelity.run_video_stream(engine, narrow, frames, [6], ref["answers"], 3, True)
+    assert res["tally"].fraction("frame") < 0.9  # the byte-level system prompt (sinks) is most of it
+    assert len(res["layer_error"]) == engine.adapter.num_layers
+    assert max(res["layer_error"]) > 1e-3
+    grid = res["tally"].per_layer_head("frame")
+    assert len(grid) == engine.adapter.num_layers and len(grid[0]) == engine.adapter.num_kv_heads
+    # ReSV at ratio 1.0 keeps every cluster: everything is fetched and the answer matches full
+    whole = fidelity.Variant("resv-1", "resv", resv.DEFAULT.replace(frame_ratio=1.0, decode_ratio=1.0))
+    res1 = fidelity.run_video_stream(engine, whole, frames, [6], ref["answers"], 3, True)
+    assert res1["tally"].fraction("frame") == pytest.approx(1.0)
+    assert res1["agreement"] == 1.0 and max(res1["layer_error"]) < 1e-4
+
+
+def test_needle_counts_only_trials_full_attention_solves(engine):
+    variants = [fidelity.Variant("full", "full"), fidelity.Variant("resv", "resv")]
+    rows, raw = fidelity.run_needle(engine, variants, 2, [192], 32, 0, lambda msg: None)
+    full_raw = [r for r in raw if r["policy"] == "full"]
+    assert len(full_raw) == 2 and all(r["history_tokens"] >= 192 for r in full_raw)
+    solved = {r["trial"] for r in full_raw if r["found"]}
+    assert {r["trial"] for r in raw if r["policy"] == "resv"} == solved
+    by = {r["policy"]: r for r in rows}
+    assert by["full"]["trials"] == 2 and by["full"]["trials_full_found"] == len(solved)
+
+
+def test_default_rule_picks_fewest_bytes_that_keep_needle_and_agreement():
+    def needle(policy, accs, nbytes):
+        row = {
+            "policy": policy,
+            "history_tokens": 1024,
+            "accuracy": sum(accs) / 3,
+            "bytes_fetched": nbytes,
+            "fetched_fraction_frame": 0.1,
+            "fetched_fraction_decode": 0.1,
+        }
+        for b, a in enumerate(accs):
+            row[f"accuracy_depth{b}"], row[f"counted_depth{b}"] = a, 1
+        return row
+
+    def video(policy, agreement):
+        return {
+            "policy": policy,
+            "video": "all",
+            "agreement": agreement,
+            "kl_mean_nats": 0.01,
+            "fetched_fraction_frame": 0.2,
+            "fetched_fraction_decode": 0.1,
+            "bytes_fetched": 0,
+        }
+
+    needles = [
+        needle("full", [1, 1, 1], 100),
+        needle("resv:cheap-but-loses", [1, 0, 0], 10),  # one depth only
+        needle("resv:low-agreement", [1, 1, 1], 20),
+        needle("resv:good", [1, 1, 0], 40),
+        needle("resv:good-but-costly", [1, 1, 1], 60),
+    ]
+    videos = [
+        video("resv:cheap-but-loses", 1.0),
+        video("resv:low-agreement", 0.9),
+        video("resv:good", 0.995),
+        video("resv:good-but-costly", 1.0),
+    ]
+    winner, verdicts = fidelity.choose_default(needles, videos)
+    assert winner == "resv:good"
+    assert [v["passes_rule"] for v in verdicts] == [False, False, True, True]
+
+
+def test_budget_plot_is_written(tmp_path):
+    rows = [
+        {"policy": p, "video": "all", "fetched_fraction_frame": f, "kl_mean_nats": k, "agreement": a}
+        for p, f, k, a in [
+            ("resv-r0.3", 0.2, 0.1, 0.8),
+            ("resv-r0.9", 0.5, 0.01, 1.0),
+            ("topk-b0.1", 0.3, 0.05, 0.9),
+        ]
+    ]
+    path = fidelity.plot_budget(rows, str(tmp_path / "plot.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latency_rows_have_phases_tiers_and_targets(engine, tmp_path):
+    args = argparse.Namespace(
+        history=[1280],
+        quick=False,
+        policy=["full", "resv"],
+        steps=2,
+        device_fraction=0.25,
+        host_fraction=0.25,
+        seed=0,
+        data_dir=str(tmp_path),
+        raw=None,
+        model=None,
+        device="cpu",
+    )
+    rows = latency.run(args, adapter=engine.adapter)
+    points = {r["policy"]: r for r in rows if "step_ms" in r}
+    assert set(points) == {"full", "resv"}
+    full = points["full"]
+    assert full["fetched_fraction"] == 1.0
+    assert full["history_tokens"] >= 1024
+    # device holds a quarter, host a quarter: a full fetch reads from all three tiers
+    assert (
+        full["bytes_device_per_step"] > 0
+        and full["bytes_host_per_step"] > 0
+        and full["bytes_disk_per_step"] > 0
+    )
+    assert full["peak_resident_bytes_device"] <= full["budget_bytes_device"]
+    for r in points.values():
+        phases = sum(r[k] for k in ("select_ms", "fetch_ms", "attention_ms", "store_ms", "mlp_and_rest_ms"))
+        assert phases == pytest.approx(r["step_ms"], rel=0.05)
+    assert {r["target"] for r in rows if "target" in r} >= {"resv selection <= 10% of the step"}
+
+
+def test_cli_registers_both_subcommands():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    fidelity.register(sub)
+    latency.register(sub)
+    ns = parser.parse_args(["fidelity", "--quick", "--part", "needle", "--json"])
+    assert ns.quick and ns.part == ["needle"] and callable(ns.func)
+    ns = parser.parse_args(["latency", "--history", "1000", "--policy", "resv"])
+    assert ns.history == [1000] and ns.policy == ["resv"]
