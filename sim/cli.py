@@ -210,19 +210,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from sim.sweep_cli import add_sweep_parser  # `vrex sim sweep` (design-space exploration)
 
     add_sweep_parser(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (python -m sim.cli ...) until the lead wires `register` into vrex."""
-    parser = argparse.ArgumentParser(prog="vrex")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"vrex: error: {exc}")
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

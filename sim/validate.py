@@ -2,7 +2,7 @@
 
 Published numbers are read at run time from the reference file (never copied into code):
 $VREX_PAPER_JSON, else sim/data/reference_vrex_paper.json (a copy of
-../shared/reference/vrex_paper.json kept in sync by the lead), else that shared file.
+../shared/reference/vrex_paper.json kept in sync with the shared reference), else that shared file.
 
 Where the paper contradicts itself we say which figure is matched:
 - Table III block areas are printed to 0.01 mm2 while the % column is finer (HCU 0.28 % of

@@ -340,19 +340,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-policy", default="flexgen", choices=POLICIES)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (python -m vrex.codesign ...) until the lead wires `register` into vrex."""
-    parser = argparse.ArgumentParser(prog="vrex")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"vrex: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

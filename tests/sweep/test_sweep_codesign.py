@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from vrex.codesign import main, run_codesign, simulate_trace
+from vrex.cli import main
+from vrex.codesign import run_codesign, simulate_trace
 
 TRACE = Path(__file__).resolve().parents[1] / "sim" / "data" / "trace_small.jsonl"
 

@@ -116,7 +116,7 @@ def test_bad_combination_names_the_point_and_field(tmp_path):
 
 
 def test_cli_reports_bad_space_naming_the_field(tmp_path, capsys):
-    from sim.cli import main
+    from vrex.cli import main
 
     bad = tmp_path / "space.yaml"
     bad.write_text("parameters:\n  accel.num_corez: [1, 2]\n")
