@@ -121,7 +121,7 @@ def test_cli_reports_bad_space_naming_the_field(tmp_path, capsys):
     bad = tmp_path / "space.yaml"
     bad.write_text("parameters:\n  accel.num_corez: [1, 2]\n")
     assert main(["sim", "sweep", "--space", str(bad), "--out", str(tmp_path / "r.parquet")]) == 2
-    assert "accel.num_corez" in capsys.readouterr().out
+    assert "accel.num_corez" in capsys.readouterr().err
     good = tmp_path / "good.yaml"
     good.write_text("parameters:\n  accel.num_cores: [4]\n")
     assert (
@@ -234,7 +234,7 @@ def test_killed_cli_sweep_resumes(tmp_path):
         [
             sys.executable,
             "-m",
-            "sim.cli",
+            "vrex.cli",
             "sim",
             "sweep",
             "--space",
