@@ -130,7 +130,7 @@ def test_cli_reports_bad_space_naming_the_field(tmp_path, capsys):
         )
         == 2
     )
-    assert "ray" in capsys.readouterr().out
+    assert "ray" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ results
