@@ -184,6 +184,9 @@ def test_pending_frames_are_bounded(smolvlm_adapter):
     results = asyncio.run(go())
     assert [r.accepted for r in results[:2]] == [True, True]
     assert isinstance(results[2], RuntimeError) and "waiting" in str(results[2])
+    # two frames of one session never share a forward: the second extends the first
+    assert s.history_tokens == s.prefix_tokens + 2 * engine.frame_tokens
+    assert engine.stats()["batched_forwards"] == 0
 
     async def twice():
         return await asyncio.gather(s.submit_frame(frame, 5.0), s.submit_frame(frame, 6.0))

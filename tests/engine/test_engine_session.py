@@ -162,7 +162,15 @@ def test_ask_streams_multi_turn_and_trace_validates(smolvlm_dir, tmp_path):
         return first, second
 
     first, second = asyncio.run(go())
-    assert s.stats()["answers"] == 2
+    st = s.stats()
+    assert st["answers"] == 2
+    assert 0 < st["fetched_fraction_text"] <= 1
+    per_lh = st["fetched_fraction_per_layer_head"]
+    assert set(per_lh) >= {"frame", "decode"}
+    assert len(per_lh["frame"]) == engine.adapter.num_layers
+    assert all(
+        len(row) == engine.adapter.num_kv_heads and all(0 <= f <= 1 for f in row) for row in per_lh["frame"]
+    )
     assert s.answers[0].tokens <= 4 and s.answers[0].finish_reason in ("length", "stop")
     s.close()
     header, steps = read_trace(trace)
@@ -232,9 +240,34 @@ def test_vrex_run_cli_json(smolvlm_dir, tmp_path, capsys):
     from vrex.cli import main
 
     trace = tmp_path / "run.jsonl"
-    rc = main(["run", "--video", str(_sample("bikes.mp4")), "--model", str(smolvlm_dir), "--fps", "1",
-               "--ask", "what?", "--ask-at", "2", "--ask", "and?", "--ask-at", "4", "--max-new-tokens", "3",
-               "--max-seconds", "5", "--device-kv-budget", "1MiB", "--trace", str(trace), "--json"])
+    rc = main(
+        [
+            "run",
+            "--video",
+            str(_sample("bikes.mp4")),
+            "--model",
+            str(smolvlm_dir),
+            "--fps",
+            "1",
+            "--ask",
+            "what?",
+            "--ask-at",
+            "2",
+            "--ask",
+            "and?",
+            "--ask-at",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--max-seconds",
+            "5",
+            "--device-kv-budget",
+            "1MiB",
+            "--trace",
+            str(trace),
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert [a["asked_at_s"] for a in out["answers"]] == [2.0, 4.0]

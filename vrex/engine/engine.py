@@ -129,8 +129,15 @@ class Engine:
             groups.setdefault(item[1].step.num_tokens, []).append(item)
         rows = self.config.max_batch_rows if self.config.batch_frames else 1
         for group in groups.values():
-            for start in range(0, len(group), rows):
-                self._prefill_frames(group[start : start + rows])
+            # one row per session in a forward: a session's second frame extends its first
+            batch: list[tuple[_FrameJob, PendingFrame]] = []
+            for item in group:
+                if len(batch) == rows or any(item[0].session is other.session for other, _ in batch):
+                    self._prefill_frames(batch)
+                    batch = []
+                batch.append(item)
+            if batch:
+                self._prefill_frames(batch)
 
     def _prefill_frames(self, group: list[tuple[_FrameJob, PendingFrame]]) -> None:
         self.batch_counters["forwards"] += 1

@@ -106,6 +106,9 @@ class Session:
         self.last_answer_stats: AnswerStats | None = None
         self.last_frame_ts: float | None = None
         self.frame_index = 0
+        self._fetch_tally: dict[
+            str, list[np.ndarray]
+        ] = {}  # stage -> [selected, history] per layer x KV head
         self._busy = False
         self._closed = False
         self.prefix_tokens = 0
@@ -215,6 +218,13 @@ class Session:
         self.steps.append(summary)
         for k in ("bytes_device", "bytes_host", "bytes_disk"):
             self.counters[k] += summary[k]
+        if rec.layers and rec.history_tokens:
+            shape = (self.adapter.num_layers, self.adapter.num_kv_heads)
+            acc = self._fetch_tally.setdefault(stage, [np.zeros(shape, np.int64), np.zeros(shape, np.int64)])
+            for layer in rec.layers:
+                for h in layer["heads"]:
+                    acc[0][layer["layer"], h["kv_head"]] += h["selected_tokens"]
+                    acc[1][layer["layer"], h["kv_head"]] += h["history_tokens"]
         if self._trace is not None:
             self._trace.write_step(
                 {
@@ -422,6 +432,7 @@ class Session:
     def stats(self) -> dict:
         frames = [s for s in self.steps if s["stage"] == "frame"]
         decodes = [s for s in self.steps if s["stage"] == "decode"]
+        texts = [s for s in self.steps if s["stage"] in ("text", "decode") and s["history_tokens"]]
         kv = self.store.stats()
         out = {
             "session_id": self.id,
@@ -437,11 +448,20 @@ class Session:
             "fetched_fraction_decode": float(np.mean([s["fetched_fraction"] for s in decodes]))
             if decodes
             else 0.0,
+            # the text stage: question prefill and answer decoding (steps with a history)
+            "fetched_fraction_text": float(np.mean([s["fetched_fraction"] for s in texts])) if texts else 0.0,
             "bytes_fetched_device": self.counters["bytes_device"],
             "bytes_fetched_host": self.counters["bytes_host"],
             "bytes_fetched_disk": self.counters["bytes_disk"],
             "last_step": dict(self.steps[-1]) if self.steps else {},
         }
+        # the paper's Fig. 20 view: share of the history fetched per layer and KV head, per stage
+        out["fetched_fraction_per_layer_head"] = {
+            stage: np.round(sel / np.maximum(hist, 1), 4).tolist()
+            for stage, (sel, hist) in self._fetch_tally.items()
+        }
+        if self.adapter.device.type == "cuda":
+            out["device_memory_allocated_bytes"] = int(torch.cuda.memory_allocated(self.adapter.device))
         for tier in ("device", "host", "disk"):
             out[f"kv_resident_bytes_{tier}"] = kv.get(f"resident_bytes_{tier}", 0)
             out[f"kv_resident_tokens_{tier}"] = kv.get(f"resident_tokens_{tier}", 0)
