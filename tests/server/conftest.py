@@ -134,3 +134,26 @@ def tls_files(tmp_path) -> tuple[Path, Path]:
         capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+@pytest.fixture
+async def serve(fake_backend):
+    """serve(**ServerConfig overrides) -> (in-process server over the fake engine, Client)."""
+    from server.config import ServerConfig
+    from server.service import create_server
+    from vrex.client import Client
+
+    running = []
+
+    async def make(**overrides):
+        config = ServerConfig(port=0, **overrides)
+        server = await create_server(config, fake_backend(config))
+        await server.start()
+        client = Client(f"127.0.0.1:{server.port}")
+        running.append((server, client))
+        return server, client
+
+    yield make
+    for server, client in running:
+        await client.close()
+        await server.stop(0)

@@ -9,33 +9,13 @@ import grpc
 import numpy as np
 import pytest
 
-from server.config import Limits, ServerConfig
-from server.service import create_server
+from server.config import Limits
 from vrex.api import vrex_pb2 as pb
-from vrex.client import Client, VRexError
+from vrex.client import VRexError
 
 
 def image(seed: int = 0, width: int = 64, height: int = 48) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-@pytest.fixture
-async def serve(fake_backend):
-    """serve(**ServerConfig overrides) -> (RunningServer, Client)."""
-    running = []
-
-    async def make(**overrides):
-        config = ServerConfig(port=0, **overrides)
-        server = await create_server(config, fake_backend(config))
-        await server.start()
-        client = Client(f"127.0.0.1:{server.port}")
-        running.append((server, client))
-        return server, client
-
-    yield make
-    for server, client in running:
-        await client.close()
-        await server.stop(0)
 
 
 async def test_open_frames_question_close(serve):

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 from server import wal
-from server.config import ServerConfig
-from server.service import create_server
 from vrex.api import vrex_pb2 as pb
 from vrex.client import Client, encode_image
 
@@ -97,24 +95,6 @@ def test_checksum_and_garbage_end_the_log(tmp_path):
 
 
 # ---------------------------------------------------------------------------- in-process server
-
-
-@pytest.fixture
-async def serve(fake_backend):
-    running = []
-
-    async def make(**overrides):
-        config = ServerConfig(port=0, **overrides)
-        server = await create_server(config, fake_backend(config))
-        await server.start()
-        client = Client(f"127.0.0.1:{server.port}")
-        running.append((server, client))
-        return server, client
-
-    yield make
-    for server, client in running:
-        await client.close()
-        await server.stop(0)
 
 
 def _snapshot_state(data_dir: Path, session_id: str) -> dict:
