@@ -155,8 +155,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": info, "video": str(video), "answers": answers, "stats": stats}, indent=1))
     else:
-        print("\nstats:")
+        print("\nstats (per layer and KV head, and the last step: see --json):")
         for k, v in stats.items():
-            if k != "last_step":
+            if k not in ("last_step", "fetched_fraction_per_layer_head"):
                 print(f"  {k:28s} {v:.4g}" if isinstance(v, float) else f"  {k:28s} {v}")
     return 0
