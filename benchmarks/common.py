@@ -3,40 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 import sys
 from collections.abc import Sequence
 
-
-def machine() -> dict:
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": sys.version.split()[0],
-    }
-    try:
-        with open("/proc/meminfo") as f:
-            info["ram_gb"] = round(int(f.readline().split()[1]) / 1e6, 1)
-    except OSError:
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    try:
-        info["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        pass
-    return info
+from vrex.host import machine_info as machine  # noqa: F401 - the benchmarks' name for it
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], file=sys.stdout) -> None:

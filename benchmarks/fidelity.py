@@ -37,11 +37,17 @@ import vrex.resv as resv
 from benchmarks.common import emit, machine
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
-from vrex.resv import ResvConfig, SelectorConfig
+from vrex.resv import ResvConfig
 
 QUESTION = "What is the secret pass key? Answer with the number."
+# The start of the answer, fed after the question: without it the 135M model mostly talks
+# about the filler and full attention itself finds no key (0 of 9 trials at 2K vs 5 of 9).
+ANSWER_PRIMER = "The secret pass key is"
 NEEDLE = "The secret pass key is {key}. Remember it: the pass key is {key}. "
 DEPTH_BINS = ((0.1, 0.37), (0.37, 0.63), (0.63, 0.9))
+# the stages whose logits are scored (question prefill and answer tokens): fidelity is judged
+# against what these fetch, not the frame steps (docs/research-resv-equal-budget.md)
+ANSWER_STAGES = ("text", "decode")
 RAW_LOG = None  # --raw FILE: every trial as a JSON line as soon as it ends (long runs)
 VIDEO_QUESTIONS = ("What is happening in the video?", "Describe what you saw so far.")
 
@@ -59,13 +65,13 @@ class Variant:
     recent_tokens: int | None = None  # None: the session default (one frame)
     knob: str = ""  # what the budget sweep varied, for the table and plot
 
-    def selector_config(self, sink_tokens: int, recent_tokens: int) -> SelectorConfig:
-        return SelectorConfig(
+    def settings(self) -> SessionSettings:
+        return SessionSettings(
             policy=self.policy,
-            sink_tokens=sink_tokens,
-            recent_tokens=self.recent_tokens if self.recent_tokens is not None else recent_tokens,
-            resv=self.resv,
+            max_new_tokens=32,
+            resv_config=self.resv,
             budget_fraction=self.budget_fraction,
+            recent_tokens=self.recent_tokens,
         )
 
 
@@ -82,13 +88,20 @@ def baseline_variants() -> list[Variant]:
 
 
 def budget_variants(quick: bool) -> list[Variant]:
-    ratios = (0.3, 0.7, 0.9) if quick else (0.1, 0.3, 0.5, 0.7, 0.9, 0.97)
+    """Each selector's knob swept so the fetched fractions line up. ReSV's frame and decode
+    ratios act on different stages, so its points are (frame, decode) pairs."""
+    pairs = (
+        ((0.5, 0.9), (0.7, 0.97))
+        if quick
+        else ((0.3, 0.9), (0.5, 0.95), (0.7, 0.97), (0.7, 0.99), (0.9, 0.995))
+    )
+    ratios = (0.3, 0.7) if quick else (0.1, 0.3, 0.5, 0.7, 0.9, 0.97)
     fractions = (0.05, 0.2, 0.4) if quick else (0.03, 0.06, 0.1, 0.2, 0.3, 0.45)
     windows = (128, 512) if quick else (128, 256, 512, 1024)
     out = [Variant("full", "full")]
-    for r in ratios:
-        cfg = resv.DEFAULT.replace(frame_ratio=r, decode_ratio=r)
-        out.append(Variant(f"resv-r{r:g}", "resv", cfg, knob=f"ratio={r:g}"))
+    for f, d in pairs:
+        cfg = resv.DEFAULT.replace(frame_ratio=f, decode_ratio=d)
+        out.append(Variant(f"resv-f{f:g}d{d:g}", "resv", cfg, knob=f"ratio={f:g}/{d:g}"))
     for r in ratios:
         cfg = resv.PAPER.replace(frame_ratio=r, decode_ratio=r)
         out.append(Variant(f"resv-paper-r{r:g}", "resv", cfg, knob=f"ratio={r:g}"))
@@ -100,51 +113,53 @@ def budget_variants(quick: bool) -> list[Variant]:
     return out
 
 
+def _ph(threshold: int, floor: float | None, frame: float, decode: float, **more) -> ResvConfig:
+    return ResvConfig(
+        scope="per_head",
+        hamming_threshold=threshold,
+        similarity_floor=floor,
+        frame_ratio=frame,
+        decode_ratio=decode,
+        **more,
+    )
+
+
 def default_candidates(quick: bool) -> list[Variant]:
-    """ReSV settings for the default sweep (the axes of issue 4, one or two at a time)."""
-    d = resv.DEFAULT
+    """ReSV settings for the default sweep (the axes of issue 4, one or two at a time). Names:
+    scope-threshold-floor-ratios[-other]."""
     grid: dict[str, ResvConfig] = {
         "paper": resv.PAPER,
-        "default": d,
-        "ph-t9-f0.8-r0.7/0.9": d.replace(frame_ratio=0.7),
-        "ph-t9-f0.8-r0.9/0.7": d.replace(decode_ratio=0.7),
-        "ph-t7-f0.9-r0.3/0.3": d.replace(
-            hamming_threshold=7, similarity_floor=0.9, frame_ratio=0.3, decode_ratio=0.3
-        ),
-        "ph-t9-f0.85-r0.9/0.9": d.replace(similarity_floor=0.85),
-        "ph-t9-f0.8-r0.7/0.7": d.replace(frame_ratio=0.7, decode_ratio=0.7),
-        "ph-t7-f0.9-r0.5/0.5": d.replace(
-            hamming_threshold=7, similarity_floor=0.9, frame_ratio=0.5, decode_ratio=0.5
-        ),
+        "default": resv.DEFAULT,
+        "ph-t9-f0.8-r0.7/0.9": _ph(9, 0.8, 0.7, 0.9),  # the default before the decode study
+        "ph-t9-f0.9-r0.7/0.97": _ph(9, 0.9, 0.7, 0.97),
+        "ph-t9-f0.9-r0.5/0.97": _ph(9, 0.9, 0.5, 0.97),
+        "ph-t9-f0.9-r0.5/0.95": _ph(9, 0.9, 0.5, 0.95),
+        "ph-t9-f0.9-r0.3/0.97": _ph(9, 0.9, 0.3, 0.97),
+        "ph-t9-f0.9-r0.7/0.9-retrievable": _ph(9, 0.9, 0.7, 0.9, mass="retrievable"),
     }
     if not quick:
         grid.update(
             {
-                "ph-t9-f0.8-r0.5/0.5": d.replace(frame_ratio=0.5, decode_ratio=0.5),
-                "ph-t7-f0.8-r0.9/0.9": d.replace(hamming_threshold=7),
-                "ph-t11-f0.8-r0.9/0.9": d.replace(hamming_threshold=11),
-                "ph-t9-none-r0.9/0.9": d.replace(similarity_floor=None),
-                "ph-t9-f0.8-cap16": d.replace(max_cluster_tokens=16),
-                "ph-t9-f0.8-radius": d.replace(estimator="radius"),
-                "all-t9-f0.8-r0.9/0.9": d.replace(scope="all_heads"),
-                "ph-t7-f0.9-r0.3/0.5": d.replace(
-                    hamming_threshold=7, similarity_floor=0.9, frame_ratio=0.3, decode_ratio=0.5
-                ),
+                "ph-t9-f0.9-r0.7/0.99": _ph(9, 0.9, 0.7, 0.99),
+                "ph-t7-f0.9-r0.7/0.97": _ph(7, 0.9, 0.7, 0.97),
+                "ph-t11-f0.9-r0.7/0.97": _ph(11, 0.9, 0.7, 0.97),
+                "ph-t9-f0.95-r0.7/0.97": _ph(9, 0.95, 0.7, 0.97),
+                "ph-t9-none-r0.7/0.97": _ph(9, None, 0.7, 0.97),
+                "ph-t9-f0.9-r0.7/0.97-cap16": _ph(9, 0.9, 0.7, 0.97, max_cluster_tokens=16),
+                "ph-t9-f0.9-r0.7/0.97-radius": _ph(9, 0.9, 0.7, 0.97, estimator="radius"),
+                "all-t9-f0.9-r0.7/0.97": _ph(9, 0.9, 0.7, 0.97).replace(scope="all_heads"),
             }
         )
-    return [Variant("full", "full")] + [Variant(f"resv:{k}", "resv", c, knob=k) for k, c in grid.items()]
+    seen, out = set(), [Variant("full", "full")]
+    for k, c in grid.items():  # the default may equal a grid point: run it once
+        if c not in seen:
+            seen.add(c)
+            out.append(Variant(f"resv:{k}", "resv", c, knob=k))
+    return out
 
 
-class BenchSession(Session):
-    """A session whose selector settings come from a :class:`Variant` (any ResvConfig, budget or
-    window), not from a named preset: the benchmark sweeps settings no preset holds."""
-
-    def __init__(self, engine: Engine, variant: Variant):
-        self.variant = variant
-        super().__init__(engine, SessionSettings(policy=variant.policy, max_new_tokens=32))
-
-    def _selector_config(self) -> SelectorConfig:
-        return self.variant.selector_config(self.prefix_tokens, self.recent_tokens)
+def bench_session(engine: Engine, variant: Variant) -> Session:
+    return Session(engine, variant.settings())
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,11 +182,15 @@ class FetchTally:
                 self.history[key] += h["history_tokens"]
         self.bytes_fetched += rec.bytes_device + rec.bytes_host + rec.bytes_disk
 
-    def fraction(self, stage: str | None = None, layer: int | None = None, head: int | None = None) -> float:
+    def fraction(
+        self, stage: str | tuple[str, ...] | None = None, layer: int | None = None, head: int | None = None
+    ) -> float:
+        """Selected over history tokens; ``stage`` may name several stages."""
+        stages = (stage,) if isinstance(stage, str) else stage
         sel = hist = 0
         for (s, lay, h), n in self.history.items():
             if (
-                (stage is None or s == stage)
+                (stages is None or s in stages)
                 and (layer is None or lay == layer)
                 and (head is None or h == head)
             ):
@@ -277,7 +296,7 @@ def needle_trial(
     history: int,
 ) -> dict:
     a = engine.adapter
-    session = BenchSession(engine, variant)
+    session = bench_session(engine, variant)
     try:
         needle = a.tokenize(NEEDLE.format(key=key))
         body = filler[offset : offset + history - len(needle)]
@@ -288,7 +307,7 @@ def needle_trial(
         for chunk in _chunks(stream, chunk_tokens):
             _step(session, _ids_step(a, chunk, "frame"), "frame", tally)
         prefill_s = time.perf_counter() - t0
-        answer, q_logits = _greedy(session, QUESTION, 24, tally)
+        answer, q_logits = _greedy(session, QUESTION, 12, tally, ANSWER_PRIMER)
         text = a.tokenizer.decode(answer, skip_special_tokens=True)
         found = key in text
         return {
@@ -299,6 +318,7 @@ def needle_trial(
             "fetched_fraction_frame": tally.fraction("frame"),
             "fetched_fraction_text": tally.fraction("text"),
             "fetched_fraction_decode": tally.fraction("decode"),
+            "fetched_fraction_answer": tally.fraction(ANSWER_STAGES),
             "bytes_fetched": tally.bytes_fetched,
             "prefill_s": prefill_s,
         }
@@ -306,9 +326,11 @@ def needle_trial(
         _close(session)
 
 
-def _greedy(session: Session, question: str, max_new: int, tally: FetchTally | None):
+def _greedy(session: Session, question: str, max_new: int, tally: FetchTally | None, primer: str = ""):
     a = session.adapter
     logits = _step(session, a.question_input(question), "text", tally)
+    if primer:
+        logits = _step(session, _ids_step(a, a.tokenize(primer), "text"), "text", tally)
     eos = set(a.eos_token_ids)
     ids: list[int] = []
     all_logits = [logits[0, -1]]
@@ -330,11 +352,17 @@ def run_needle(
     chunk_tokens: int,
     seed: int,
     log,
+    min_depths: int | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Per variant and history: accuracy over trials where full attention found the key."""
+    """Per variant and history: accuracy over trials where full attention found the key.
+
+    With ``min_depths`` (the default sweep) a variant stops running at a history once it has
+    missed the key in so many depth bins that it can no longer match full attention in
+    ``min_depths`` of them: its verdict is settled and the sweep saves those trials."""
     filler = filler_ids(engine.adapter, max(histories) * 2 + 64)
     rng = random.Random(seed)
     raw: list[dict] = []
+    missed_bins: dict[tuple[str, int], set[int]] = defaultdict(set)
     for history in histories:
         for t in range(trials):
             lo, hi = DEPTH_BINS[t % len(DEPTH_BINS)]
@@ -345,6 +373,8 @@ def run_needle(
             for v in variants:
                 if v.policy != "full" and not full_found:
                     continue  # only trials where full attention finds the key count
+                if min_depths and len(missed_bins[v.name, history]) > len(DEPTH_BINS) - min_depths:
+                    continue
                 r = needle_trial(engine, v, filler, key, depth, chunk_tokens, offset, history)
                 r.update(
                     policy=v.name,
@@ -359,6 +389,8 @@ def run_needle(
                     RAW_LOG.flush()
                 if v.policy == "full":
                     full_found = r["found"]
+                elif not r["found"]:
+                    missed_bins[v.name, history].add(t % len(DEPTH_BINS))
                 log(
                     f"needle H={history} trial {t} depth {depth:.2f} {v.name}: found={r['found']} "
                     f"frame={r['fetched_fraction_frame']:.3f} dec={r['fetched_fraction_decode']:.3f} ({r['prefill_s']:.0f}s)"
@@ -391,6 +423,7 @@ def summarize_needle(raw: list[dict], variants: list[Variant]) -> list[dict]:
                 "fetched_fraction_frame",
                 "fetched_fraction_text",
                 "fetched_fraction_decode",
+                "fetched_fraction_answer",
                 "bytes_fetched",
             ):
                 row[k] = _mean([r[k] for r in counted])
@@ -435,7 +468,7 @@ def run_video_stream(
     """One stream. For ``reference=None`` (full attention) the greedy answers are made and their
     logits returned; otherwise the reference answers are teacher-forced and compared."""
     a = engine.adapter
-    session = BenchSession(engine, variant)
+    session = bench_session(engine, variant)
     err_probe = ErrorProbe(session) if probe and variant.policy != "full" else None
     tally = FetchTally()
     answers, agree, kls, n_tok = [], 0, [], 0
@@ -538,6 +571,7 @@ def _video_row(part, v, results, video, fps, frames, asks) -> dict:
         "fetched_fraction_frame": tally.fraction("frame"),
         "fetched_fraction_text": tally.fraction("text"),
         "fetched_fraction_decode": tally.fraction("decode"),
+        "fetched_fraction_answer": tally.fraction(ANSWER_STAGES),
         "bytes_fetched": tally.bytes_fetched,
         "attn_rel_error_mean": _mean(per_layer_err) if per_layer_err else None,
         "attn_rel_error_worst_layer": max(per_layer_err) if per_layer_err else None,
@@ -614,15 +648,15 @@ def plot_budget(rows: list[dict], path: str) -> str:
         fam = r["policy"].rsplit("-", 1)[0] if "-" in r["policy"] else r["policy"]
         families[fam].append(r)
     for fam, rs in sorted(families.items()):
-        rs = sorted(rs, key=lambda r: r["fetched_fraction_frame"])
-        x = [r["fetched_fraction_frame"] for r in rs]
+        rs = sorted(rs, key=lambda r: r["fetched_fraction_answer"])
+        x = [r["fetched_fraction_answer"] for r in rs]
         axes[0].plot(x, [max(r["kl_mean_nats"], 1e-6) for r in rs], "o-", label=fam)
         axes[1].plot(x, [r["agreement"] for r in rs], "o-", label=fam)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("mean KL vs full attention (nats)")
     axes[1].set_ylabel("answer-token agreement (teacher-forced)")
     for ax in axes:
-        ax.set_xlabel("fetched fraction of history (frame steps)")
+        ax.set_xlabel("fetched fraction of history (question + answer steps, the scored ones)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle("Fidelity vs fetched fraction (demo model, video streams)")
@@ -717,9 +751,14 @@ def run(args: argparse.Namespace, engine: Engine | None = None) -> list[dict]:
         cands = default_candidates(quick)
         d_trials = args.default_trials or (3 if quick else 9)
         d_hist = [histories[0]]
-        n_rows, _ = run_needle(engine, cands, d_trials, d_hist, args.chunk_tokens, args.seed + 1, _log)
+        n_rows, _ = run_needle(
+            engine, cands, d_trials, d_hist, args.chunk_tokens, args.seed + 1, _log, min_depths=2
+        )
+        # only settings that can still pass need the video half of the rule
+        alive = {v["policy"] for v in choose_default(n_rows, [])[1] if v["depths_equal_to_full"] >= 2}
+        v_cands = [c for c in cands if c.policy == "full" or c.name in alive]
         v_rows = run_video(
-            engine, cands, videos[:1], args.questions, args.answer_tokens, False, _log, "default-video"
+            engine, v_cands, videos[:1], args.questions, args.answer_tokens, False, _log, "default-video"
         )
         winner, verdicts = choose_default(n_rows, v_rows)
         _log(f"default: winner {winner}")
@@ -741,6 +780,7 @@ COLUMNS = (
     "fetched_fraction_frame",
     "fetched_fraction_text",
     "fetched_fraction_decode",
+    "fetched_fraction_answer",
     "attn_rel_error_mean",
     "passes_rule",
 )

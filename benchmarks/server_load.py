@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import machine
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -232,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
         # Jetson nvpmodel mode, L4T release and clocks of this machine (None off a Jetson); for a
         # remote --server it describes the client's machine, so run the benchmark on the board.
         "power_mode": power_mode_info(),
+        "machine": machine(),
     }
     if args.json:
         print(json.dumps(report, indent=2))

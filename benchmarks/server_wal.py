@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import machine
+
 
 def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     """Add `wal` under `vrex bench`."""
@@ -125,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         "snapshot_mib_per_s": round(last["snapshot_bytes"] / 2**20 / (last["snapshot_ms"] / 1e3), 1),
         "replay_ms_per_frame": round(replay_ms / max(1, len(contents.records)), 1),
         "replay_history_matches": same,
+        "machine": machine(),
     }
     if args.json:
         print(json.dumps(report, indent=2))

@@ -116,12 +116,64 @@ def device_kv_budget_auto(
     return max(0, free - reserve)
 
 
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-    "k": KiB, "m": MiB, "g": GiB, "t": TiB,  # bare letters: binary, as docker's -m 2g
-    "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
-}  # fmt: skip
+# Binary multiples for the IEC units and for the bare K/M/G/T shorthands (as `docker --memory 2g`
+# reads them); decimal multiples for KB/MB/GB/TB.
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
+}
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str | int) -> int:
+    """Parse a byte count such as "2GiB", "512MiB", "1.5GB", "1e9" or "4096".
+
+    Args:
+        text: a number with an optional unit: B; KiB/MiB/GiB/TiB (1024-based); KB/MB/GB/TB
+            (1000-based); K/M/G/T alone are 1024-based. Units are case-insensitive. An int is
+            returned unchanged (after a sign check).
+
+    Returns:
+        The size in bytes, rounded down to a whole byte.
+
+    Raises:
+        ValueError: naming the value when it is not a non-negative size.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"byte size must be a number with an optional unit, got {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"byte size must not be negative, got {text!r}")
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"byte size must be a string like '2GiB' or '4096', got {text!r}")
+    match = _BYTES_RE.match(text)
+    if match is None:
+        raise ValueError(f"cannot read {text!r} as a byte size; write e.g. '2GiB', '512MiB', '1e9' or '4096'")
+    number, unit = match.groups()
+    multiple = _BYTE_UNITS.get(unit.lower())
+    if multiple is None:
+        raise ValueError(
+            f"unknown unit {unit!r} in byte size {text!r}; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+        )
+    value = float(number) * multiple
+    if value > 2**62:
+        raise ValueError(f"byte size {text!r} is too large")
+    if unit == "" and value != int(value):
+        raise ValueError(f"byte size {text!r} is not a whole number of bytes")
+    return int(value)
 
 
 def parse_budget(value: str | int, field: str = "--device-kv-budget", **auto_kwargs) -> int:
@@ -130,19 +182,12 @@ def parse_budget(value: str | int, field: str = "--device-kv-budget", **auto_kwa
     "auto" calls `device_kv_budget_auto(**auto_kwargs)`. KB/MB/GB are powers of 1000; KiB/MiB/GiB
     and bare K/M/G are powers of 1024.
     """
-    if isinstance(value, bool):
-        raise ValueError(f"{field}: expected a size like 2GiB or 'auto', got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{field} must not be negative, got {value}")
-        return value
-    text = str(value).strip().lower()
-    if text == "auto":
+    if isinstance(value, str) and value.strip().lower() == "auto":
         return device_kv_budget_auto(**auto_kwargs)
-    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", text)
-    if not m or m.group(2) not in _UNITS:
-        raise ValueError(f"{field}: cannot read {value!r}; use 'auto' or a size like 512MiB, 2GiB, 4GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}; or 'auto'") from None
 
 
 def dtype_name_for(

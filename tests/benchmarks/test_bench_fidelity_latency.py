@@ -113,7 +113,7 @@ def test_default_rule_picks_fewest_bytes_that_keep_needle_and_agreement():
 
 def test_budget_plot_is_written(tmp_path):
     rows = [
-        {"policy": p, "video": "all", "fetched_fraction_frame": f, "kl_mean_nats": k, "agreement": a}
+        {"policy": p, "video": "all", "fetched_fraction_answer": f, "kl_mean_nats": k, "agreement": a}
         for p, f, k, a in [
             ("resv-r0.3", 0.2, 0.1, 0.8),
             ("resv-r0.9", 0.5, 0.01, 1.0),

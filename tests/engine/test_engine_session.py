@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import vrex.resv as resv
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.models import load_model, tiny_random
 from vrex.models.tiny import FAMILIES
@@ -74,13 +75,8 @@ def test_resv_ratio_one_matches_full(smolvlm_dir):
     frames = _frames(5, seed=1)
     _, full = _logits_of_session(engine, SessionSettings(policy="full"), frames)
     # ratio 1 keeps every cluster with positive weight: all of them under the softmax form
-    import vrex.resv as resv
-
-    resv.PRESETS["_all"] = resv.DEFAULT.replace(frame_ratio=1.0, decode_ratio=1.0)
-    try:
-        s, got = _logits_of_session(engine, SessionSettings(policy="resv", resv_preset="_all"), frames)
-    finally:
-        del resv.PRESETS["_all"]
+    every = resv.DEFAULT.replace(frame_ratio=1.0, decode_ratio=1.0)
+    s, got = _logits_of_session(engine, SessionSettings(policy="resv", resv_config=every), frames)
     assert torch.allclose(got, full, rtol=1e-4, atol=1e-4)
     assert s.stats()["fetched_fraction_frame"] == pytest.approx(1.0)
 
@@ -115,7 +111,9 @@ def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
     engine = Engine(
         EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path), device_kv_budget_bytes=300_000)
     )
-    s = engine.open_session(SessionSettings(policy="resv", fps=1))
+    custom = resv.DEFAULT.replace(frame_ratio=0.5, decode_ratio=0.8, mass="retrievable")
+    s = engine.open_session(SessionSettings(policy="resv", fps=1, resv_config=custom))
+    assert s.policy.selector.resv == custom
     frames = _frames(8, seed=3)
     for i, f in enumerate(frames[:6]):
         s.add_frame(f, float(i))
@@ -128,6 +126,7 @@ def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
         EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path)), adapter=engine.adapter
     )
     b = b_engine.resume(sid)
+    assert a.settings.resv == b.settings.resv == custom  # settings no preset holds survive a snapshot
     for i, f in enumerate(frames[6:], start=6):
         ra, rb = a.add_frame(f, float(i)), b.add_frame(f, float(i))
         assert ra.accepted and rb.accepted and ra.history_tokens == rb.history_tokens

@@ -302,6 +302,50 @@ def test_resv_selects_cluster_of_a_needle_query():
     assert int(out.clusters[0]) < 20  # near-copies share clusters
 
 
+def _sink_heavy_stream(d: int = 16):
+    """Sinks that match the query far better than anything else, then distinct retrievable
+    clusters of graded relevance (one per step)."""
+    sink = torch.zeros(1, 4, d)
+    sink[0, :, 0] = 12.0
+    steps = [sink]
+    for i in range(8):
+        k = torch.zeros(1, 6, d)
+        k[0, :, 1 + i] = 4.0  # its own direction: one cluster per step
+        k[0, :, 0] = 3.0 - 0.3 * i
+        steps.append(k)
+    steps.append(torch.randn(1, 4, d, generator=torch.Generator().manual_seed(1)))  # the window
+    query = torch.zeros(2, 1, d)
+    query[:, 0, 0] = 1.0
+    return steps, query
+
+
+@pytest.mark.parametrize("mass", ["all", "retrievable"])
+def test_resv_ratio_mass(mass):
+    d = 16
+    steps, query = _sink_heavy_stream(d)
+    cfg = resv.ResvConfig(
+        scope="per_head", hamming_threshold=2, similarity_floor=0.99, decode_ratio=0.6, mass=mass
+    )
+    sel = resv.make_selector(1, 2, 1, d, resv.SelectorConfig(sink_tokens=4, recent_tokens=4, resv=cfg))
+    _feed(sel, 1, steps)
+    out = sel.select(0, query, 56, 1.0)
+    extra = out.token_mask[0, 4:52]  # neither sink nor window
+    if mass == "all":
+        # the sink cluster alone passes 60% of all the mass: nothing else is fetched
+        assert not bool(extra.any())
+    else:
+        # 60% of the retrievable mass: the most relevant step first, never a lesser one alone
+        assert bool(extra[:6].all()) and not bool(extra.all())
+        picked = extra.view(8, 6).all(1).tolist()
+        assert picked == sorted(picked, reverse=True)
+        assert int(out.selected_clusters[0]) == sum(picked)  # no sink-only cluster counted
+
+
+def test_resv_config_mass_is_checked():
+    with pytest.raises(ValueError, match="mass"):
+        resv.ResvConfig(mass="most")
+
+
 def test_selector_bad_arguments():
     with pytest.raises(ValueError, match="policy"):
         resv.SelectorConfig(policy="magic")

@@ -210,6 +210,9 @@ def _run(args: argparse.Namespace) -> int:
             warm_frames=warm,
             rounds=args.frames,
         )
+    from vrex.host import machine_info
+
+    report["machine"] = machine_info()
     if args.json:
         print(json.dumps(report))
     else:

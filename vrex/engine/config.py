@@ -22,6 +22,8 @@ class SessionSettings:
     budget_fraction: float = 0.1  # topk / rekv
     recent_tokens: int | None = None  # None: one frame's visual tokens
     system_prompt: str | None = None  # None: the adapter's default
+    # any ReSV settings (sweeps, experiments); None: the named preset
+    resv_config: ResvConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fps <= 120.0:
@@ -36,10 +38,12 @@ class SessionSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         preset(self.resv_preset)  # raises for an unknown name
         object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.resv_config, dict):  # read back from a snapshot
+            object.__setattr__(self, "resv_config", ResvConfig(**self.resv_config))
 
     @property
     def resv(self) -> ResvConfig:
-        return preset(self.resv_preset)
+        return self.resv_config or preset(self.resv_preset)
 
     def replace(self, **changes: object) -> SessionSettings:
         return dataclasses.replace(self, **changes)

@@ -47,6 +47,9 @@ def run_kv_bench(args: argparse.Namespace) -> int:
     )
     results = measure_fetch_throughput(config)
     if args.json:
+        from vrex.host import machine_info
+
+        results = {**results, "machine": machine_info()}
         print(json.dumps(results, indent=1))
         return 0
     print(f"{'tier':<8}{'fetch ms':>10}{'MB/fetch':>10}{'from tier':>11}{'GB/s':>8}")

@@ -10,6 +10,7 @@ from typing import Literal
 Scope = Literal["all_heads", "per_head"]
 Estimator = Literal["mean", "bound", "radius"]
 WeightForm = Literal["softmax", "linear"]
+Mass = Literal["all", "retrievable"]
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,10 @@ class ResvConfig:
     """Everything ReSV does is set here; see DESIGN.md for why each default is what it is.
 
     ``frame_ratio`` applies to steps with several query rows per head (frames, prompts),
-    ``decode_ratio`` to single-row decode steps.
+    ``decode_ratio`` to single-row decode steps. ``mass`` says what the ratio is a share of:
+    ``all`` (the paper) counts the always-attended sinks and recent window too, so where they
+    hold most of the attention the cut keeps almost nothing else; ``retrievable`` counts only
+    the tokens the cut can add.
     """
 
     n_bits: int = 32
@@ -27,6 +31,7 @@ class ResvConfig:
     max_cluster_tokens: int | None = None  # a cluster stops accepting members at this size
     estimator: Estimator = "mean"
     weight_form: WeightForm = "softmax"
+    mass: Mass = "all"
     frame_ratio: float = 0.3
     decode_ratio: float = 0.3
     num_buckets: int | None = None  # set -> the hardware's bucketed early-exit WiCSum
@@ -47,6 +52,8 @@ class ResvConfig:
             raise ValueError(f"estimator must be mean, bound or radius, got {self.estimator!r}")
         if self.weight_form not in ("softmax", "linear"):
             raise ValueError(f"weight_form must be 'softmax' or 'linear', got {self.weight_form!r}")
+        if self.mass not in ("all", "retrievable"):
+            raise ValueError(f"mass must be 'all' or 'retrievable', got {self.mass!r}")
         for name in ("frame_ratio", "decode_ratio"):
             value = getattr(self, name)
             if not (0.0 < value <= 1.0) or math.isnan(value):

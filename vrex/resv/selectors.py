@@ -268,6 +268,11 @@ class ResvSelector(Selector):
             counts_i = counts_i[:, None].expand(-1, hg, -1).reshape(hkv, c)
         counts = counts_i.to(torch.float32)  # [Hkv, C]
         valid = (counts > 0)[:, None, :]
+        member = table.member_of.view  # [G, N]
+        if hg > 1:
+            member = member.expand(hkv, -1)
+        if self.resv.mass == "retrievable":
+            counts = counts - self._always_counts(member, history_len, c)
         all_valid = bool(valid.all())  # empty slots only appear when groups seed unevenly
         if self.resv.weight_form == "softmax":
             # empty slots score -inf, so exp gives them weight 0 without a second pass
@@ -288,10 +293,9 @@ class ResvSelector(Selector):
             ascending = sorted_values(rows)
             picked = mask_of_cut(rows, ascending, cut_counts(ascending, ratio))
         # union over rows and query heads (a byte max: any() over a middle dim is much slower)
+        if self.resv.mass == "retrievable":
+            picked &= rows > 0  # a cluster of always-attended tokens only adds nothing
         cluster_mask = picked.view(torch.uint8).reshape(hkv, -1, c).amax(1).bool()
-        member = table.member_of.view  # [G, N]
-        if hg > 1:
-            member = member.expand(hkv, -1)
         mask |= cluster_mask.gather(1, member)
         return Selection(
             mask,
@@ -299,6 +303,14 @@ class ResvSelector(Selector):
             selected_clusters=cluster_mask.sum(1),
             early_exit_fraction=exit_fraction,
         )
+
+    def _always_counts(self, member: Tensor, history_len: int, num_clusters: int) -> Tensor:
+        """Always-attended members per cluster ``[Hkv, C]``: only sinks and window are read."""
+        sink = min(self.cfg.sink_tokens, history_len)
+        start = max(sink, history_len - self.cfg.recent_tokens)
+        idx = torch.cat([member[:, :sink], member[:, start:]], 1)
+        out = torch.zeros(member.shape[0], num_clusters, device=self.device)
+        return out.scatter_add_(1, idx, torch.ones(idx.shape, device=self.device))
 
     def observe(self, layer: int, keys: Tensor) -> Tensor:
         self._check(layer)
