@@ -1,15 +1,20 @@
 """`vrex bench latency`: per-frame step latency against history length, per selector, with the
 KV cache spread over the tiers (device < history; the rest in host RAM and on disk).
 
-How a history of H tokens is built: **synthetic keys and values are written straight into the
+How a history of H tokens is built: its keys and values are **written straight into the
 session's tiered store** (and shown to the selector, which builds its HC table / key copies from
-them), one 64-token "frame" at a time, with the decoder's real shape (layers, KV heads, head dim).
-Keys are structured like a video stream: each frame is a noisy copy of its scene (a per-layer,
-per-head offset plus a per-patch pattern), with a scene cut every few frames. Running the real
-30-layer model over 40K tokens on a 2-core CPU would take hours; the store and the selectors do
-not care where keys came from, but **ReSV's fetched fraction on synthetic keys is not the one on
-real keys** (see the fidelity benchmark for that). The measured step itself is real: a video frame
-(bikes.mp4) through the full model with retrieval, the session's own phase timers.
+them), one frame at a time; only the measured steps run the model. Two sources:
+
+- ``recorded`` (default): the model's own keys and values for the sample videos (vtest, bikes,
+  bigbuckbunny, sampled at ``--record-fps`` and looped), made once by prefilling them with full
+  attention and cached on disk. Selectors therefore see real keys and real query-key structure;
+  the one difference from a live stream is that the history was computed under full attention,
+  not under the policy being measured.
+- ``synthetic``: structured random keys (each frame a noisy copy of its scene, a scene cut every
+  few frames). Instant, but ReSV's fetched fraction on such keys is not its fraction on real keys.
+
+The measured step itself is real: a video frame (bikes.mp4) through the full model with
+retrieval, the session's own phase timers.
 
 Policies: ``full`` (fetch everything every step, FlexGen-like), ``rekv``, ``topk``, ``resv`` (the
 shipped default preset) and ``resv-paper`` (the paper's preset).
@@ -21,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +56,7 @@ class SyntheticStream:
         self.scene_frames = scene_frames
         self.patch = torch.randn(num_layers, num_kv_heads, FRAME_TOKENS, head_dim, generator=self.gen) * 1.5
         self.frame = 0
+        self.frame_tokens = FRAME_TOKENS
         self._new_scene()
 
     def _new_scene(self) -> None:
@@ -66,23 +74,100 @@ class SyntheticStream:
         return keys, values
 
 
+RECORD_VIDEOS = ("vtest.avi", "bikes.mp4", "bigbuckbunny.mp4")
+
+
+class RecordedStream:
+    """The model's own keys and values for real video frames, replayed one frame at a time from
+    a cache made by :func:`record_history` (post-RoPE keys at their recorded positions, which
+    continue the session's prompt prefix exactly as in the recording)."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray, frame_sizes: list[int]):
+        self.keys, self.values, self.sizes = keys, values, frame_sizes  # [L, Hkv, N, d] float16
+        self.frame, self.start = 0, 0
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.sizes[self.frame] if self.frame < len(self.sizes) else 1 << 30
+
+    def next_frame(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.frame_tokens
+        span = slice(self.start, self.start + t)
+        self.frame, self.start = self.frame + 1, self.start + t
+        return (
+            torch.from_numpy(np.ascontiguousarray(self.keys[:, :, span])),
+            torch.from_numpy(np.ascontiguousarray(self.values[:, :, span])),
+        )
+
+
+def _video_frames(adapter, fps: float):
+    """Frame steps of the sample videos at ``fps``, in turn, forever."""
+    from vrex.video import FileSource, sample_video
+
+    while True:
+        for name in RECORD_VIDEOS:
+            for _, image in FileSource(sample_video(name), fps=fps):
+                yield adapter.frame_embeds(image)
+
+
+def record_history(adapter, tokens: int, cache_dir: str | Path, fps: float, log=None) -> RecordedStream:
+    """At least ``tokens`` history tokens of the sample videos, prefilled once with full
+    attention; cached as float16 arrays in ``cache_dir`` and reused by every later run (a
+    shorter history is a prefix of a longer one)."""
+    folder = Path(cache_dir) / f"{Path(adapter.path).name}-fps{fps:g}"
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["tokens"] >= tokens:
+            keys = np.load(folder / "keys.npy", mmap_mode="r")
+            values = np.load(folder / "values.npy", mmap_mode="r")
+            return RecordedStream(keys, values, meta["frame_sizes"])
+    engine = Engine(EngineConfig(device=str(adapter.device)), adapter=adapter)
+    session = engine.open_session(SessionSettings(policy="full", fps=120))
+    t0 = time.perf_counter()
+    sizes: list[int] = []
+    try:
+        with torch.inference_mode():
+            for step in _video_frames(adapter, fps):
+                if sum(sizes) >= tokens:
+                    break
+                session._step(step, "frame")
+                sizes.append(step.num_tokens)
+                if log and len(sizes) % 50 == 0:
+                    log(f"recording history: {sum(sizes)} tokens ({time.perf_counter() - t0:.0f}s)")
+            prefix = session.prefix_tokens
+            kv = [session.store.fetch_all(layer) for layer in range(adapter.num_layers)]
+    finally:
+        engine.close_session(session.id, forget=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, idx in (("keys", 0), ("values", 1)):
+        arr = torch.stack([pair[idx][:, prefix:] for pair in kv]).to(torch.float16).cpu().numpy()
+        tmp = folder / f".{name}.npy"
+        np.save(tmp, arr)
+        os.replace(tmp, folder / f"{name}.npy")
+    meta = {"tokens": sum(sizes), "frame_sizes": sizes, "fps": fps, "record_s": time.perf_counter() - t0}
+    meta_path.write_text(json.dumps(meta))
+    return record_history(adapter, tokens, cache_dir, fps)
+
+
 def kv_bytes(adapter, tokens: int) -> int:
     return tokens * adapter.num_layers * adapter.num_kv_heads * 2 * adapter.head_dim * adapter.dtype.itemsize
 
 
-def fill_history(session: Session, stream: SyntheticStream, target_tokens: int) -> float:
-    """Append synthetic frames until the history holds ``target_tokens``; returns seconds."""
+def fill_history(session: Session, stream: SyntheticStream | RecordedStream, target_tokens: int) -> float:
+    """Append the stream's frames until the history holds ``target_tokens``; returns seconds."""
     policy, store, dtype = session.policy, session.store, session.adapter.dtype
     device = session.adapter.device
     t0 = time.perf_counter()
     with torch.inference_mode():
-        while store.length(0) + FRAME_TOKENS <= target_tokens:
+        while store.length(0) + stream.frame_tokens <= target_tokens:
+            n = stream.frame_tokens
             keys, values = stream.next_frame()
             for layer in range(store.num_layers):
                 k = keys[layer].to(device, dtype)
                 ids = policy.selector.observe(layer, k)
                 store.append(layer, k, values[layer].to(device, dtype), ids)
-            session.cache.next_position += FRAME_TOKENS
+            session.cache.next_position += n
             policy.end_step()  # closes ReSV clusters whose pages left the device tier
     return time.perf_counter() - t0
 
@@ -117,6 +202,7 @@ def measure(
     host_fraction: float,
     seed: int,
     data_dir: str,
+    recorded: RecordedStream | None = None,
 ) -> dict:
     budget = kv_bytes(adapter, history)
     # A step may open a new page (block) per token per KV head in one layer (ReSV singletons):
@@ -135,7 +221,10 @@ def measure(
     name, preset = (policy.split("-", 1) + ["default"])[:2]
     session = engine.open_session(SessionSettings(policy=name, resv_preset=preset, budget_fraction=0.1))
     try:
-        stream = SyntheticStream(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, seed)
+        if recorded is not None:
+            stream = RecordedStream(recorded.keys, recorded.values, recorded.sizes)
+        else:
+            stream = SyntheticStream(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, seed)
         fill_s = fill_history(session, stream, history - len(frames) * frames[0].num_tokens)
         peaks = {"host": 0, "disk": 0}
         steps = []
@@ -237,6 +326,10 @@ def run(args: argparse.Namespace, adapter=None) -> list[dict]:
     histories = args.history or ([1000, 5000] if args.quick else [1000, 5000, 10000, 20000, 40000])
     policies = args.policy or list(POLICIES)
     frames = frame_steps(adapter, args.steps)
+    recorded = None
+    if args.history_source == "recorded":
+        cache = args.record_cache or str(Path.home() / ".cache" / "vrex" / "latency-history")
+        recorded = record_history(adapter, max(histories), cache, args.record_fps, _log)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vrex-latency-", dir=args.data_dir) as data_dir:
         for history in histories:
@@ -250,7 +343,9 @@ def run(args: argparse.Namespace, adapter=None) -> list[dict]:
                     args.host_fraction,
                     args.seed,
                     data_dir,
+                    recorded,
                 )
+                row["history_source"] = args.history_source
                 row["device"] = str(adapter.device)
                 row["model_shape"] = (
                     f"{adapter.num_layers}L x {adapter.num_kv_heads} KV heads x d{adapter.head_dim}"
@@ -321,6 +416,16 @@ def register(bench_sub) -> None:
         "--steps", type=int, default=3, help="frame steps measured per point (the first is warm-up)"
     )
     p.add_argument("--data-dir", help="where the disk tier's files go (default: the temp folder)")
+    p.add_argument(
+        "--history-source",
+        choices=("recorded", "synthetic"),
+        default="recorded",
+        help="the model's own KV of the sample videos (cached after the first run) or random keys",
+    )
+    p.add_argument(
+        "--record-cache", help="folder of the recorded history (default ~/.cache/vrex/latency-history)"
+    )
+    p.add_argument("--record-fps", type=float, default=6.0, help="video sampling rate of the recording")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", help="append every measured point to this JSON-lines file as it ends")

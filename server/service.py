@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -50,7 +51,10 @@ class VRexServicer(pb_grpc.VRexServicer):
         self.metrics.power_sampler(power_sampler)
         self.sessions: dict[str, LiveSession] = {}
         self.handlers: set[StreamHandler] = set()
-        self._lock = asyncio.Lock()  # guards open/attach/release against each other
+        self._lock = asyncio.Lock()  # guards the registry below; never held across engine work
+        self._num_reserved = 0  # slots held by opens and restores not yet in `sessions`
+        self._restoring: dict[str, asyncio.Task] = {}  # session id -> its restore in flight
+        self._closing: dict[str, asyncio.Event] = {}  # session id -> set once it is released
 
     @property
     def snapshots_enabled(self) -> bool:
@@ -99,14 +103,27 @@ class VRexServicer(pb_grpc.VRexServicer):
         return log.recovered
 
     # ------------------------------------------------------------------ session registry
+    #
+    # Slots: a session counts against max_sessions from the moment its open or restore is
+    # reserved (`_num_reserved`) until it is released, so concurrent opens and resumes cannot
+    # overshoot the limit. `_lock` is held only over short sections that never await (reserve a
+    # slot, publish a session, drop one); engine work — opening, restoring a snapshot and
+    # replaying a write-ahead log — runs outside it, so a long replay never blocks other sessions.
+
+    def _reserve_slot(self, what_to_do: str) -> None:
+        """Count one more session against max_sessions; call with `_lock` held."""
+        if len(self.sessions) + self._num_reserved >= self.config.max_sessions:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"all {self.config.max_sessions} sessions are in use; {what_to_do}",
+            )
+        self._num_reserved += 1
 
     async def open_new(self, settings: pb.SessionSettings) -> LiveSession:
         async with self._lock:
-            if len(self.sessions) >= self.config.max_sessions:
-                raise RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"all {self.config.max_sessions} sessions are in use; close one or retry later",
-                )
+            self._reserve_slot("close one or retry later")
+        published = False
+        try:
             try:
                 engine_settings = self.backend.make_settings(
                     fps=settings.fps,
@@ -126,7 +143,13 @@ class VRexServicer(pb_grpc.VRexServicer):
                 attached=True,
                 energy=SessionEnergy(self.power_sampler),
             )
-            self.sessions[live.id] = live
+            async with self._lock:
+                self._num_reserved -= 1
+                self.sessions[live.id] = live
+                published = True
+        finally:
+            if not published:  # no await here: the slot is freed even when cancelled
+                self._num_reserved -= 1
         self.metrics.session_opened()
         if self.wal_enabled:
             # a base snapshot, so the log always has one to replay onto
@@ -157,15 +180,62 @@ class VRexServicer(pb_grpc.VRexServicer):
         return live, resumed
 
     async def restore(self, session_id: str) -> tuple[LiveSession, bool]:
-        async with self._lock:
-            live = self.sessions.get(session_id)
-            if live is not None:
-                return live, False
-            if len(self.sessions) >= self.config.max_sessions:
-                raise RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"all {self.config.max_sessions} sessions are in use; close one before resuming {session_id}",
-                )
+        """The live session `session_id`, or that session restored from its snapshot (and its
+        write-ahead log replayed); returns (session, resumed).
+
+        Concurrent calls for one id share one restore, so they all get the same session or the
+        same error. A session being released is waited for, then restored from the snapshot
+        its release just wrote.
+
+        Raises:
+            RequestError: NOT_FOUND (no such session), RESOURCE_EXHAUSTED (no free slot),
+                DATA_LOSS (its log does not replay), or the engine's error mapped to a status.
+        """
+        while True:
+            async with self._lock:
+                closing = self._closing.get(session_id)
+                if closing is None:
+                    live = self.sessions.get(session_id)
+                    if live is not None:
+                        return live, False
+                    task = self._restoring.get(session_id)
+                    if task is None:
+                        self._reserve_slot(f"close one before resuming {session_id}")
+                        task = asyncio.create_task(self._restore(session_id), name=f"restore {session_id}")
+                        self._restoring[session_id] = task
+                        task.add_done_callback(functools.partial(self._restore_done, session_id))
+            if closing is None:
+                break
+            await closing.wait()
+        # asyncio.wait, not a plain await: a caller that goes away (deadline, disconnect) leaves
+        # the restore running for the others; if nobody attaches, the idle reaper closes it
+        await asyncio.wait((task,))
+        if task.cancelled():  # the server is stopping (release_all), not this caller
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server stopped while resuming {session_id}; resume it again once it is back",
+            )
+        return task.result(), True
+
+    def _forget_restore(self, session_id: str, task: asyncio.Task) -> None:
+        """Drop a restore's entry and its reserved slot; idempotent, and never awaits."""
+        if self._restoring.get(session_id) is task:
+            del self._restoring[session_id]
+            self._num_reserved -= 1
+
+    def _restore_done(self, session_id: str, task: asyncio.Task) -> None:
+        # A restore cancelled before it started never ran its own clean-up; and an error nobody
+        # waited for (every caller went away) must not be logged as "never retrieved".
+        self._forget_restore(session_id, task)
+        if not task.cancelled():
+            task.exception()
+
+    async def _restore(self, session_id: str) -> LiveSession:
+        """One restore, run as its own task with a slot reserved by `restore`."""
+        task = asyncio.current_task()
+        engine_session = None
+        live = None
+        try:
             try:
                 engine_session = await self.backend.resume(session_id)
             except KeyError as exc:
@@ -180,32 +250,44 @@ class VRexServicer(pb_grpc.VRexServicer):
             except Exception as exc:
                 code, message = self.backend.status_of(exc)
                 raise RequestError(code, message) from exc
-            settings = _settings_of(engine_session, self.config)
             live = LiveSession(
                 engine_session=engine_session,
-                settings=settings,
+                settings=_settings_of(engine_session, self.config),
                 last_snapshot_s=time.monotonic(),
                 energy=SessionEnergy(self.power_sampler),
             )
-            replayed = None
-            if self.wal_enabled:
-                replayed = await self._replay_log(live)
-            self.sessions[live.id] = live
+            replayed = await self._replay_log(live) if self.wal_enabled else None
+            async with self._lock:
+                self._forget_restore(session_id, task)
+                live.last_used_s = time.monotonic()  # the reaper's clock starts now, not before replay
+                self.sessions[live.id] = live
+        except BaseException:
+            # nothing half-registered: free the slot, close the log and the engine session
+            self._forget_restore(session_id, task)
+            if live is not None and live.wal is not None:
+                live.wal.close()
+                live.wal = None
+            if engine_session is not None:
+                try:
+                    await self.backend.close_session(engine_session)
+                except Exception:
+                    logging.getLogger("vrex.server").exception(
+                        "failed to close session %s after its restore failed", session_id
+                    )
+            raise
         self.metrics.session_opened()
         log_event("session_resume", session=live.id, **(vars(replayed) if replayed else {}))
-        return live, True
+        return live
 
     async def _replay_log(self, live: LiveSession) -> wal.ReplayReport:
-        """Bring a restored session up to its last acknowledged record (see server/wal.py)."""
+        """Bring a restored session up to its last acknowledged record (see server/wal.py).
+        On failure the caller closes the log and the session."""
         t0 = time.monotonic()
         try:
             contents = await self._open_wal(live)
             report = await wal.replay(self.backend, live.engine_session, contents)
         except Exception as exc:
             log_event("wal_replay_failed", logging.ERROR, session=live.id, error=repr(exc))
-            if live.wal is not None:
-                live.wal.close()
-            await self.backend.close_session(live.engine_session)
             raise RequestError(
                 grpc.StatusCode.DATA_LOSS,
                 f"session {live.id}: its write-ahead log {wal.wal_path(self.config.data_dir, live.id)} "
@@ -244,21 +326,33 @@ class VRexServicer(pb_grpc.VRexServicer):
         live.dirty = False
 
     async def release(self, live: LiveSession, snapshot: bool = True) -> bool:
-        """Snapshot (if there is a data dir) and close the session; True if resumable."""
+        """Snapshot (if there is a data dir) and close the session; True if resumable.
+
+        Until it is closed, `restore` of the same id waits, so a client that reconnects at once
+        gets the session back from this snapshot, never the engine session being closed."""
+        closing = self._closing.get(live.id)
+        owns_closing = closing is None  # a second release of the same session leaves it be
+        if owns_closing:
+            closing = self._closing[live.id] = asyncio.Event()
         resumable = False
         try:
-            if self.snapshots_enabled and snapshot:
-                await self.snapshot(live)
-                resumable = True
+            try:
+                if self.snapshots_enabled and snapshot:
+                    await self.snapshot(live)
+                    resumable = True
+            finally:
+                if live.wal is not None:
+                    live.wal.close()
+                    live.wal = None
+                async with self._lock:
+                    if self.sessions.pop(live.id, None) is not None:
+                        self.metrics.session_closed()
+                        self.metrics.forget(live.id)
+                await self.backend.close_session(live.engine_session)
         finally:
-            if live.wal is not None:
-                live.wal.close()
-                live.wal = None
-            async with self._lock:
-                if self.sessions.pop(live.id, None) is not None:
-                    self.metrics.session_closed()
-                    self.metrics.forget(live.id)
-            await self.backend.close_session(live.engine_session)
+            if owns_closing:
+                del self._closing[live.id]
+                closing.set()
         log_event("session_close", session=live.id, resumable=resumable)
         return resumable
 
@@ -274,6 +368,11 @@ class VRexServicer(pb_grpc.VRexServicer):
             handler.begin_shutdown()
 
     async def release_all(self) -> None:
+        # Restores still running are cancelled: their snapshot and log stay on disk as they were.
+        restoring = list(self._restoring.values())
+        for task in restoring:
+            task.cancel()
+        await asyncio.gather(*restoring, return_exceptions=True)
         for live in list(self.sessions.values()):
             try:
                 await self.release(live)

@@ -10,7 +10,7 @@ import torch
 
 import vrex.resv as resv
 from benchmarks import fidelity, latency
-from vrex.engine import Engine, EngineConfig
+from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.models import tiny_random
 
 
@@ -124,8 +124,12 @@ def test_budget_plot_is_written(tmp_path):
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_latency_rows_have_phases_tiers_and_targets(engine, tmp_path):
+@pytest.mark.parametrize("source", ["synthetic", "recorded"])
+def test_latency_rows_have_phases_tiers_and_targets(engine, tmp_path, source):
     args = argparse.Namespace(
+        history_source=source,
+        record_cache=str(tmp_path / "cache"),
+        record_fps=6.0,
         history=[1280],
         quick=False,
         policy=["full", "resv"],
@@ -155,6 +159,29 @@ def test_latency_rows_have_phases_tiers_and_targets(engine, tmp_path):
         phases = sum(r[k] for k in ("select_ms", "fetch_ms", "attention_ms", "store_ms", "mlp_and_rest_ms"))
         assert phases == pytest.approx(r["step_ms"], rel=0.05)
     assert {r["target"] for r in rows if "target" in r} >= {"resv selection <= 10% of the step"}
+
+
+def test_recorded_history_is_the_models_own_kv_and_is_cached(engine, tmp_path):
+    a = engine.adapter
+    rec = latency.record_history(a, 200, tmp_path, fps=6.0)
+    assert sum(rec.sizes) >= 200 and rec.keys.shape[2] == sum(rec.sizes)
+    meta = next(tmp_path.glob("*/meta.json"))
+    stamp = meta.stat().st_mtime_ns
+    again = latency.record_history(a, 150, tmp_path, fps=6.0)  # shorter: a prefix of the cache
+    assert meta.stat().st_mtime_ns == stamp and again.sizes == rec.sizes
+    # the first recorded frame is what a fresh full-attention session stores for that frame
+    session = engine.open_session(SessionSettings(policy="full", fps=120))
+    try:
+        session._step(next(latency._video_frames(a, 6.0)), "frame")
+        k, v = session.store.fetch_all(a.num_layers - 1)
+        n = rec.sizes[0]
+        keys, values = latency.RecordedStream(rec.keys, rec.values, rec.sizes).next_frame()
+        assert keys.shape[2] == n
+        p = session.prefix_tokens
+        torch.testing.assert_close(keys[-1].float(), k[:, p : p + n].float(), atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(values[-1].float(), v[:, p : p + n].float(), atol=2e-2, rtol=1e-2)
+    finally:
+        engine.close_session(session.id, forget=True)
 
 
 def test_cli_registers_both_subcommands():

@@ -276,6 +276,42 @@ def test_vrex_run_cli_json(smolvlm_dir, tmp_path, capsys):
     assert main(["run", "--video", str(tmp_path / "missing.mp4"), "--ask", "x"]) == 2
 
 
+def _run_json(smolvlm_dir, capsys, *extra):
+    from vrex.cli import main
+
+    args = ["run", "--video", str(_sample("bikes.mp4")), "--model", str(smolvlm_dir), "--fps", "1"]
+    args += ["--ask", "what?", "--max-new-tokens", "2", "--max-seconds", "3", "--json", *extra]
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_vrex_run_reports_measured_energy(smolvlm_dir, capsys, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    import vrex.power as power
+
+    # off a Jetson: no sampler, a note, and no numbers
+    monkeypatch.setattr(power, "detect_sampler", lambda interval_ms=100: None)
+    stats = _run_json(smolvlm_dir, capsys)["stats"]
+    assert stats["power_sampler"] is None and stats["power_note"] == power.NO_SAMPLER_NOTE
+    assert "energy_per_frame_mj" not in stats
+    # a recorded Orin Nano tegrastats line (VDD_IN 7432 mW) every 20 ms
+    line = (Path(__file__).parents[1] / "jetson" / "fixtures" / "tegrastats_orin_nano_jp6.log").read_text()
+    line = line.splitlines()[0]
+    script = f"import time\nwhile True:\n    print({line!r}, flush=True)\n    time.sleep(0.02)\n"
+    monkeypatch.setattr(
+        power,
+        "detect_sampler",
+        lambda interval_ms=100: power.PowerSampler("tegrastats", 20, command=[sys.executable, "-c", script]),
+    )
+    stats = _run_json(smolvlm_dir, capsys)["stats"]
+    assert stats["power_sampler"] == "tegrastats"
+    assert stats["energy_answers_measured"] == 1 and stats["energy_frames_measured"] >= 1
+    assert stats["average_power_mw"] == pytest.approx(7432.0, rel=1e-6)
+    assert stats["energy_per_frame_mj"] > 0
+
+
 def test_engine_trace_replays_in_the_simulator(smolvlm_dir, tmp_path, capsys):
     """The two halves meet in the trace: what a session recorded, the simulator replays."""
     from vrex.cli import main

@@ -58,6 +58,7 @@ def _resolve_video(name: str) -> Path:
 def _main(args: argparse.Namespace) -> int:
     from vrex.engine import Engine, EngineConfig, SessionSettings
     from vrex.kv import parse_bytes
+    from vrex.power import SessionEnergy, start_detected_sampler
     from vrex.video import FileSource
 
     if not args.ask:
@@ -96,6 +97,8 @@ def _main(args: argparse.Namespace) -> int:
         fps=args.fps, policy=args.policy, resv_preset=args.preset, max_new_tokens=args.max_new_tokens
     )
     session = engine.open_session(settings, trace_path=args.trace)
+    sampler, _ = start_detected_sampler()  # a Jetson's tegrastats/jtop; None elsewhere
+    energy = SessionEnergy(sampler)
     times = args.ask_at or [float("inf")] * len(args.ask)
     pending = sorted(zip(times, args.ask, strict=True), key=lambda x: x[0])
     answers = []
@@ -106,10 +109,12 @@ def _main(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"\n[{at:6.1f}s] Q: {question}\n         A: ", end="", flush=True)
         text = []
+        t0_s = energy.clock()
         for delta in session.generate(question):
             text.append(delta.text)
             if not args.json:
                 print(delta.text, end="", flush=True)
+        energy.record("answer", t0_s, energy.clock())
         if not args.json:
             print()
         stats = session.last_answer_stats
@@ -133,7 +138,10 @@ def _main(args: argparse.Namespace) -> int:
             while pending and pending[0][0] <= ts:
                 at, q = pending.pop(0)
                 answer(q, at)
+            t0_s = energy.clock()
             result = session.add_frame(image, ts)
+            if result.accepted:
+                energy.record("frame", t0_s, energy.clock())
             last_t = ts
             if result.accepted and not args.json:
                 st = session.stats()
@@ -152,6 +160,10 @@ def _main(args: argparse.Namespace) -> int:
         source.close()
     stats = session.stats()
     session.close()
+    if sampler is not None:
+        time.sleep(2 * sampler.interval_ms / 1e3)  # a sample after the last event settles it
+        sampler.stop()
+    stats.update(energy.stats())
     if args.json:
         print(json.dumps({"model": info, "video": str(video), "answers": answers, "stats": stats}, indent=1))
     else:

@@ -69,11 +69,12 @@ class ResvConfig:
 # mean-key cluster score.
 PAPER = ResvConfig()
 
-# Per-KV-head codes with a cosine membership floor (research/resv-spike.md, third study), frame
-# ratio 0.7: in `vrex bench fidelity --part default` it kept the pass key in every counted trial
-# at all depths and fetched less than frame ratio 0.9 (docs/bench_results_fidelity.md).
+# Per-KV-head codes, a cosine membership floor 0.9 (tight clusters: a mean key hides no outlier
+# member), frame ratio 0.5 and decode ratio 0.97 (a single decode row has no union over rows to
+# make up for a tight cut). Chosen by `vrex bench fidelity --part default`; the measurements are in
+# docs/bench_results_fidelity.md and docs/research-resv-equal-budget.md.
 DEFAULT = ResvConfig(
-    scope="per_head", hamming_threshold=9, similarity_floor=0.8, frame_ratio=0.7, decode_ratio=0.9
+    scope="per_head", hamming_threshold=9, similarity_floor=0.9, frame_ratio=0.5, decode_ratio=0.97
 )
 
 PRESETS: dict[str, ResvConfig] = {"paper": PAPER, "default": DEFAULT}
