@@ -85,7 +85,10 @@ class Backend:
         return await maybe_await(self.engine.open_session(settings))
 
     async def resume(self, session_id: str) -> Any:
-        return await maybe_await(self.engine.resume(session_id))
+        if inspect.iscoroutinefunction(self.engine.resume):
+            return await self.engine.resume(session_id)
+        # reading a snapshot takes a while: off the event loop, between other sessions' steps
+        return await self.on_model_thread(self.engine.resume, session_id)
 
     async def on_model_thread(self, fn: Any, *args: Any) -> Any:
         # the engine's model thread when it has one: work that reads or changes the KV store must

@@ -68,6 +68,47 @@ def test_needle_counts_only_trials_full_attention_solves(engine):
     assert by["full"]["trials"] == 2 and by["full"]["trials_full_found"] == len(solved)
 
 
+def test_needle_sweep_stops_a_setting_once_its_verdict_is_settled(engine, monkeypatch):
+    """With min_depths=2 of 3 bins, a setting that missed in two bins runs no more trials."""
+    calls = []
+
+    def fake_trial(engine, v, filler, key, depth, chunk_tokens, offset, history):
+        calls.append(v.name)
+        found = v.name == "full" or (v.name == "good")
+        return {
+            "found": found,
+            **{k: 0.5 for k in ("fetched_fraction_frame", "fetched_fraction_text")},
+            **{k: 0.5 for k in ("fetched_fraction_decode", "fetched_fraction_answer")},
+            "bytes_fetched": 1,
+            "prefill_s": 0.0,
+            "history_tokens": history,
+        }
+
+    monkeypatch.setattr(fidelity, "needle_trial", fake_trial)
+    variants = [fidelity.Variant(n, p) for n, p in (("full", "full"), ("good", "resv"), ("bad", "resv"))]
+    fidelity.run_needle(engine, variants, 6, [256], 32, 0, lambda m: None, min_depths=2)
+    assert calls.count("good") == 6 and calls.count("bad") == 2  # two bins missed: settled
+
+
+def test_needle_target_compares_bytes_with_the_cheapest_exact_rekv():
+    def row(policy, acc, nbytes):
+        return {
+            "part": "needle",
+            "policy": policy,
+            "history_tokens": 2048,
+            "accuracy": acc,
+            "bytes_fetched": nbytes,
+            "trials_full_found": 4,
+        }
+
+    rows = [row("resv", 1.0, 10), row("rekv", 0.0, 5), row("rekv-b0.25", 1.0, 40), row("rekv-b0.5", 1.0, 80)]
+    (t,) = fidelity.needle_targets(rows)
+    assert t["rekv_policy_at_equal_accuracy"] == "rekv-b0.25"
+    assert t["bytes_ratio_rekv_over_resv"] == 4.0 and t["met"]
+    rows[0]["accuracy"] = 0.75  # ReSV lost a key: no saving counts
+    assert not fidelity.needle_targets(rows)[0]["met"]
+
+
 def test_default_rule_picks_fewest_bytes_that_keep_needle_and_agreement():
     def needle(policy, accs, nbytes):
         row = {
