@@ -90,6 +90,19 @@ def area_power_report(system: SystemConfig, tech: dict[str, float]) -> dict:
     }
 
 
+def power_ceiling_w(system: SystemConfig, tech: dict[str, float]) -> float:
+    """Most a V-Rex system can draw: every unit of every core at full activity (Table III
+    power), device DRAM moving data at its peak bandwidth, plus DRAM background power.
+    The link and offload tier are left out (used to bound frames that fetch nothing)."""
+    mem = system.memory
+    chip_w = area_power_report(system, tech)["chip_total"]["power_mw"] * 1e-3
+    if mem.dram_type == "lpddr5":
+        pj_bit, background_w = tech["lpddr5_energy_pj_per_bit"], tech["dram_background_w"]
+    else:
+        pj_bit, background_w = tech["hbm2e_energy_pj_per_bit"], tech["hbm_background_w"]
+    return chip_w + mem.dram_bandwidth_gbps * 1e9 * 8 * pj_bit * 1e-12 + background_w
+
+
 def run_energy_mj(
     system: SystemConfig, tech: dict[str, float], counters: dict[str, float], time_s: float
 ) -> dict[str, float]:

@@ -16,7 +16,7 @@ import math
 
 from sim.config import SystemConfig
 from sim.cost import link_offload_energy_mj
-from sim.workload import Step, policy_table
+from sim.workload import Step, device_window_tokens, policy_table
 
 
 def _roof(system: SystemConfig, flops: float, nbytes: float) -> float:
@@ -73,6 +73,7 @@ def simulate_gpu_steps(system: SystemConfig, steps: list[Step], policy: str) -> 
     )
     launch = g.kernel_launch_us * 1e-6
     link_bw = mem.link_bandwidth_gbps * 1e9 * mem.link_efficiency
+    window = device_window_tokens(system, policy)
     breakdown = {"vision": 0.0, "layers": 0.0, "kv_predict": 0.0, "kv_fetch": 0.0, "lm_head": 0.0}
     counters = {"dram_bytes": 0.0, "link_read_bytes": 0.0, "link_write_bytes": 0.0, "flops": 0.0}
     irregular_s = 0.0  # time in data-dependent prediction kernels (few SMs busy)
@@ -91,7 +92,7 @@ def simulate_gpu_steps(system: SystemConfig, steps: list[Step], policy: str) -> 
             breakdown["vision"] += model.vision_layers * (_roof(system, flops, wbytes) + 10 * launch)
             counters["flops"] += model.vision_layers * flops
             counters["dram_bytes"] += model.vision_layers * wbytes
-        if hist + n > mem.recent_window_tokens and spec.get("offload", True):
+        if hist + n > window and spec.get("offload", True):
             counters["link_write_bytes"] += b * n * model.kv_bytes_per_token_layer * model.num_layers
         fetch_s = []
         layer_s = []

@@ -15,6 +15,11 @@ Where the paper contradicts itself we say which figure is matched:
 - Fig. 14's end-to-end labels are matched against AGX+InfiniGen; against FlexGen they
   contradict Fig. 13 (derived rows show what Fig. 13 implies, see _fig14_rows).
 - Fig. 18's intensity and fractions fit only one reading of its op counts (sim/roofline.py).
+- Batched rows that disagree with the rest of the paper keep their FAIL, with a note computed
+  here from the reference and our model (_explain_batch_rows): the b4 1K energy gain and the
+  b8 1K speedup, each paired with its published partner at the same point, mean the chip at
+  ~95 % of its full-activity power for the whole frame (sim/cost.py power_ceiling_w); the b8
+  40K speedup needs less link time per stream than the b1 figures spend on the long history.
 Ranges ("2.2-7.3x") are compared end to end: our min over the KV sweep against the low end,
 our max against the high end.
 """
@@ -261,7 +266,7 @@ def validation_table(quick: bool = False) -> list[dict]:
             [p["speedup"] for p in b4],
             0.20,
         )
-        rows[-1]["note"] = "Fig. 18 gives 10.8x for the same point (edge, 40K, batch 4)"
+        rows[-1]["note"] = "Fig. 18 gives 10.8x for the same point (edge, 40K, batch 4), which we match"
         rows += _range_rows(
             "Fig13 energy gain edge b4 frame",
             [min(eff["edge_b4_frame"]), max(eff["edge_b4_frame"])],
@@ -283,7 +288,162 @@ def validation_table(quick: bool = False) -> list[dict]:
         )
         rows += _fig14_rows(ref)
         rows += _fig18_rows(ref)
+        _explain_batch_rows(ref, rows)
+    _explain_energy_rows(ref, rows, edge, base, agx_resv)
     return rows
+
+
+def _set_note(rows: list[dict], figure: str, note: str) -> None:
+    for r in rows:
+        if r["figure"] == figure:
+            r["note"] = f"{r['note']}; {note}" if r["note"] else note
+
+
+def _frame_power_w(result: dict) -> float:
+    frame = result["stages"]["frame"]
+    return frame["energy_mj"] / frame["latency_ms"]
+
+
+def implied_power_w(system: str, baseline: str, kv: int, batch: int, speedup: float, gain: float) -> dict:
+    """Power a published (speedup, energy gain) pair implies for `system` at one point,
+    given our baseline's power there (running FlexGen, Fig. 13's reference):
+    energy gain = speedup x P_baseline / P_system.
+    Compared with the system's ceiling (sim/cost.py power_ceiling_w) and our own power."""
+    from sim.cost import power_ceiling_w
+    from sim.tech import tech_values
+
+    base = simulate(baseline, {"kv_tokens": kv, "batch": batch, "policy": "flexgen"})
+    ours = simulate(system, {"kv_tokens": kv, "batch": batch})
+    base_w = _frame_power_w(base)
+    return {
+        "baseline_w": base_w,
+        "implied_w": base_w * speedup / gain,
+        "ceiling_w": power_ceiling_w(load_system(system), tech_values()),
+        "ours_w": _frame_power_w(ours),
+    }
+
+
+def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
+    """Notes for the batched Fig. 13 rows, with the arithmetic on published figures that
+    shows where they disagree with the rest of the paper (CALIBRATION.md, known misses)."""
+    eff = ref["fig13_energy_efficiency_vs_flexgen"]
+    kv_lo = eff["kv_tokens"][0]
+    edge, server = ref["fig13_edge_vrex8_batch1"], ref["fig13_server_vrex48"]
+    # (row, system, baseline, batch, published speedup and gain at 1K for that batch and b1)
+    for figure, system, baseline, batch, speedup, gain, b1_speedup, b1_gain in (
+        (
+            "Fig13 energy gain edge b4 frame (low end)",
+            "vrex8",
+            "agx-orin",
+            4,
+            edge["speedup_vs_agx_flexgen_batch4_range"][0],
+            eff["edge_b4_frame"][0],
+            edge["speedup_vs_agx_flexgen_range"][0],
+            eff["edge_b1_frame"][0],
+        ),
+        (
+            "Fig13 speedup vs A100+FlexGen b8 (low end)",
+            "vrex48",
+            "a100",
+            8,
+            server["speedup_vs_a100_flexgen_batch8_range"][0],
+            eff["server_b8_frame"][0],
+            server["speedup_vs_a100_flexgen_batch1_range"][0],
+            eff["server_b1_frame"][0],
+        ),
+    ):
+        p = implied_power_w(system, baseline, kv_lo, batch, speedup, gain)
+        p1 = implied_power_w(system, baseline, kv_lo, 1, b1_speedup, b1_gain)
+        _set_note(
+            rows,
+            figure,
+            f"contradicts Table III: {speedup:g}x at {gain:g}x energy (b{batch}, {kv_lo // 1000}K) means "
+            f"{system} draws {p['implied_w']:.0f} W ({baseline} {p['baseline_w']:.0f} W), "
+            f"{p['implied_w'] / p['ceiling_w']:.0%} of its {p['ceiling_w']:.0f} W ceiling (all units at "
+            f"full activity, DRAM at peak) for the whole frame; at b1 the paper's pair gives "
+            f"{p1['implied_w']:.0f} W; ours {p['ours_w']:.0f} W",
+        )
+    # High ends at 40K: a batch is never slower than its streams one after another, so the
+    # published b1 point bounds the baseline's batched frame and hence the batched speedup.
+    for figure, system, batch, b1_short_ms, b1_ms, b1_speedup, speedup in (
+        (
+            "Fig13 speedup vs AGX+FlexGen b4 (high end)",
+            "vrex8",
+            4,
+            edge["frame_latency_ms"][0],
+            edge["frame_latency_ms"][-1],
+            edge["speedup_vs_agx_flexgen_range"][1],
+            edge["speedup_vs_agx_flexgen_batch4_range"][1],
+        ),
+        (
+            "Fig13 speedup vs A100+FlexGen b8 (high end)",
+            "vrex48",
+            8,
+            server["frame_latency_ms_range"][0],
+            server["frame_latency_ms_range"][1],
+            server["speedup_vs_a100_flexgen_batch1_range"][1],
+            server["speedup_vs_a100_flexgen_batch8_range"][1],
+        ),
+    ):
+        bound_ms = batch * b1_ms * b1_speedup / speedup
+        kv = ref["kv_cache_sweep_tokens"][-1]
+        res = simulate(system, {"kv_tokens": kv, "batch": batch})
+        mem = load_system(system).memory
+        floor_ms = (
+            res["stages"]["frame"]["counters"]["link_read_bytes"]
+            / (mem.link_bandwidth_gbps * 1e9 * mem.link_efficiency)
+            * 1e3
+        )
+        _set_note(
+            rows,
+            figure,
+            f"with the b1 point ({b1_ms:g} ms, {b1_speedup:g}x) the baseline's b{batch} frame is at most "
+            f"{batch} x {b1_ms * b1_speedup:.0f} ms, so {speedup:g}x needs {system} b{batch} <= "
+            f"{bound_ms:.0f} ms ({bound_ms / batch:.1f} ms per stream), while at b1 the long history "
+            f"adds {b1_ms - b1_short_ms:g} ms per stream ({b1_short_ms:g} -> {b1_ms:g} ms); ours "
+            f"{res['frame_latency_ms']:.0f} ms, link floor {floor_ms:.0f} ms",
+        )
+    _set_note(
+        rows,
+        "Fig13 energy gain server b8 frame (high end)",
+        "follows the b8 speed miss (the A100 burns near board power while it waits)",
+    )
+
+
+def _explain_energy_rows(
+    ref: dict[str, Any], rows: list[dict], edge: list[dict], flexgen_40k: dict, agx_resv_40k: dict
+) -> None:
+    """Notes for the edge energy rows we miss, from published figures and our model."""
+    fig13, eff = ref["fig13_edge_vrex8_batch1"], ref["fig13_energy_efficiency_vs_flexgen"]
+    # energy gain = speedup x P_AGX / P_V-Rex8, so each (TPOT speedup, text gain) pair gives
+    # the decode power ratio; the ends of the ranges belong to 1K and 40K.
+    published = [
+        g / s
+        for s, g in zip(
+            fig13["tpot_speedup_range"], (eff["edge_b1_text"][0], eff["edge_b1_text"][-1]), strict=True
+        )
+    ]
+    ours = [p["text_energy_efficiency_gain"] / p["tpot_speedup"] for p in (edge[0], edge[-1])]
+    _set_note(
+        rows,
+        "Fig13 energy gain edge b1 text (high end)",
+        f"TPOT speedup matches; the published pairs give a decode power ratio AGX/V-Rex8 of "
+        f"{published[0]:.2f} (1K) and {published[1]:.2f} (40K), ours {ours[0]:.2f} and {ours[1]:.2f}: "
+        f"{ours[0] / published[0] - 1:.0%} and {ours[1] / published[1] - 1:.0%} above the paper at both "
+        "ends (our V-Rex8 decode too cheap or our waiting AGX too dear; CALIBRATION.md)",
+    )
+    gain = ref["fig16_hw_ablation_40k_b1_frame"]["agx_plus_resv"]["energy_gain"]
+    frame = agx_resv_40k["stages"]["frame"]
+    busy_ms = sum(frame["latency_breakdown_ms"][k] for k in ("vision", "layers", "lm_head"))
+    module_w = load_system("agx-orin").gpu.power_w
+    _set_note(
+        rows,
+        "Fig16 AGX+ReSV energy gain @40K",
+        f"{gain:g}x allows {flexgen_40k['energy_per_frame_mj'] / gain * 1e-3:.1f} J per frame; its vision, "
+        f"weight streaming and LM head alone take {busy_ms:.0f} ms at the {module_w:g} W module power "
+        f"that Fig13's 1K frame gain needs, {busy_ms * module_w * 1e-3:.1f} J, before the link, SSD and "
+        "prediction kernels",
+    )
 
 
 def fig13_implied_e2e_speedup(ref: dict[str, Any], end: int) -> float:
@@ -399,6 +559,8 @@ def format_table(rows: list[dict]) -> str:
             f"{r['figure']:58s} {r['published']:>10.4g} {r['ours']:>10.4g} {err:>7s} {r['tolerance']:>16s}  "
             + ("PASS" if r["pass"] else "FAIL")
         )
+        if not r["pass"] and r["note"]:
+            lines.append(f"    note: {r['note']}")  # why a known miss misses (CALIBRATION.md)
     passed = sum(r["pass"] for r in rows)
     lines.append(f"{passed}/{len(rows)} pass")
     return "\n".join(lines)

@@ -20,8 +20,9 @@ Synthetic ReSV model (used without a trace). Selected tokens per (layer, KV head
 - m_layer spreads layers over Fig. 20's 4.2-44 % range (normalised to mean 1, fixed seed);
   m_head is a mild +-20 % per-KV-head spread (mean 1).
 - Selected tokens are spread uniformly over the history, so the fraction that lies beyond
-  the device-resident recent window (`memory.recent_window_tokens`) is fetched. The window
-  is the KVMU's hierarchical memory: with `accel.use_kvmu=false` there is none.
+  the device-resident recent window (`device_window_tokens`) is fetched. The window
+  is the KVMU's hierarchical memory: with `accel.use_kvmu=false` there is none; a policy
+  whose design keeps a local window on the device (ReKV) keeps it on a GPU too.
 - Clusters: ceil(H / tokens_per_cluster) per layer, shared by the KV heads (one hash per
   token over all KV heads, DESIGN.md); the WTU processes `early_exit_fraction` of a row.
 """
@@ -81,6 +82,22 @@ def _head_multipliers(num_kv_heads: int, resv: ResvConfig) -> np.ndarray:
     return rng.permutation(spread)
 
 
+def device_window_tokens(system: SystemConfig, policy: str) -> int:
+    """Newest tokens per stream that stay in device memory (never fetched over the link).
+
+    The system's window is the KVMU's hierarchical memory on V-Rex (without the KVMU, the
+    ablation, the history is managed like the GPU baselines': all of it offloaded) and
+    `memory.recent_window_tokens` on a GPU (0 for FlexGen-style offload). A policy whose own
+    design keeps a local window on the device (ReKV's sliding-window attention,
+    `local_window_tokens` in policies.yaml) keeps it on any system.
+    """
+    if system.kind == "vrex" and not system.accel.use_kvmu:
+        window = 0
+    else:
+        window = system.memory.recent_window_tokens
+    return max(window, int(policy_table()[policy].get("local_window_tokens", 0)))
+
+
 def resv_selected_tokens(history: int, stage: str, resv: ResvConfig) -> float:
     """Mean selected tokens per (layer, KV head) of the synthetic ReSV model (see module doc)."""
     if history <= 0:
@@ -99,7 +116,7 @@ def make_step(
     batch: int,
 ) -> Step:
     """Build one step's statistics from the synthetic model (no trace)."""
-    model, resv, mem = system.model, system.resv, system.memory
+    model, resv = system.model, system.resv
     table = policy_table()
     if policy not in table:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(table)}")
@@ -113,9 +130,7 @@ def make_step(
         selected = np.minimum(np.rint(grid), history)
     else:
         selected = np.full(shape, float(round(spec[ratio_key] * history)))
-    # The recent window on device is the KVMU's hierarchical memory: without the KVMU
-    # (ablation) the history is managed like the GPU baselines' (all of it offloaded).
-    window = mem.recent_window_tokens if (system.kind != "vrex" or system.accel.use_kvmu) else 0
+    window = device_window_tokens(system, policy)
     if not spec.get("offload", True):
         offloaded_fraction = 0.0
     else:
