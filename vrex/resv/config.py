@@ -17,8 +17,11 @@ Mass = Literal["all", "retrievable"]
 class ResvConfig:
     """Everything ReSV does is set here; see DESIGN.md for why each default is what it is.
 
-    ``frame_ratio`` applies to steps with several query rows per head (frames, prompts),
-    ``decode_ratio`` to single-row decode steps. ``mass`` says what the ratio is a share of:
+    ``frame_ratio`` applies to steps with several query rows per head (frames, the question),
+    ``decode_ratio`` to single-row decode steps. The paper splits its ratios by stage (frame /
+    text); we split by rows because a multi-row step fetches the union of its rows' cuts, which
+    a single decode row lacks: on real weights the question step is fine at the frame ratio
+    while decode needs a higher one (docs/research-resv-equal-budget.md). ``mass`` says what the ratio is a share of:
     ``all`` (the paper) counts the always-attended sinks and recent window too, so where they
     hold most of the attention the cut keeps almost nothing else; ``retrievable`` counts only
     the tokens the cut can add.
