@@ -31,7 +31,7 @@ def ref_wicsum_select(weights, ratio):
     w = weights.to(torch.float64)
     sorted_w, order = torch.sort(w, dim=1, descending=True, stable=True)
     cums = sorted_w.cumsum(1)
-    threshold = ratio * cums[:, -1:]
+    threshold = ratio * torch.sort(w, dim=1).values.sum(1, keepdim=True)  # the total: ascending order
     crossed = cums > threshold
     positive = (sorted_w > 0).sum(1)
     first = torch.where(crossed.any(1), crossed.float().argmax(1) + 1, positive)

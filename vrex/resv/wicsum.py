@@ -4,8 +4,11 @@ whose weight passes ``ratio`` of the row total; exact and hardware bucketed vari
 How the exact variant stays fast: the cut depends only on the row's values in descending
 order (a running float64 sum, compared with ``ratio`` times the row total), never on which
 index holds which value, so the rows are sorted by value alone (NumPy's SIMD sort on CPU,
-an order of magnitude faster than an index-carrying sort). The chosen set is then read back
-by comparing each weight with the value at the cut; ties at the cut go to the lower index.
+an order of magnitude faster than an index-carrying sort), in their own precision. The
+running sum is only needed until it crosses, which with softmax weights is a short prefix: it
+is taken over the top 64 values, then 4x more for the rows that have not crossed yet. The
+chosen set is read back by comparing each weight with the value at the cut; ties at the cut go
+to the lower index. The row total is the float64 sum of the row's values in ascending order.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ def _check(weights: Tensor, ratio: float) -> None:
 
 
 def sorted_values(weights: Tensor) -> Tensor:
-    """Each row's values in ascending order, as float64 (values only, no indices).
+    """Each row's values in ascending order (values only, no indices): float32 rows stay
+    float32 on CPU, everything else becomes float64.
 
     Raises ValueError for NaN, Inf or negative weights (read off the sorted ends)."""
     if weights.device.type == "cpu" and weights.dtype in (torch.float32, torch.float64):
-        out = torch.from_numpy(np.sort(weights.detach().numpy(), axis=1)).to(torch.float64)
+        out = torch.from_numpy(np.sort(weights.detach().numpy(), axis=1))
     else:
         out = torch.sort(weights.to(torch.float64), dim=1).values
     if out.shape[1]:
@@ -54,21 +58,31 @@ def sorted_values(weights: Tensor) -> Tensor:
     return out
 
 
-def cut_counts(ascending: Tensor, ratio: float) -> Tensor:
+def cut_counts(ascending: Tensor, ratio: float, first_prefix: int = 64) -> Tensor:
     """How many of each row's largest weights WiCSum keeps (``[rows]`` int64), from the
-    row's values in ascending float64 order: the prefix of the largest ones whose running
-    sum (largest first) first exceeds ``ratio`` times the row total; every positive weight
-    when no prefix does (ratio 1)."""
-    n = ascending.shape[1]
-    cums = ascending.flip(1).cumsum(1)
-    threshold = ratio * cums[:, -1:]
-    # the running sum never decreases, so a row crosses right after its (cums <= threshold) terms
-    keep = torch.searchsorted(cums, threshold, right=True)[:, 0] + 1
-    crossed = cums[:, -1] > threshold[:, 0]
-    if not bool(crossed.all()):
-        zero = torch.zeros(ascending.shape[0], 1, dtype=ascending.dtype, device=ascending.device)
-        positive = n - torch.searchsorted(ascending, zero, right=True)[:, 0]
-        keep = torch.where(crossed, keep, positive)
+    row's values in ascending order: the prefix of the largest ones whose running float64 sum
+    (largest first) first exceeds ``ratio`` times the row total; every positive weight when no
+    prefix does (ratio 1)."""
+    rows, n = ascending.shape
+    keep = torch.zeros(rows, dtype=torch.int64, device=ascending.device)
+    if n == 0:
+        return keep
+    threshold = ratio * ascending.to(torch.float64).sum(1)
+    todo = torch.arange(rows, device=ascending.device)
+    width = min(n, first_prefix)
+    while todo.numel():
+        top = ascending[todo, n - width :].flip(1).to(torch.float64).cumsum(1)  # largest first
+        t = threshold[todo, None]
+        crossed = top[:, -1] > t[:, 0]
+        # the running sum never decreases, so a row crosses right after its (top <= t) terms
+        keep[todo[crossed]] = torch.searchsorted(top[crossed], t[crossed], right=True)[:, 0] + 1
+        todo = todo[~crossed]
+        if width == n:
+            break
+        width = min(n, 4 * width)
+    if todo.numel():  # never crossed: every positive weight
+        zero = torch.zeros(todo.numel(), 1, dtype=ascending.dtype, device=ascending.device)
+        keep[todo] = n - torch.searchsorted(ascending[todo], zero, right=True)[:, 0]
     return keep
 
 
