@@ -249,6 +249,8 @@ def register(bench_sub) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     rows = run_benchmark(args.quick, args.shape, args.history, args.seed)
+    if rows:
+        rows[0]["machine"] = machine()
     if not args.json:
         print(f"# machine: {machine()}")
     emit(rows, COLUMNS, args.json, args.out)
