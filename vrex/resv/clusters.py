@@ -320,7 +320,8 @@ def cluster_scores(table: HCTable, query: Tensor, scaling: float) -> Tensor:
     """
     hq, tq, d = query.shape
     hkv = table.num_kv_heads
-    q = query.to(torch.float32).reshape(hkv, hq // hkv, tq, d).reshape(hkv, -1, d)  # [Hkv, R, d]
+    # scaled before the products: a pass over [R, d] instead of [R, C] (the scaling is positive)
+    q = (query.to(torch.float32) * scaling).reshape(hkv, hq // hkv, tq, d).reshape(hkv, -1, d)
     g, hg = table.groups, table.heads_per_group
     q = q.reshape(g, hg, -1, d)  # [G, Hg, R, d]
     est = table.cfg.estimator
@@ -337,4 +338,4 @@ def cluster_scores(table: HCTable, query: Tensor, scaling: float) -> Tensor:
             mean_sq = (table.means() ** 2).sum(-1)  # [G, C, Hg]
             r = (table.sumsq.view / cnt - mean_sq).clamp_min(0).sqrt()  # [G, C, Hg]
             s = s + q.norm(dim=-1)[..., None] * r.permute(0, 2, 1)[:, :, None, :]
-    return s.reshape(hkv, -1, s.shape[-1]) * scaling
+    return s.reshape(hkv, -1, s.shape[-1])

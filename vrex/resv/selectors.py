@@ -275,10 +275,12 @@ class ResvSelector(Selector):
             counts = counts - self._always_counts(member, history_len, c)
         all_valid = bool(valid.all())  # empty slots only appear when groups seed unevenly
         if self.resv.weight_form == "softmax":
-            # empty slots score -inf, so exp gives them weight 0 without a second pass
-            masked = scores if all_valid else scores.masked_fill(~valid, -torch.inf)
-            rowmax = masked.amax(-1, keepdim=True)
-            weights = torch.exp(masked - rowmax) * counts[:, None, :]
+            # empty slots score -inf, so exp gives them weight 0 without a second pass; in place:
+            # these [Hkv, R, C] passes are most of the selection's time
+            if not all_valid:
+                scores.masked_fill_(~valid, -torch.inf)
+            rowmax = scores.amax(-1, keepdim=True)
+            weights = scores.sub_(rowmax).exp_().mul_(counts[:, None, :])
         else:
             weights = scores.clamp_min(0) * counts[:, None, :]
             if not all_valid:
