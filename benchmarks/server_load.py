@@ -224,8 +224,7 @@ def run(args: argparse.Namespace) -> int:
         if local is not None:
             local.close()
     held = [r.streams for r in results if r.drop_rate < 0.01 and not r.errors]
-    from vrex.power import power_mode_info
-
+    host = machine()
     report = {
         "benchmark": "server_load",
         "target": args.server or "local",
@@ -233,8 +232,8 @@ def run(args: argparse.Namespace) -> int:
         "runs": [asdict(r) for r in results],
         # Jetson nvpmodel mode, L4T release and clocks of this machine (None off a Jetson); for a
         # remote --server it describes the client's machine, so run the benchmark on the board.
-        "power_mode": power_mode_info(),
-        "machine": machine(),
+        "power_mode": host.get("power_mode"),
+        "machine": host,
     }
     if args.json:
         print(json.dumps(report, indent=2))
