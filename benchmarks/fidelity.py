@@ -95,6 +95,29 @@ def needle_variants() -> list[Variant]:
     ]
 
 
+def pick_variants(variants: list[Variant], names: list[str] | None) -> list[Variant]:
+    """Only the named variants, with full attention (the reference) always first."""
+    if not names:
+        return variants
+    known = {v.name for v in variants}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return [v for v in variants if v.policy == "full" or v.name in names]
+
+
+def needle_from_raw(paths: list[str]) -> list[dict]:
+    """Needle rows (and targets) from ``--raw`` files of earlier runs, merged: trials are
+    told apart by (seed, trial), so runs with different seeds add up."""
+    raw = []
+    for path in paths:
+        with open(path) as f:
+            raw += [json.loads(line) for line in f if line.strip()]
+    present = {r["policy"] for r in raw}
+    rows = summarize_needle(raw, [v for v in needle_variants() if v.name in present])
+    return rows + needle_targets(rows)
+
+
 def needle_targets(rows: list[dict]) -> list[dict]:
     """Per history: ReSV's bytes against the cheapest ReKV-like budget that matches full
     attention's accuracy (the paper reports 3.0x fewer), and ReSV's own accuracy verdict."""
@@ -413,6 +436,7 @@ def run_needle(
                 r = needle_trial(engine, v, filler, key, depth, chunk_tokens, offset, history)
                 r.update(
                     policy=v.name,
+                    seed=seed,
                     trial=t,
                     depth=round(depth, 3),
                     depth_bin=t % len(DEPTH_BINS),
@@ -433,6 +457,11 @@ def run_needle(
     return summarize_needle(raw, variants), raw
 
 
+def _trial_id(r: dict) -> tuple[int, int]:
+    """Trials of runs with different seeds are different trials (merged raw files)."""
+    return r.get("seed", 0), r["trial"]
+
+
 def summarize_needle(raw: list[dict], variants: list[Variant]) -> list[dict]:
     rows = []
     histories = sorted({r["history"] for r in raw})
@@ -440,8 +469,8 @@ def summarize_needle(raw: list[dict], variants: list[Variant]) -> list[dict]:
         for history in histories:
             mine = [r for r in raw if r["policy"] == v.name and r["history"] == history]
             full = [r for r in raw if r["policy"] == "full" and r["history"] == history]
-            valid = {r["trial"] for r in full if r["found"]}
-            counted = [r for r in mine if r["trial"] in valid]
+            valid = {_trial_id(r) for r in full if r["found"]}
+            counted = [r for r in mine if _trial_id(r) in valid]
             row = {
                 "part": "needle",
                 "policy": v.name,
@@ -766,12 +795,24 @@ def run(args: argparse.Namespace, engine: Engine | None = None) -> list[dict]:
     video_rows: list[dict] = []
     if "needle" in parts:
         needle_rows, _ = run_needle(
-            engine, needle_variants(), trials, histories, args.chunk_tokens, args.seed, _log
+            engine,
+            pick_variants(needle_variants(), args.variant),
+            trials,
+            histories,
+            args.chunk_tokens,
+            args.seed,
+            _log,
         )
         rows += needle_rows + needle_targets(needle_rows)
     if "video" in parts:
         video_rows = run_video(
-            engine, baseline_variants(), videos, args.questions, args.answer_tokens, True, _log
+            engine,
+            pick_variants(baseline_variants(), args.variant),
+            videos,
+            args.questions,
+            args.answer_tokens,
+            True,
+            _log,
         )
         rows += video_rows
         if args.heatmap:
@@ -837,7 +878,10 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.raw:
         RAW_LOG = open(args.raw, "a")  # noqa: SIM115 - closed at exit
-    rows = run(args)
+    if args.merge_raw:
+        rows = needle_from_raw(args.merge_raw)
+    else:
+        rows = run(args)
     emit(rows, COLUMNS, args.json, args.out)
     return 0
 
@@ -876,6 +920,17 @@ def register(bench_sub) -> None:
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", help="append every needle trial to this JSON-lines file as it ends")
+    p.add_argument(
+        "--variant",
+        action="append",
+        help="run only this needle/video variant (repeatable; full attention always runs)",
+    )
+    p.add_argument(
+        "--merge-raw",
+        action="append",
+        metavar="FILE",
+        help="no run: the needle tables from these --raw files (repeatable; seeds tell trials apart)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--out", help="also write the JSON rows to this file")
     p.set_defaults(func=_main)

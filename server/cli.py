@@ -194,7 +194,13 @@ def _register_stream(subparsers) -> None:
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="server address")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", type=Path, help="video file (read with PyAV, or OpenCV)")
-    src.add_argument("--camera", type=int, metavar="N", help="camera index (OpenCV/V4L2)")
+    src.add_argument(
+        "--camera",
+        type=_camera_arg,
+        metavar="N|DEVICE|URL",
+        help="camera: an index or /dev/video* path (OpenCV/V4L2), or a network stream URL "
+        "(rtsp://, http:// MJPEG, ...; reconnects when the stream drops)",
+    )
     src.add_argument("--synthetic", action="store_true", help="generated frames (a moving square)")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second to send (default 2)")
     p.add_argument(
@@ -285,6 +291,15 @@ def _until(source, duration_s: float | None) -> Iterator[tuple[float, np.ndarray
             yield t_s, image
     finally:
         source.close()
+
+
+def _camera_arg(text: str) -> int | str:
+    from vrex.video import parse_camera
+
+    try:
+        return parse_camera(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parse_size(text: str) -> tuple[int, int]:

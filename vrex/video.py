@@ -28,6 +28,7 @@ import numpy as np
 
 __all__ = [
     "CameraSource",
+    "parse_camera",
     "FileSource",
     "FrameSource",
     "FpsSampler",
@@ -299,48 +300,133 @@ def video_duration_s(path: str | os.PathLike[str]) -> float:
 # Cameras
 
 
-class CameraSource:
-    """Frames from a local camera via OpenCV (V4L2 on Linux), sampled to `fps`.
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 
-    Timestamps are wall-clock seconds since the first frame (`time.monotonic`). Fails on
-    construction with `FileNotFoundError` when there is no camera at `index`.
+
+def parse_camera(text: str | int) -> int | str:
+    """``--camera`` value -> a V4L2 index, a device path or a network stream URL.
+
+    Raises ValueError naming the accepted forms (a video file belongs to ``--video``)."""
+    if isinstance(text, int):
+        return text
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    if text.startswith("/dev/"):
+        return text
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme in STREAM_SCHEMES:
+        return text
+    raise ValueError(
+        f"camera must be an index (0), a device path (/dev/video0) or a stream URL "
+        f"({', '.join(s + '://' for s in STREAM_SCHEMES)}), got {redact_url(text)!r}; "
+        "for a video file use --video"
+    )
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (camera URLs often carry credentials)."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    userinfo, host = rest.split("@", 1)
+    user = userinfo.split(":", 1)[0]
+    return f"{head}://{user}:***@{host}" if ":" in userinfo else url
+
+
+class CameraSource:
+    """Frames from a live camera via OpenCV, sampled to `fps`: a local camera by index or
+    device path (V4L2 on Linux), or a network camera by URL (RTSP, HTTP MJPEG, ... via FFmpeg).
+
+    Timestamps are wall-clock seconds since the first frame (`time.monotonic`). A local camera
+    that stops delivering frames ends the stream with `RuntimeError` (it was unplugged); a
+    network stream is first reopened, at most `reconnects` attempts over the stream's life,
+    waiting `reconnect_wait_s` times the attempt number (`reconnections` counts the attempts). Fails on
+    construction with `FileNotFoundError` when the camera cannot be opened.
     """
 
-    def __init__(self, index: int = 0, fps: float | None = 2.0) -> None:
-        if not isinstance(index, int) or index < 0:
-            raise ValueError(f"camera index must be a non-negative integer, got {index!r}")
-        self.index = index
+    def __init__(
+        self,
+        source: int | str = 0,
+        fps: float | None = 2.0,
+        reconnects: int = 3,
+        reconnect_wait_s: float = 1.0,
+    ) -> None:
+        if isinstance(source, bool) or (isinstance(source, int) and source < 0):
+            raise ValueError(f"camera index must be a non-negative integer, got {source!r}")
+        if not isinstance(source, (int, str)):
+            raise ValueError(f"camera must be an index, a device path or a URL, got {source!r}")
+        self.source = parse_camera(source)
         self.fps = _check_fps(fps)
-        device = Path(f"/dev/video{index}")
-        if sys.platform.startswith("linux") and not device.exists():
-            raise FileNotFoundError(
-                f"no camera at index {index}: {device} does not exist. Plug in a camera (check "
-                "`ls /dev/video*`), pass another index, or stream a video file instead"
-            )
+        if reconnects < 0 or reconnect_wait_s < 0:
+            raise ValueError("reconnects and reconnect_wait_s must be >= 0")
+        self.network = isinstance(self.source, str) and not self.source.startswith("/dev/")
+        self.reconnects = reconnects if self.network else 0
+        self.reconnect_wait_s = reconnect_wait_s
+        self.reconnections = 0
+        self.name = redact_url(self.source) if self.network else str(self.source)
+        if not self.network:
+            device = Path(self.source if isinstance(self.source, str) else f"/dev/video{self.source}")
+            if sys.platform.startswith("linux") and not device.exists():
+                raise FileNotFoundError(
+                    f"no camera at {'index ' + str(self.source) if isinstance(self.source, int) else device}: "
+                    f"{device} does not exist. Plug in a camera (check `ls /dev/video*`), pass another "
+                    "index, or stream a video file instead"
+                )
         if not _have_opencv():
             raise ImportError("camera capture needs OpenCV: pip install opencv-python-headless")
+        self._cap = self._open()
+        if self._cap is None:
+            hint = (
+                "is the URL right and the camera reachable from here?"
+                if self.network
+                else "is it in use by another program, or does this user lack permission (group 'video')?"
+            )
+            raise FileNotFoundError(f"camera {self.name} could not be opened: {hint}")
+
+    def _open(self):
         import cv2
 
-        api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
-        self._cap = cv2.VideoCapture(index, api)
-        if not self._cap.isOpened():
-            self._cap.release()
-            raise FileNotFoundError(
-                f"camera {index} ({device}) could not be opened: is it in use by another program, "
-                "or does this user lack permission (group 'video')?"
-            )
-        if self.fps is not None:
-            self._cap.set(cv2.CAP_PROP_FPS, self.fps)
+        if self.network:
+            cap = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG)
+        else:
+            api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
+            cap = cv2.VideoCapture(self.source, api)
+        if not cap.isOpened():
+            cap.release()
+            return None
+        if self.fps is not None and not self.network:
+            cap.set(cv2.CAP_PROP_FPS, self.fps)
+        return cap
+
+    def _reopen(self) -> bool:
+        """After a failed read: reopen a network stream, with a growing wait; False when spent."""
+        self._cap.release()
+        for attempt in range(1, self.reconnects - self.reconnections + 1):
+            self.reconnections += 1
+            time.sleep(self.reconnect_wait_s * attempt)
+            cap = self._open()
+            if cap is not None:
+                self._cap = cap
+                return True
+        return False
 
     def __iter__(self) -> Iterator[Frame]:
         import cv2
 
         sampler = FpsSampler(self.fps)
         t0 = time.monotonic()
-        while self._cap.isOpened():
+        while True:
             ok, bgr = self._cap.read()
             if not ok:
-                raise RuntimeError(f"camera {self.index} stopped delivering frames (unplugged?)")
+                if self.network and self.reconnections < self.reconnects and self._reopen():
+                    continue
+                gave_up = (
+                    f" after {self.reconnections} reconnection attempt(s)"
+                    if self.network
+                    else " (unplugged?)"
+                )
+                raise RuntimeError(f"camera {self.name} stopped delivering frames{gave_up}")
             t_s = time.monotonic() - t0
             if sampler.keep(t_s):
                 yield t_s, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -234,3 +235,32 @@ def test_cli_registers_both_subcommands():
     assert ns.quick and ns.part == ["needle"] and callable(ns.func)
     ns = parser.parse_args(["latency", "--history", "1000", "--policy", "resv"])
     assert ns.history == [1000] and ns.policy == ["resv"]
+
+
+def test_needle_raw_files_merge_across_seeds_and_variants_filter(tmp_path):
+    def trial(policy, seed, found, fetched):
+        return {
+            "policy": policy, "seed": seed, "trial": 0, "history": 2048, "depth_bin": 0, "found": found,
+            "fetched_fraction_frame": fetched, "fetched_fraction_text": fetched,
+            "fetched_fraction_decode": fetched, "fetched_fraction_answer": fetched, "bytes_fetched": 100,
+        }  # fmt: skip
+
+    runs = {
+        "a.jsonl": [trial("full", 0, True, 1.0), trial("resv", 0, True, 0.2)],
+        "b.jsonl": [trial("full", 1, True, 1.0), trial("resv", 1, False, 0.4)],
+        "c.jsonl": [trial("full", 2, False, 1.0), trial("resv", 2, True, 0.1)],  # full missed: not counted
+    }
+    paths = []
+    for name, records in runs.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+        paths.append(str(tmp_path / name))
+    rows = fidelity.needle_from_raw(paths)
+    resv_row = next(r for r in rows if r["part"] == "needle" and r["policy"] == "resv")
+    assert resv_row["trials"] == 3 and resv_row["trials_full_found"] == 2
+    assert resv_row["accuracy"] == 0.5 and abs(resv_row["fetched_fraction_frame"] - 0.3) < 1e-9
+    assert {r["policy"] for r in rows if r["part"] == "needle"} == {"full", "resv"}
+
+    picked = fidelity.pick_variants(fidelity.needle_variants(), ["resv", "rekv-b0.5"])
+    assert [v.name for v in picked] == ["full", "resv", "rekv-b0.5"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        fidelity.pick_variants(fidelity.needle_variants(), ["resv-typo"])

@@ -359,6 +359,29 @@ def test_stream_cli_synthetic_with_timed_questions(start_server):
     assert 1 <= first_n < second_n  # asked later, seen more
 
 
+def test_stream_cli_network_camera(start_server, mjpeg_camera):
+    cam = mjpeg_camera(frames=400, interval_s=0.02)
+    server = start_server()
+    done = _run_stream(
+        server, "--camera", cam.url, "--fps", "5", "--duration", "1.5",
+        "--ask", "what now?", "--ask-at", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    summary = lines[-1]
+    assert summary["event"] == "summary" and 4 <= summary["frames_sent"] <= 9
+    assert summary["frames_accepted"] >= 1
+    assert [a["question"] for a in lines if a["event"] == "answer"] == ["what now?"]
+
+
+def test_stream_cli_rejects_a_file_as_camera(tmp_path):
+    class Nowhere:
+        target = "127.0.0.1:1"
+
+    done = _run_stream(Nowhere(), "--camera", "clip.mp4", timeout_s=60)
+    assert done.returncode == 2 and "for a video file use --video" in done.stderr
+
+
 def test_stream_cli_real_video(start_server, engine_kind):
     try:
         from vrex.video import sample_video

@@ -18,6 +18,7 @@ from vrex.video import (
     FileSource,
     FpsSampler,
     SyntheticSource,
+    parse_camera,
     sample_video,
     video_duration_s,
 )
@@ -226,3 +227,64 @@ def test_camera_source_without_camera_fails_clearly():
         CameraSource(index, fps=2.0)
     with pytest.raises(ValueError, match="camera index"):
         CameraSource(-1)
+    with pytest.raises(FileNotFoundError, match=f"no camera at /dev/video{index}"):
+        CameraSource(f"/dev/video{index}")
+
+
+def test_parse_camera_accepts_index_device_and_urls_and_names_the_forms():
+    assert parse_camera("2") == 2 and parse_camera(0) == 0
+    assert parse_camera("/dev/video1") == "/dev/video1"
+    assert parse_camera("rtsp://cam.local:554/stream1") == "rtsp://cam.local:554/stream1"
+    assert parse_camera("HTTP://10.0.0.5/video.mjpg") == "HTTP://10.0.0.5/video.mjpg"
+    with pytest.raises(ValueError, match=r"index \(0\), a device path.*for a video file use --video"):
+        parse_camera("clip.mp4")
+    # a password in a bad URL is not echoed back
+    with pytest.raises(ValueError) as err:
+        parse_camera("ftp://admin:hunter2@cam/x")
+    assert "hunter2" not in str(err.value) and "admin:***@cam" in str(err.value)
+
+
+def test_network_camera_delivers_rgb_frames_with_wall_clock_timestamps(mjpeg_camera):
+    cam = mjpeg_camera(frames=40, interval_s=0.02)
+    source = CameraSource(cam.url, fps=None)
+    try:
+        frames = list(itertools.islice(source, 12))
+    finally:
+        source.close()
+    assert len(frames) == 12
+    times = [t for t, _ in frames]
+    assert times == sorted(times) and times[-1] > 0.1  # paced by the camera, not by the file
+    first = frames[0][1]
+    assert first.shape == (120, 160, 3) and first.dtype == np.uint8
+    assert first[..., 0].mean() > 180 and first[..., 2].mean() < 20  # BGR (0, 0, 200) -> RGB red
+
+
+def test_network_camera_sampled_to_fps(mjpeg_camera):
+    cam = mjpeg_camera(frames=60, interval_s=0.02)  # ~50 fps for ~1.2 s
+    source = CameraSource(cam.url, fps=5.0, reconnects=0)
+    with pytest.raises(RuntimeError, match="stopped delivering frames after 0 reconnection"):
+        frames = []
+        for frame in source:
+            frames.append(frame)
+    source.close()
+    gaps = np.diff([t for t, _ in frames])
+    assert 3 <= len(frames) <= 9 and gaps.min() >= 0.15  # 5 fps of a ~50 fps camera
+
+
+def test_network_camera_reconnects_then_gives_up_clearly(mjpeg_camera):
+    cam = mjpeg_camera(frames=5, interval_s=0.01)  # hangs up after 5 frames, every time
+    source = CameraSource(cam.url, fps=None, reconnects=2, reconnect_wait_s=0.01)
+    got = []
+    with pytest.raises(RuntimeError, match="stopped delivering frames after 2 reconnection attempt"):
+        for frame in source:
+            got.append(frame)
+    source.close()
+    assert len(cam.connections) == 3 and source.reconnections == 2
+    assert len(got) == sum(cam.connections) >= 12  # frames of every connection came through
+
+
+def test_unreachable_network_camera_fails_clearly():
+    with pytest.raises(
+        FileNotFoundError, match=r"camera rtsp://user:\*\*\*@127.0.0.1:1/s could not be opened"
+    ):
+        CameraSource("rtsp://user:pw@127.0.0.1:1/s")

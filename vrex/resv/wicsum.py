@@ -67,7 +67,7 @@ def cut_counts(ascending: Tensor, ratio: float, first_prefix: int = 64) -> Tenso
     keep = torch.zeros(rows, dtype=torch.int64, device=ascending.device)
     if n == 0:
         return keep
-    threshold = ratio * ascending.to(torch.float64).sum(1)
+    threshold = ratio * ascending.sum(1, dtype=torch.float64)
     todo = torch.arange(rows, device=ascending.device)
     width = min(n, first_prefix)
     while todo.numel():
