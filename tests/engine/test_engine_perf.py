@@ -190,6 +190,10 @@ def test_resv_stream_equals_reference(name):
                 assert torch.equal(sel.observe(layer, k), expected_ids), (seed, step, layer)
                 if step == 9:
                     sel.on_evicted(layer, 0, torch.tensor([0, 1]))
+                if step >= 12 and step % 3 == 0:  # most clusters closed: the open-columns path
+                    old = torch.arange(int(0.8 * sel.tables[layer].num_clusters))
+                    for head in range(hkv):
+                        sel.on_evicted(layer, head, old)
             if step == 14:  # a restore drops the caches; they must rebuild identically
                 sel.load_state_dict(sel.state_dict())
             n += t

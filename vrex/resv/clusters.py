@@ -176,15 +176,27 @@ class HCTable:
         # Hamming distances as one small matmul of +-1 bit vectors: dot = n_bits - 2 * distance,
         # exact in float32; equal to hamming() (XOR + popcount), several times faster here
         signs = _signs(codes, self.cfg.n_bits)  # [G, T, n_bits]
-        dist_old = _sign_distance(signs, self._cluster_signs(), self.cfg.n_bits)  # [G, T, C]
+        # only open clusters can take members: when most are closed (their tokens left the
+        # device tier), compare against those columns alone; ascending, so ties still go to
+        # the oldest cluster
+        is_open = self.open_mask()
+        cols = None
+        any_open = is_open.any(0)
+        if c_old and int(any_open.sum()) < 0.75 * c_old:
+            cols = any_open.nonzero().squeeze(1)
+            is_open = is_open[:, cols]
+        old_signs = self._cluster_signs()
+        dist_old = _sign_distance(
+            signs, old_signs if cols is None else old_signs[:, cols], self.cfg.n_bits
+        )  # [G, T, C or open columns]
         dist_new = _sign_distance(signs, signs, self.cfg.n_bits)  # [G, T, T]
-        ok_old = (dist_old < th) & self.open_mask()[:, None, :]
+        ok_old = (dist_old < th) & is_open[:, None, :]
         ok_new = dist_new < th
         ok_new &= torch.ones(t, t, dtype=torch.bool, device=keys.device).tril(-1)
         floor = self.cfg.similarity_floor
         if floor is not None:
             unit = torch.nn.functional.normalize(gk, dim=-1)
-            ref_old = self._unit_means()
+            ref_old = self._unit_means() if cols is None else self._unit_means()[:, cols]
             # all heads of a group must agree: the least similar head decides
             sim_old = torch.einsum("gthd,gchd->gtch", unit, ref_old).amin(-1)
             sim_new = torch.einsum("gthd,gshd->gtsh", unit, unit).amin(-1)
@@ -207,9 +219,11 @@ class HCTable:
             cost_new = torch.where(ok_new, dist_new, torch.inf)
         choice = torch.cat([cost_old, cost_new], -1).argmin(-1)  # [G, T]
         seed_rank = seeded.long().cumsum(-1) - 1  # id offset of each seed among the new clusters
-        from_new = choice >= c_old
-        joined_new = c_old + seed_rank.gather(1, (choice - c_old).clamp_min(0))
-        cluster = torch.where(from_new, joined_new, choice)
+        n_cols = cost_old.shape[-1]
+        from_new = choice >= n_cols
+        joined_new = c_old + seed_rank.gather(1, (choice - n_cols).clamp_min(0))
+        joined_old = choice if cols is None or not n_cols else cols[choice.clamp_max(n_cols - 1)]
+        cluster = torch.where(from_new, joined_new, joined_old)
         cluster = torch.where(seeded, c_old + seed_rank, cluster)
         n_new = seeded.sum(-1)  # [G]
         if t:
