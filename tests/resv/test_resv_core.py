@@ -341,6 +341,30 @@ def test_resv_ratio_mass(mass):
         assert int(out.selected_clusters[0]) == sum(picked)  # no sink-only cluster counted
 
 
+def test_resv_ratio_by_rows_and_stage():
+    cfg = resv.ResvConfig(frame_ratio=0.5, decode_ratio=0.97, text_ratio=0.9)
+    assert cfg.ratio_for(1) == cfg.ratio_for(1, "text") == 0.97  # one row: decode, whatever the stage
+    assert cfg.ratio_for(67, "frame") == cfg.ratio_for(67) == 0.5
+    assert cfg.ratio_for(12, "text") == 0.9
+    assert cfg.replace(text_ratio=None).ratio_for(12, "text") == 0.5  # unset: split by rows only
+    with pytest.raises(ValueError, match="text_ratio"):
+        resv.ResvConfig(text_ratio=0.0)
+
+    # a selector uses the text ratio only when told the step is text
+    d = 16
+    steps, query = _sink_heavy_stream(d)
+    rows = query.expand(2, 3, d).clone()
+    cfg = resv.ResvConfig(
+        scope="per_head", hamming_threshold=2, similarity_floor=0.99, frame_ratio=0.6, text_ratio=1.0
+    )
+    sel = resv.make_selector(1, 2, 1, d, resv.SelectorConfig(sink_tokens=4, recent_tokens=4, resv=cfg))
+    _feed(sel, 1, steps)
+    as_frame = sel.select(0, rows, 56, 1.0, "frame").token_mask
+    as_text = sel.select(0, rows, 56, 1.0, "text").token_mask
+    assert torch.equal(as_frame, sel.select(0, rows, 56, 1.0).token_mask)
+    assert not bool(as_frame[0, 4:52].any()) and bool(as_text.all())
+
+
 def test_resv_config_mass_is_checked():
     with pytest.raises(ValueError, match="mass"):
         resv.ResvConfig(mass="most")

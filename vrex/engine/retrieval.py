@@ -98,7 +98,7 @@ class RetrievalPolicy:
         store = self.store
         n = store.length(layer)
         t0 = time.perf_counter()
-        sel = self.selector.select(layer, query, n, scaling)
+        sel = self.selector.select(layer, query, n, scaling, self.record.stage)
         t1 = time.perf_counter()
         if self.selector.name == "full":
             everything = torch.arange(n, dtype=torch.int64)

@@ -17,8 +17,9 @@ Mass = Literal["all", "retrievable"]
 class ResvConfig:
     """Everything ReSV does is set here; see DESIGN.md for why each default is what it is.
 
-    ``frame_ratio`` applies to steps with several query rows per head (frames, the question),
-    ``decode_ratio`` to single-row decode steps. The paper splits its ratios by stage (frame /
+    ``frame_ratio`` applies to steps with several query rows per head (frames, and the question
+    unless ``text_ratio`` is set), ``decode_ratio`` to single-row decode steps, ``text_ratio``
+    to multi-row text steps (the question and any answer primer) when the caller names the stage. The paper splits its ratios by stage (frame /
     text); we split by rows because a multi-row step fetches the union of its rows' cuts, which
     a single decode row lacks: on real weights the question step is fine at the frame ratio
     while decode needs a higher one (docs/research-resv-equal-budget.md). ``mass`` says what the ratio is a share of:
@@ -37,6 +38,7 @@ class ResvConfig:
     mass: Mass = "all"
     frame_ratio: float = 0.3
     decode_ratio: float = 0.3
+    text_ratio: float | None = None  # multi-row text steps (the question); None: frame_ratio
     num_buckets: int | None = None  # set -> the hardware's bucketed early-exit WiCSum
     seed: int = 0
 
@@ -57,8 +59,10 @@ class ResvConfig:
             raise ValueError(f"weight_form must be 'softmax' or 'linear', got {self.weight_form!r}")
         if self.mass not in ("all", "retrievable"):
             raise ValueError(f"mass must be 'all' or 'retrievable', got {self.mass!r}")
-        for name in ("frame_ratio", "decode_ratio"):
+        for name in ("frame_ratio", "decode_ratio", "text_ratio"):
             value = getattr(self, name)
+            if name == "text_ratio" and value is None:
+                continue
             if not (0.0 < value <= 1.0) or math.isnan(value):
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if self.num_buckets is not None and self.num_buckets < 1:
@@ -66,6 +70,14 @@ class ResvConfig:
 
     def replace(self, **changes: object) -> ResvConfig:
         return dataclasses.replace(self, **changes)
+
+    def ratio_for(self, query_rows: int, stage: str | None = None) -> float:
+        """The WiCSum ratio of a step with ``query_rows`` query tokens, in ``stage`` if known."""
+        if query_rows == 1:
+            return self.decode_ratio
+        if stage == "text" and self.text_ratio is not None:
+            return self.text_ratio
+        return self.frame_ratio
 
 
 # The paper's settings (Sec. V): 32 hyperplanes over all KV heads, Hamming < 7, ratio 0.3,

@@ -2,8 +2,9 @@
 
 Every selector sees the same two calls per layer and step, in this order:
 
-- ``select(layer, query, history_len, scaling)`` with the step's post-RoPE queries
-  ``[Hq, Tq, d]`` -> a :class:`Selection` over the ``history_len`` earlier tokens;
+- ``select(layer, query, history_len, scaling, stage)`` with the step's post-RoPE queries
+  ``[Hq, Tq, d]`` and, when known, its stage (``frame`` / ``text`` / ``decode``) -> a
+  :class:`Selection` over the ``history_len`` earlier tokens;
 - ``observe(layer, keys)`` with the step's new post-RoPE keys ``[Hkv, T, d]`` -> the page
   (cluster) id of each new token per KV head, which the KV store uses to keep a cluster's
   tokens together.
@@ -114,7 +115,9 @@ class Selector:
         keep = (pos < self.cfg.sink_tokens) | (pos >= history_len - self.cfg.recent_tokens)
         return keep.unsqueeze(0).expand(self.num_kv_heads, -1).clone()
 
-    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+    def select(
+        self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
+    ) -> Selection:
         self._check(layer, query)
         return Selection(torch.ones(self.num_kv_heads, history_len, dtype=torch.bool, device=self.device))
 
@@ -142,7 +145,9 @@ class FullSelector(Selector):
 class WindowSelector(Selector):
     name = "window"
 
-    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+    def select(
+        self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
+    ) -> Selection:
         self._check(layer, query)
         return Selection(self.always_mask(history_len))
 
@@ -182,7 +187,9 @@ class TopKSelector(_KeyKeeper):
 
     name = "topk"
 
-    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+    def select(
+        self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
+    ) -> Selection:
         self._check(layer, query)
         mask = self.always_mask(history_len)
         keys = self.history_keys(layer)[:, :history_len]
@@ -208,7 +215,9 @@ class RekvSelector(_KeyKeeper):
         self.frame_starts[layer].append(sum(k.shape[1] for k in self.keys[layer]))
         return super().observe(layer, keys)
 
-    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+    def select(
+        self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
+    ) -> Selection:
         self._check(layer, query)
         mask = self.always_mask(history_len)
         if not history_len:
@@ -254,7 +263,9 @@ class ResvSelector(Selector):
     def resv(self) -> ResvConfig:
         return self.cfg.resv
 
-    def select(self, layer: int, query: Tensor, history_len: int, scaling: float) -> Selection:
+    def select(
+        self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
+    ) -> Selection:
         self._check(layer, query)
         table = self.tables[layer]
         if table.num_tokens != history_len:
@@ -291,7 +302,7 @@ class ResvSelector(Selector):
             if not all_valid:
                 weights = weights.masked_fill(~valid, 0.0)
         rows = weights.reshape(-1, c)
-        ratio = self.resv.decode_ratio if query.shape[1] == 1 else self.resv.frame_ratio
+        ratio = self.resv.ratio_for(query.shape[1], stage)
         exit_fraction = None
         if self.resv.num_buckets:
             picked, frac = wicsum_select_bucketed(rows, ratio, self.resv.num_buckets)
