@@ -113,8 +113,7 @@ def needle_from_raw(paths: list[str]) -> list[dict]:
     for path in paths:
         with open(path) as f:
             raw += [json.loads(line) for line in f if line.strip()]
-    present = {r["policy"] for r in raw}
-    rows = summarize_needle(raw, [v for v in needle_variants() if v.name in present])
+    rows = summarize_needle(raw, list(dict.fromkeys(r["policy"] for r in raw)))
     return rows + needle_targets(rows)
 
 
@@ -454,7 +453,7 @@ def run_needle(
                     f"needle H={history} trial {t} depth {depth:.2f} {v.name}: found={r['found']} "
                     f"frame={r['fetched_fraction_frame']:.3f} dec={r['fetched_fraction_decode']:.3f} ({r['prefill_s']:.0f}s)"
                 )
-    return summarize_needle(raw, variants), raw
+    return summarize_needle(raw, [v.name for v in variants]), raw
 
 
 def _trial_id(r: dict) -> tuple[int, int]:
@@ -462,18 +461,19 @@ def _trial_id(r: dict) -> tuple[int, int]:
     return r.get("seed", 0), r["trial"]
 
 
-def summarize_needle(raw: list[dict], variants: list[Variant]) -> list[dict]:
+def summarize_needle(raw: list[dict], names: list[str]) -> list[dict]:
+    """Rows per variant name (in this order) and history, from the trials of ``raw``."""
     rows = []
     histories = sorted({r["history"] for r in raw})
-    for v in variants:
+    for name in names:
         for history in histories:
-            mine = [r for r in raw if r["policy"] == v.name and r["history"] == history]
+            mine = [r for r in raw if r["policy"] == name and r["history"] == history]
             full = [r for r in raw if r["policy"] == "full" and r["history"] == history]
             valid = {_trial_id(r) for r in full if r["found"]}
             counted = [r for r in mine if _trial_id(r) in valid]
             row = {
                 "part": "needle",
-                "policy": v.name,
+                "policy": name,
                 "history_tokens": history,
                 "trials": len(full),
                 "trials_full_found": len(valid),
