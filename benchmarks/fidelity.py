@@ -88,11 +88,18 @@ def baseline_variants() -> list[Variant]:
 
 
 def needle_variants() -> list[Variant]:
-    """The baselines plus ReKV-like at larger budgets: the bytes it needs to find the key at
-    all are what ReSV's byte saving is measured against."""
-    return baseline_variants() + [
-        Variant(f"rekv-b{b:g}", "rekv", budget_fraction=b, knob=f"budget={b:g}") for b in (0.25, 0.5)
-    ]
+    """The baselines plus ReKV-like at larger budgets (the bytes it needs to find the key at
+    all are what ReSV's byte saving is measured against) and ReSV with the question cut at the
+    frame ratio (the default before ``text_ratio``)."""
+    return (
+        baseline_variants()
+        + [Variant(f"rekv-b{b:g}", "rekv", budget_fraction=b, knob=f"budget={b:g}") for b in (0.25, 0.5)]
+        + [
+            Variant(
+                "resv-rows", "resv", resv.DEFAULT.replace(text_ratio=None), knob="question at frame ratio"
+            )
+        ]
+    )
 
 
 def pick_variants(variants: list[Variant], names: list[str] | None) -> list[Variant]:

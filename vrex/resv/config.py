@@ -85,11 +85,19 @@ class ResvConfig:
 PAPER = ResvConfig()
 
 # Per-KV-head codes, a cosine membership floor 0.9 (tight clusters: a mean key hides no outlier
-# member), frame ratio 0.5 and decode ratio 0.97 (a single decode row has no union over rows to
-# make up for a tight cut). Chosen by `vrex bench fidelity --part default`; the measurements are in
-# docs/bench_results_fidelity.md and docs/research-resv-equal-budget.md.
+# member), frame ratio 0.5, decode ratio 0.97 (a single decode row has no union over rows to make
+# up for a tight cut) and text ratio 0.97 (the question is one step per answer, so a wide cut there
+# costs few bytes, and at 0.5 it missed 12% of the question's attention mass on bigbuckbunny and
+# lost needles the wide cut keeps). Chosen by `vrex bench fidelity --part default` plus the
+# text-ratio runs; the measurements are in docs/bench_results_fidelity.md and
+# docs/research-resv-equal-budget.md.
 DEFAULT = ResvConfig(
-    scope="per_head", hamming_threshold=9, similarity_floor=0.9, frame_ratio=0.5, decode_ratio=0.97
+    scope="per_head",
+    hamming_threshold=9,
+    similarity_floor=0.9,
+    frame_ratio=0.5,
+    decode_ratio=0.97,
+    text_ratio=0.97,
 )
 
 PRESETS: dict[str, ResvConfig] = {"paper": PAPER, "default": DEFAULT}
