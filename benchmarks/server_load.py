@@ -59,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="device for the server started here")
     p.add_argument("--streams", type=int, default=4, help="concurrent streams (default 4)")
     p.add_argument("--fps", type=float, default=1.0, help="frames per second per stream (default 1)")
+    p.add_argument(
+        "--resv-preset",
+        choices=("default", "paper"),
+        default="default",
+        help="ReSV preset of the local server's sessions (ignored with --server)",
+    )
     p.add_argument("--seconds", type=float, default=20.0, help="streaming time (default 20)")
     p.add_argument("--size", default="320x240", help="frame size WxH (default 320x240)")
     p.add_argument(
@@ -161,7 +167,8 @@ class _LocalServer:
         self._dir = tempfile.TemporaryDirectory()
         ready = Path(self._dir.name) / "ready.json"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--ready-file", str(ready),
-               "--max-sessions", str(max_sessions), "--device", args.device, "--log-format", "text"]  # fmt: skip
+               "--max-sessions", str(max_sessions), "--device", args.device, "--log-format", "text",
+               "--resv-preset", args.resv_preset]  # fmt: skip
         if args.model:
             cmd += ["--model", str(args.model)]
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -228,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "benchmark": "server_load",
         "target": args.server or "local",
+        "resv_preset": None if args.server else args.resv_preset,
         "max_streams_under_1pct_drops": max(held, default=0),
         "runs": [asdict(r) for r in results],
         # Jetson nvpmodel mode, L4T release and clocks of this machine (None off a Jetson); for a

@@ -54,6 +54,13 @@ def _register_serve(subparsers) -> None:
         "default: unbounded",
     )
     p.add_argument(
+        "--resv-preset",
+        choices=("default", "paper"),
+        default="default",
+        help="ReSV settings of every session: 'default' keeps needles the paper's settings lose, "
+        "'paper' selects ~5x cheaper on a CPU and loses them (BENCHMARKS.md)",
+    )
+    p.add_argument(
         "--data-dir", type=Path, default=None, help="where sessions are snapshotted; makes them resumable"
     )
     p.add_argument(
@@ -150,6 +157,7 @@ def server_config_from_args(args: argparse.Namespace):
         device=args.device,
         device_kv_budget_bytes=budget,
         device_kv_budget_auto=budget_auto,
+        resv_preset=args.resv_preset,
         data_dir=args.data_dir,
         max_sessions=args.max_sessions,
         tls_cert=args.tls_cert,

@@ -39,6 +39,9 @@ class ServerConfig:
     model_dir: Path | None = None
     device: str = "cpu"
     device_kv_budget_bytes: int | None = None  # per session; None: unbounded
+    # ReSV preset of every session ("default": keeps needles, costs selection compute; "paper":
+    # the paper's coarse clusters, ~5x cheaper per step on a CPU, loses needles: BENCHMARKS.md)
+    resv_preset: str = "default"
     # Size the per-session device budget from free memory once the model is loaded (--device-kv-budget auto).
     device_kv_budget_auto: bool = False
     data_dir: Path | None = None

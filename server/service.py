@@ -132,6 +132,7 @@ class VRexServicer(pb_grpc.VRexServicer):
                     temperature=settings.temperature,
                     top_p=settings.top_p,
                     stop=tuple(settings.stop),
+                    resv_preset=self.config.resv_preset,
                 )
                 engine_session = await self.backend.open_session(engine_settings)
             except Exception as exc:
@@ -645,6 +646,7 @@ async def serve(config: ServerConfig, backend: Backend | None = None) -> int:
         data_dir=str(config.data_dir) if config.data_dir else None,
         model=info.get("name"),
         max_sessions=config.max_sessions,
+        resv_preset=config.resv_preset,
         metrics_port=config.metrics_port,
         durability=config.durability if config.data_dir else None,
         device_kv_budget_bytes=backend.device_kv_budget_bytes,

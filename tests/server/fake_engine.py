@@ -41,8 +41,11 @@ class SessionSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    resv_preset: str = "default"
 
     def __post_init__(self) -> None:
+        if self.resv_preset not in ("default", "paper"):
+            raise ValueError(f"unknown ReSV preset {self.resv_preset!r}; choose one of ['default', 'paper']")
         if not 0 < self.fps <= 60:
             raise ValueError(f"fps must be in (0, 60], got {self.fps}")
         if self.policy not in ("resv", "full", "window", "topk", "rekv"):

@@ -82,6 +82,16 @@ async def test_events_before_open_and_bad_settings(serve):
     call.cancel()
 
 
+async def test_server_resv_preset_reaches_every_session(serve):
+    _, client = await serve(resv_preset="paper")
+    async with client.session(fps=1.0) as s:
+        ack = await s.send_frame(image(0), 0.0, wait=True)
+        assert ack.accepted
+    _, client = await serve(resv_preset="bogus")  # the engine's own check answers
+    with pytest.raises(VRexError, match="unknown ReSV preset 'bogus'"):
+        await client.session(fps=1.0).start()
+
+
 async def test_unary_info_stats_and_not_found(serve):
     server, client = await serve(max_sessions=3)
     info = await client.server_info()
