@@ -364,6 +364,7 @@ class CameraSource:
         self.reconnects = reconnects if self.network else 0
         self.reconnect_wait_s = reconnect_wait_s
         self.reconnections = 0
+        self._closed = False
         self.name = redact_url(self.source) if self.network else str(self.source)
         if not self.network:
             device = Path(self.source if isinstance(self.source, str) else f"/dev/video{self.source}")
@@ -405,6 +406,8 @@ class CameraSource:
         for attempt in range(1, self.reconnects - self.reconnections + 1):
             self.reconnections += 1
             time.sleep(self.reconnect_wait_s * attempt)
+            if self._closed:
+                return False
             cap = self._open()
             if cap is not None:
                 self._cap = cap
@@ -416,11 +419,15 @@ class CameraSource:
 
         sampler = FpsSampler(self.fps)
         t0 = time.monotonic()
-        while True:
+        while not self._closed:
             ok, bgr = self._cap.read()
             if not ok:
+                if self._closed:  # closed while a read was waiting: the end, not a failure
+                    return
                 if self.network and self.reconnections < self.reconnects and self._reopen():
                     continue
+                if self._closed:
+                    return
                 gave_up = (
                     f" after {self.reconnections} reconnection attempt(s)"
                     if self.network
@@ -432,6 +439,7 @@ class CameraSource:
                 yield t_s, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     def close(self) -> None:
+        self._closed = True
         self._cap.release()
 
 

@@ -283,6 +283,14 @@ def test_network_camera_reconnects_then_gives_up_clearly(mjpeg_camera):
     assert len(got) == sum(cam.connections) >= 12  # frames of every connection came through
 
 
+def test_closed_network_camera_yields_nothing_and_does_not_reconnect(mjpeg_camera):
+    cam = mjpeg_camera(frames=40, interval_s=0.02)
+    source = CameraSource(cam.url, fps=None, reconnects=3, reconnect_wait_s=0.01)
+    assert len(list(itertools.islice(source, 2))) == 2
+    source.close()
+    assert list(source) == [] and source.reconnections == 0 and len(cam.connections) == 1
+
+
 def test_unreachable_network_camera_fails_clearly():
     with pytest.raises(
         FileNotFoundError, match=r"camera rtsp://user:\*\*\*@127.0.0.1:1/s could not be opened"
