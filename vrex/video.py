@@ -341,8 +341,8 @@ class CameraSource:
     Timestamps are wall-clock seconds since the first frame (`time.monotonic`). A local camera
     that stops delivering frames ends the stream with `RuntimeError` (it was unplugged); a
     network stream is first reopened, at most `reconnects` attempts over the stream's life,
-    waiting `reconnect_wait_s` times the attempt number (`reconnections` counts the attempts). Fails on
-    construction with `FileNotFoundError` when the camera cannot be opened.
+    waiting `reconnect_wait_s` times the attempt number (`reconnections` counts the attempts).
+    Fails on construction with `FileNotFoundError` when the camera cannot be opened.
     """
 
     def __init__(
@@ -422,9 +422,8 @@ class CameraSource:
         while not self._closed:
             ok, bgr = self._cap.read()
             if not ok:
-                if self._closed:  # closed while a read was waiting: the end, not a failure
-                    return
-                if self.network and self.reconnections < self.reconnects and self._reopen():
+                # reconnects is 0 for a local camera; a closed camera ends, it does not fail
+                if not self._closed and self.reconnections < self.reconnects and self._reopen():
                     continue
                 if self._closed:
                     return
