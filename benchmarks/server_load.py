@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine
+from server.config import RESV_PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=1.0, help="frames per second per stream (default 1)")
     p.add_argument(
         "--resv-preset",
-        choices=("default", "paper"),
+        choices=RESV_PRESETS,
         default="default",
         help="ReSV preset of the local server's sessions (ignored with --server)",
     )

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from server.config import DURABILITY_MODES, RESV_PRESETS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_serve(subparsers)
@@ -55,7 +57,7 @@ def _register_serve(subparsers) -> None:
     )
     p.add_argument(
         "--resv-preset",
-        choices=("default", "paper"),
+        choices=RESV_PRESETS,
         default="default",
         help="ReSV settings of every session: 'default' keeps needles the paper's settings lose, "
         "'paper' selects ~5x cheaper on a CPU and loses them (BENCHMARKS.md)",
@@ -65,7 +67,7 @@ def _register_serve(subparsers) -> None:
     )
     p.add_argument(
         "--durability",
-        choices=("wal", "snapshot", "interval"),
+        choices=DURABILITY_MODES,
         default="wal",
         help="with --data-dir: 'wal' (default) logs each acked frame and answer to a per-session "
         "write-ahead log and fsyncs before the ack, with periodic full snapshots; 'snapshot' takes a "

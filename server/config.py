@@ -9,6 +9,9 @@ from pathlib import Path
 
 MIB = 1024 * 1024
 DURABILITY_MODES = ("wal", "snapshot", "interval")
+# Names of vrex.resv.PRESETS, written out so the server's config and CLI stay torch-free
+# (a test checks they match).
+RESV_PRESETS = ("default", "paper")
 
 
 @dataclass(frozen=True)

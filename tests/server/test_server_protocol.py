@@ -82,6 +82,13 @@ async def test_events_before_open_and_bad_settings(serve):
     call.cancel()
 
 
+def test_server_preset_names_are_the_engines():
+    import vrex.resv
+    from server.config import RESV_PRESETS
+
+    assert sorted(RESV_PRESETS) == sorted(vrex.resv.PRESETS)
+
+
 async def test_server_resv_preset_reaches_every_session(serve):
     _, client = await serve(resv_preset="paper")
     async with client.session(fps=1.0) as s:
