@@ -19,11 +19,11 @@ class ResvConfig:
 
     ``decode_ratio`` applies to one-token steps (decode), ``text_ratio`` to multi-token text
     steps (the question, an answer primer) when the caller names the stage, ``frame_ratio`` to
-    every other multi-token step (frames; the question too when ``text_ratio`` is None). The paper
-    splits its ratios by stage (frame / text). Query rows matter because a step fetches the union of
-    its rows' cuts: a frame's 201 rows per KV head make up for a tight cut, a decode token's 3
-    do not, and a question's 15-60 rows did not either on real weights, so the
-    default cuts text steps like decode ones (docs/research-resv-equal-budget.md, third round).
+    every other multi-token step (frames; the question too when ``text_ratio`` is None). The
+    paper splits its ratios by stage (frame / text). Query rows matter because a step fetches
+    the union of its rows' cuts: a frame's 201 rows per KV head make up for a tight cut, a
+    decode token's 3 do not, and on real weights a question's 15-60 rows did not either, so
+    the default cuts text steps like decode ones (docs/research-resv-equal-budget.md).
     ``mass`` says what the ratio is a share of: ``all`` (the paper) counts the always-attended
     sinks and recent window too, so where they hold most of the attention the cut keeps almost
     nothing else; ``retrievable`` counts only the tokens the cut can add.
