@@ -103,10 +103,11 @@ def needle_variants() -> list[Variant]:
 
 
 def pick_variants(variants: list[Variant], names: list[str] | None) -> list[Variant]:
-    """Only the named variants, with full attention (the reference) always first."""
+    """Only the named variants, with full attention (the reference) always first. A name no
+    part knows raises before anything runs; one only the other part knows is skipped here."""
     if not names:
         return variants
-    known = {v.name for v in variants}
+    known = {v.name for v in needle_variants() + baseline_variants()}
     unknown = sorted(set(names) - known)
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
@@ -885,6 +886,7 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.raw:
         RAW_LOG = open(args.raw, "a")  # noqa: SIM115 - closed at exit
+    pick_variants([], args.variant)  # a misspelt --variant fails before the model loads
     if args.merge_raw:
         rows = needle_from_raw(args.merge_raw)
     else:

@@ -264,3 +264,8 @@ def test_needle_raw_files_merge_across_seeds_and_variants_filter(tmp_path):
     assert [v.name for v in picked] == ["full", "resv", "rekv-b0.5"]
     with pytest.raises(ValueError, match="unknown variant"):
         fidelity.pick_variants(fidelity.needle_variants(), ["resv-typo"])
+    # a needle-only name leaves the video part with its other picks
+    assert [v.name for v in fidelity.pick_variants(fidelity.baseline_variants(), ["resv", "rekv-b0.5"])] == [
+        "full",
+        "resv",
+    ]
