@@ -24,7 +24,7 @@ from sim.config import (
 )
 from sim.cost import area_power_report, run_energy_mj
 from sim.gpu import simulate_gpu_steps
-from sim.tech import tech_values
+from sim.tech import pinned, tech_for
 from sim.timing import roofline_bound_cycles, simulate_steps
 from sim.workload import Step, build_steps, step_macs
 
@@ -71,7 +71,7 @@ def _ops(system: SystemConfig, steps: list[Step]) -> float:
 
 def _run_stage(system: SystemConfig, steps: list[Step], policy: str, record_timeline: bool = False) -> dict:
     """Latency, breakdowns and energy of a list of steps on one system."""
-    tech = tech_values(system.tech_corner)
+    tech = tech_for(system)
     ops = _ops(system, steps)
     if system.kind == "gpu":
         out = simulate_gpu_steps(system, steps, policy)
@@ -160,6 +160,7 @@ def simulate(
         "kv_tokens": scenario.kv_tokens,
         "batch": scenario.batch,
         "tech_corner": system.tech_corner,
+        "tech_pinned": pinned(system),
         "config_hash": config_hash(system, scenario),
         "frame_latency_ms": frame["latency_ms"] / n_frames if frame else None,
         "fps": 1e3 * n_frames / frame["latency_ms"] if frame else None,
@@ -235,7 +236,7 @@ def area(system: SystemConfig | str, overrides=None, tech_corner: str | None = N
         raise ValueError(
             f"system {sys_cfg.name!r} is a GPU baseline; area is modelled for V-Rex systems only"
         )
-    return area_power_report(sys_cfg, tech_values(sys_cfg.tech_corner))
+    return area_power_report(sys_cfg, tech_for(sys_cfg))
 
 
 def with_fields(system: SystemConfig, **dotted: Any) -> SystemConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ def _system(args: argparse.Namespace):
         data.pop("base", None)
         base = override_many(base, data, prefix=f"{args.config}: ")
     return resolve_system(base, list(args.set), args.tech_corner)
+
+
+def _tech_label(rep: dict) -> str:
+    pins = ", ".join(f"{k}={v:g}" for k, v in rep.get("tech_pinned", {}).items())
+    return f"tech {rep['tech_corner']}" + (f" ({pins})" if pins else "")
 
 
 def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
@@ -76,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=float))
         return 0
     lines = [
-        f"{res['system']} ({res['kind']}), policy {res['policy']}, {res['kv_tokens']} KV tokens, batch {res['batch']}, tech {res['tech_corner']}"
+        f"{res['system']} ({res['kind']}), policy {res['policy']}, {res['kv_tokens']} KV tokens, batch {res['batch']}, {_tech_label(res)}"
     ]
     for key in (
         "frame_latency_ms",
@@ -110,7 +116,7 @@ def cmd_area(args: argparse.Namespace) -> int:
 
     rep = area(_system(args))
     lines = [
-        f"{rep['system']}: {rep['num_cores']} cores, tech corner {rep['tech_corner']}",
+        f"{rep['system']}: {rep['num_cores']} cores, {_tech_label(rep)}",
         f"  {'component':10s} {'area_mm2':>10s} {'power_mw':>10s}",
     ]
     for name, v in rep["per_core"].items():
@@ -132,7 +138,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from sim.api import compare
 
     system = _system(args)
-    baseline = _system_plain(args.baseline, args.tech_corner)  # --set/--config apply to --system only
+    # --set/--config apply to --system only, except pinned tech.* entries: the baseline
+    # shares the technology table (PCIe and SSD energy)
+    baseline = replace(_system_plain(args.baseline, args.tech_corner), tech=system.tech)
     rep = compare(system, baseline, args.policy, _kv_list(args.kv_tokens), args.batch)
     lines = [
         f"{rep['system']} (resv) vs {rep['baseline']} + {rep['policy']}, batch {rep['batch']}",
@@ -157,8 +165,9 @@ def _system_plain(name: str, corner: str | None):
 def cmd_validate(args: argparse.Namespace) -> int:
     from sim.validate import format_table, reference_path, validation_table
 
-    rows = validation_table(quick=args.quick)
-    _print(args, {"reference": str(reference_path()), "rows": rows}, format_table(rows))
+    rows = validation_table(quick=args.quick, overrides=list(args.set))
+    payload = {"reference": str(reference_path()), "overrides": list(args.set), "rows": rows}
+    _print(args, payload, format_table(rows))
     return 0
 
 
@@ -199,6 +208,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     val = sub.add_parser("validate", help="paper-reproduction table (published, ours, tolerance, pass/fail)")
     val.add_argument("--quick", action="store_true", help="skip batch>1 and end-to-end rows")
+    val.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of every system in the table, e.g. tech.lpddr5_energy_pj_per_bit=5 "
+        "or tech_corner=low (a calibration sensitivity check)",
+    )
     val.add_argument("--json", action="store_true")
     val.set_defaults(func=cmd_validate)
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from sim.tech import FRACTION_UNIT, load_entries
+
 SYSTEMS_DIR = Path(__file__).parent / "systems"
 BUILTIN_SYSTEMS = ("vrex8", "vrex48", "agx-orin", "a100")
 POLICIES = ("resv", "flexgen", "infinigen", "infinigen_p", "rekv", "full")
@@ -142,6 +144,16 @@ class MemoryConfig:
     recent_window_tokens: int = 5000  # KVMU keeps the newest tokens in device DRAM
 
 
+# One optional field per technology-table entry (sim/data/tech_14nm.yaml): None takes the
+# table's value at the system's corner; a number pins that entry (`tech.lpddr5_energy_pj_per_bit=5`).
+TechOverrides = dataclasses.make_dataclass(
+    "TechOverrides",
+    [(name, "float | None", field(default=None)) for name in load_entries()],
+    frozen=True,
+)
+TechOverrides.__module__ = __name__  # so configs pickle (sweep worker processes)
+
+
 @dataclass(frozen=True)
 class SystemConfig:
     name: str = "vrex8"
@@ -152,6 +164,7 @@ class SystemConfig:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     tech_corner: str = "nominal"
+    tech: TechOverrides = field(default_factory=TechOverrides)
 
 
 @dataclass(frozen=True)
@@ -239,6 +252,12 @@ RANGES: dict[str, Any] = {
     "question_tokens": (0, 1_000_000),
     "answer_tokens": (0, 1_000_000),
 }
+RANGES.update(
+    {
+        f"tech.{name}": (0.0, 1.0) if entry.unit.startswith(FRACTION_UNIT) else (0.0, float("inf"))
+        for name, entry in load_entries().items()
+    }
+)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -251,8 +270,13 @@ def config_hash(*objs: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _coerce(path: str, current: Any, value: Any) -> Any:
+def _coerce(path: str, current: Any, value: Any, annotation: str = "") -> Any:
     """Convert a CLI string to the type of the field it replaces."""
+    annotation = str(annotation)
+    if "None" in annotation and (value is None or str(value).strip().lower() in ("", "none", "null")):
+        return None  # an optional field set back to unset
+    if current is None and annotation.startswith("float"):
+        current = 0.0  # an unset optional number: coerce as a number
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
@@ -298,7 +322,8 @@ def override(obj: Any, path: str, value: Any, _prefix: str = "") -> Any:
         for key, sub in value.items():
             current = override(current, key, sub, f"{full}.")
         return replace(obj, **{head: current})
-    return replace(obj, **{head: _coerce(full, current, value)})
+    annotation = next(f.type for f in fields(obj) if f.name == head)
+    return replace(obj, **{head: _coerce(full, current, value, annotation)})
 
 
 def apply_overrides(obj: Any, items: dict[str, Any] | list[str] | None) -> Any:

@@ -8,6 +8,7 @@ action per cycle, every SRAM port moves its full width per cycle, plus leakage.
 from __future__ import annotations
 
 from sim.config import SystemConfig
+from sim.tech import pinned
 
 COMPONENTS = ("dpe", "vpe", "sram", "hcu", "wtu", "kvmu")
 DRE_COMPONENTS = ("hcu", "wtu", "kvmu")
@@ -80,6 +81,7 @@ def area_power_report(system: SystemConfig, tech: dict[str, float]) -> dict:
         "system": system.name,
         "num_cores": cores,
         "tech_corner": system.tech_corner,
+        "tech_pinned": pinned(system),
         "per_core": {k: {"area_mm2": area[k], "power_mw": power[k]} for k in COMPONENTS},
         "core_total": {"area_mm2": core_area, "power_mw": core_power},
         "chip_total": {"area_mm2": core_area * cores, "power_mw": core_power * cores},

@@ -16,6 +16,7 @@ import math
 
 from sim.config import SystemConfig
 from sim.cost import link_offload_energy_mj
+from sim.tech import tech_for
 from sim.workload import Step, device_window_tokens, policy_table
 
 
@@ -133,11 +134,5 @@ def simulate_gpu_steps(system: SystemConfig, steps: list[Step], policy: str) -> 
     # SM activity (tegrastats / nvidia-smi), not wall time.
     waiting_s = breakdown["kv_fetch"] + irregular_s
     energy = {"gpu_module": (g.power_w * (time_s - waiting_s) + g.idle_power_w * waiting_s) * 1e3}
-    energy.update(link_offload_energy_mj(system, _tech(system), counters, time_s))
+    energy.update(link_offload_energy_mj(system, tech_for(system), counters, time_s))
     return {"time_s": time_s, "breakdown_s": breakdown, "energy_mj": energy, "counters": counters}
-
-
-def _tech(system: SystemConfig) -> dict[str, float]:
-    from sim.tech import tech_values
-
-    return tech_values(system.tech_corner)

@@ -13,6 +13,7 @@ A space is a YAML file (or a dict of the same shape)::
       memory.link_bandwidth_gbps: {low: 2, high: 16, log: true}
       accel.clock_mhz: {low: 400, high: 1200, num: 3}     # `num` makes a range griddable
       kv_tokens: [10000, 40000]
+      tech.lpddr5_energy_pj_per_bit: {low: 3, high: 8}  # a technology-table entry
     objectives: {fps: max, energy_per_frame_j: min, area_mm2: min}   # optional
 
 Every value is checked through the override mechanism of `sim.config` before anything runs,
@@ -44,6 +45,7 @@ import yaml
 from sim.api import area, resolve_scenario, resolve_system, simulate
 from sim.config import Scenario, SystemConfig, config_hash, override, validate
 from sim.pareto import pareto_mask
+from sim.tech import tech_for
 
 SAMPLERS = ("grid", "random", "lhs")
 EXECUTORS = ("local", "dask", "ray")
@@ -110,8 +112,11 @@ class SweepResult:
 
 
 def _get(obj: Any, path: str) -> Any:
+    root = obj
     for part in path.split("."):
         obj = getattr(obj, part)
+    if obj is None and path.startswith("tech."):  # unpinned: the table's value at the corner
+        return tech_for(root)[path[len("tech.") :]]
     return obj
 
 

@@ -1,12 +1,13 @@
 """Technology table: per-action energies, per-unit areas, leakage (sim/data/tech_14nm.yaml).
 
 Each entry carries value, unit, node, source and a low/high range; a corner picks the value,
-low or high column for every entry at once (`--tech-corner`).
+low or high column for every entry at once (`--tech-corner`). A system may pin single entries
+(`tech.<entry>=value`, SystemConfig.tech); a pinned entry keeps its value at every corner.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import yaml
 TECH_FILE = Path(__file__).parent / "data" / "tech_14nm.yaml"
 CORNERS = ("low", "nominal", "high")
 REQUIRED_KEYS = ("value", "unit", "node", "source", "low", "high")
+FRACTION_UNIT = "fraction"  # entries whose unit starts with this are bounded to [0, 1]
 
 
 @dataclass(frozen=True)
@@ -51,3 +53,13 @@ def tech_values(corner: str = "nominal", path: str = str(TECH_FILE)) -> dict[str
         raise ValueError(f"tech corner {corner!r} is not allowed; choose one of {', '.join(CORNERS)}")
     attr = "value" if corner == "nominal" else corner
     return {name: float(getattr(e, attr)) for name, e in load_entries(path).items()}
+
+
+def pinned(system) -> dict[str, float]:
+    """The entries a system pins (`tech.<entry>=value`), whatever its corner."""
+    return {k: float(v) for k, v in asdict(system.tech).items() if v is not None}
+
+
+def tech_for(system) -> dict[str, float]:
+    """The numbers one system runs with: its corner's column, then its pinned entries."""
+    return tech_values(system.tech_corner) | pinned(system)

@@ -32,8 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sim.api import area, compare, simulate
-from sim.config import load_system
+from sim.api import area, compare, resolve_system, simulate
+from sim.config import BUILTIN_SYSTEMS, SystemConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGED_REFERENCE = Path(__file__).parent / "data" / "reference_vrex_paper.json"
@@ -83,14 +83,22 @@ def _range_rows(figure: str, published: list[float], values: list[float], rel_to
     ]
 
 
-def validation_table(quick: bool = False) -> list[dict]:
-    """Build the validation rows. quick=True skips batch>1 and end-to-end rows (tests)."""
+def _systems(overrides: dict[str, Any] | list[str] | None) -> dict[str, SystemConfig]:
+    """The built-in systems, each with the same overrides (a calibration sensitivity check:
+    `tech.<entry>=value` or `tech_corner=low` changes every system's technology table)."""
+    return {name: resolve_system(name, overrides) for name in BUILTIN_SYSTEMS}
+
+
+def validation_table(quick: bool = False, overrides: dict[str, Any] | list[str] | None = None) -> list[dict]:
+    """Build the validation rows. quick=True skips batch>1 and end-to-end rows (tests);
+    overrides apply to every system (see _systems)."""
     ref = load_reference()
     rows: list[dict] = []
     kvs = ref["kv_cache_sweep_tokens"]
+    systems = _systems(overrides)
 
     # Table III: area and power of one core, DRE shares, chip areas.
-    report = area("vrex8")
+    report = area(systems["vrex8"])
     table3 = ref["table_III_area_power_per_core"]
     names = {
         "lxe_dpe": "dpe",
@@ -136,13 +144,13 @@ def validation_table(quick: bool = False) -> list[dict]:
             _row(
                 f"chip area {name} mm2",
                 ref["chip_area_mm2"][name],
-                area(name)["chip_total"]["area_mm2"],
+                area(systems[name])["chip_total"]["area_mm2"],
                 0.05,
             )
         )
 
     # HC-table overhead (closed form of our layout).
-    model = load_system("vrex8").model
+    model = systems["vrex8"].model
     resv = ref["resv_defaults"]
     cluster_bytes = (
         model.num_kv_heads * model.head_dim * model.dtype_bytes + 4 + resv["mean_tokens_per_cluster"] * 4
@@ -154,7 +162,7 @@ def validation_table(quick: bool = False) -> list[dict]:
 
     # Fig. 13 edge: V-Rex8 vs AGX Orin + FlexGen, batch 1.
     fig13 = ref["fig13_edge_vrex8_batch1"]
-    edge = compare("vrex8", "agx-orin", "flexgen", kvs, 1)["points"]
+    edge = compare(systems["vrex8"], systems["agx-orin"], "flexgen", kvs, 1)["points"]
     for kv, published, point in zip(kvs, fig13["frame_latency_ms"], edge, strict=True):
         rows.append(
             _row(f"Fig13 V-Rex8 frame_latency_ms @{kv // 1000}K", published, point["frame_latency_ms"], 0.15)
@@ -185,7 +193,7 @@ def validation_table(quick: bool = False) -> list[dict]:
 
     # Fig. 13 server: V-Rex48 vs A100 + FlexGen, batch 1.
     server_ref = ref["fig13_server_vrex48"]
-    server = compare("vrex48", "a100", "flexgen", kvs, 1)["points"]
+    server = compare(systems["vrex48"], systems["a100"], "flexgen", kvs, 1)["points"]
     rows += _range_rows(
         "Fig13 V-Rex48 frame_latency_ms",
         server_ref["frame_latency_ms_range"],
@@ -223,10 +231,10 @@ def validation_table(quick: bool = False) -> list[dict]:
     # Fig. 16 hardware ablation at 40K, batch 1, frame (speedups over AGX + FlexGen).
     abl = ref["fig16_hw_ablation_40k_b1_frame"]
     kv40 = 40000
-    base = simulate("agx-orin", {"kv_tokens": kv40, "policy": "flexgen"})
-    agx_resv = simulate("agx-orin", {"kv_tokens": kv40, "policy": "resv"})
-    kvpu = simulate("vrex8", {"kv_tokens": kv40}, overrides={"accel.use_kvmu": False})
-    full = simulate("vrex8", {"kv_tokens": kv40})
+    base = simulate(systems["agx-orin"], {"kv_tokens": kv40, "policy": "flexgen"})
+    agx_resv = simulate(systems["agx-orin"], {"kv_tokens": kv40, "policy": "resv"})
+    kvpu = simulate(systems["vrex8"], {"kv_tokens": kv40}, overrides={"accel.use_kvmu": False})
+    full = simulate(systems["vrex8"], {"kv_tokens": kv40})
     for label, res, key in (
         ("AGX+ReSV", agx_resv, "agx_plus_resv"),
         ("V-Rex8 KVPU only", kvpu, "vrex8_kvpu"),
@@ -259,7 +267,7 @@ def validation_table(quick: bool = False) -> list[dict]:
     )
 
     if not quick:
-        b4 = compare("vrex8", "agx-orin", "flexgen", kvs, 4)["points"]
+        b4 = compare(systems["vrex8"], systems["agx-orin"], "flexgen", kvs, 4)["points"]
         rows += _range_rows(
             "Fig13 speedup vs AGX+FlexGen b4",
             fig13["speedup_vs_agx_flexgen_batch4_range"],
@@ -273,7 +281,7 @@ def validation_table(quick: bool = False) -> list[dict]:
             [p["energy_efficiency_gain"] for p in b4],
             0.20,
         )
-        b8 = compare("vrex48", "a100", "flexgen", kvs, 8)["points"]
+        b8 = compare(systems["vrex48"], systems["a100"], "flexgen", kvs, 8)["points"]
         rows += _range_rows(
             "Fig13 speedup vs A100+FlexGen b8",
             server_ref["speedup_vs_a100_flexgen_batch8_range"],
@@ -286,10 +294,10 @@ def validation_table(quick: bool = False) -> list[dict]:
             [p["energy_efficiency_gain"] for p in b8],
             0.20,
         )
-        rows += _fig14_rows(ref)
-        rows += _fig18_rows(ref)
-        _explain_batch_rows(ref, rows)
-    _explain_energy_rows(ref, rows, edge, base, agx_resv)
+        rows += _fig14_rows(ref, systems)
+        rows += _fig18_rows(ref, systems)
+        _explain_batch_rows(ref, rows, systems)
+    _explain_energy_rows(ref, rows, systems, edge, base, agx_resv)
     return rows
 
 
@@ -304,26 +312,29 @@ def _frame_power_w(result: dict) -> float:
     return frame["energy_mj"] / frame["latency_ms"]
 
 
-def implied_power_w(system: str, baseline: str, kv: int, batch: int, speedup: float, gain: float) -> dict:
+def implied_power_w(
+    system: SystemConfig | str, baseline: SystemConfig | str, kv: int, batch: int, speedup: float, gain: float
+) -> dict:
     """Power a published (speedup, energy gain) pair implies for `system` at one point,
     given our baseline's power there (running FlexGen, Fig. 13's reference):
     energy gain = speedup x P_baseline / P_system.
     Compared with the system's ceiling (sim/cost.py power_ceiling_w) and our own power."""
     from sim.cost import power_ceiling_w
-    from sim.tech import tech_values
+    from sim.tech import tech_for
 
+    system, baseline = resolve_system(system), resolve_system(baseline)
     base = simulate(baseline, {"kv_tokens": kv, "batch": batch, "policy": "flexgen"})
     ours = simulate(system, {"kv_tokens": kv, "batch": batch})
     base_w = _frame_power_w(base)
     return {
         "baseline_w": base_w,
         "implied_w": base_w * speedup / gain,
-        "ceiling_w": power_ceiling_w(load_system(system), tech_values()),
+        "ceiling_w": power_ceiling_w(system, tech_for(system)),
         "ours_w": _frame_power_w(ours),
     }
 
 
-def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
+def _explain_batch_rows(ref: dict[str, Any], rows: list[dict], systems: dict[str, SystemConfig]) -> None:
     """Notes for the batched Fig. 13 rows, with the arithmetic on published figures that
     shows where they disagree with the rest of the paper (CALIBRATION.md, known misses)."""
     eff = ref["fig13_energy_efficiency_vs_flexgen"]
@@ -333,8 +344,8 @@ def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
     for figure, system, baseline, batch, speedup, gain, b1_speedup, b1_gain in (
         (
             "Fig13 energy gain edge b4 frame (low end)",
-            "vrex8",
-            "agx-orin",
+            systems["vrex8"],
+            systems["agx-orin"],
             4,
             edge["speedup_vs_agx_flexgen_batch4_range"][0],
             eff["edge_b4_frame"][0],
@@ -343,8 +354,8 @@ def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
         ),
         (
             "Fig13 speedup vs A100+FlexGen b8 (low end)",
-            "vrex48",
-            "a100",
+            systems["vrex48"],
+            systems["a100"],
             8,
             server["speedup_vs_a100_flexgen_batch8_range"][0],
             eff["server_b8_frame"][0],
@@ -358,7 +369,7 @@ def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
             rows,
             figure,
             f"contradicts Table III: {speedup:g}x at {gain:g}x energy (b{batch}, {kv_lo // 1000}K) means "
-            f"{system} draws {p['implied_w']:.0f} W ({baseline} {p['baseline_w']:.0f} W), "
+            f"{system.name} draws {p['implied_w']:.0f} W ({baseline.name} {p['baseline_w']:.0f} W), "
             f"{p['implied_w'] / p['ceiling_w']:.0%} of its {p['ceiling_w']:.0f} W ceiling (all units at "
             f"full activity, DRAM at peak) for the whole frame; at b1 the paper's pair gives "
             f"{p1['implied_w']:.0f} W; ours {p['ours_w']:.0f} W",
@@ -368,7 +379,7 @@ def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
     for figure, system, batch, b1_short_ms, b1_ms, b1_speedup, speedup in (
         (
             "Fig13 speedup vs AGX+FlexGen b4 (high end)",
-            "vrex8",
+            systems["vrex8"],
             4,
             edge["frame_latency_ms"][0],
             edge["frame_latency_ms"][-1],
@@ -377,7 +388,7 @@ def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
         ),
         (
             "Fig13 speedup vs A100+FlexGen b8 (high end)",
-            "vrex48",
+            systems["vrex48"],
             8,
             server["frame_latency_ms_range"][0],
             server["frame_latency_ms_range"][1],
@@ -388,7 +399,7 @@ def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
         bound_ms = batch * b1_ms * b1_speedup / speedup
         kv = ref["kv_cache_sweep_tokens"][-1]
         res = simulate(system, {"kv_tokens": kv, "batch": batch})
-        mem = load_system(system).memory
+        mem = system.memory
         floor_ms = (
             res["stages"]["frame"]["counters"]["link_read_bytes"]
             / (mem.link_bandwidth_gbps * 1e9 * mem.link_efficiency)
@@ -398,7 +409,7 @@ def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
             rows,
             figure,
             f"with the b1 point ({b1_ms:g} ms, {b1_speedup:g}x) the baseline's b{batch} frame is at most "
-            f"{batch} x {b1_ms * b1_speedup:.0f} ms, so {speedup:g}x needs {system} b{batch} <= "
+            f"{batch} x {b1_ms * b1_speedup:.0f} ms, so {speedup:g}x needs {system.name} b{batch} <= "
             f"{bound_ms:.0f} ms ({bound_ms / batch:.1f} ms per stream), while at b1 the long history "
             f"adds {b1_ms - b1_short_ms:g} ms per stream ({b1_short_ms:g} -> {b1_ms:g} ms); ours "
             f"{res['frame_latency_ms']:.0f} ms, link floor {floor_ms:.0f} ms",
@@ -411,7 +422,12 @@ def _explain_batch_rows(ref: dict[str, Any], rows: list[dict]) -> None:
 
 
 def _explain_energy_rows(
-    ref: dict[str, Any], rows: list[dict], edge: list[dict], flexgen_40k: dict, agx_resv_40k: dict
+    ref: dict[str, Any],
+    rows: list[dict],
+    systems: dict[str, SystemConfig],
+    edge: list[dict],
+    flexgen_40k: dict,
+    agx_resv_40k: dict,
 ) -> None:
     """Notes for the edge energy rows we miss, from published figures and our model."""
     fig13, eff = ref["fig13_edge_vrex8_batch1"], ref["fig13_energy_efficiency_vs_flexgen"]
@@ -430,12 +446,13 @@ def _explain_energy_rows(
         f"TPOT speedup matches; the published pairs give a decode power ratio AGX/V-Rex8 of "
         f"{published[0]:.2f} (1K) and {published[1]:.2f} (40K), ours {ours[0]:.2f} and {ours[1]:.2f}: "
         f"{ours[0] / published[0] - 1:.0%} and {ours[1] / published[1] - 1:.0%} above the paper at both "
-        "ends (our V-Rex8 decode too cheap or our waiting AGX too dear; CALIBRATION.md)",
+        "ends (our V-Rex8 decode too cheap or our waiting AGX too dear); dearer LPDDR5 or clock "
+        "power fixes it only by failing the KVPU-only energy row (CALIBRATION.md)",
     )
     gain = ref["fig16_hw_ablation_40k_b1_frame"]["agx_plus_resv"]["energy_gain"]
     frame = agx_resv_40k["stages"]["frame"]
     busy_ms = sum(frame["latency_breakdown_ms"][k] for k in ("vision", "layers", "lm_head"))
-    module_w = load_system("agx-orin").gpu.power_w
+    module_w = systems["agx-orin"].gpu.power_w
     _set_note(
         rows,
         "Fig16 AGX+ReSV energy gain @40K",
@@ -464,7 +481,7 @@ def fig13_implied_e2e_speedup(ref: dict[str, Any], end: int) -> float:
     return agx / ours
 
 
-def _fig14_rows(ref: dict[str, Any]) -> list[dict]:
+def _fig14_rows(ref: dict[str, Any], systems: dict[str, SystemConfig]) -> list[dict]:
     """Fig. 14: end-to-end COIN scenario (26 frames, 25-token question, 39-token answer).
 
     The paper contradicts itself if Fig. 14's labels (2.0-5.4x) are read against FlexGen:
@@ -479,8 +496,8 @@ def _fig14_rows(ref: dict[str, Any]) -> list[dict]:
     kvs = fig14["kv_tokens"]
     flexgen: dict[int, float] = {}
     for kv, published in zip(kvs, fig14["speedup"], strict=True):
-        ours = simulate("vrex8", {"kv_tokens": kv, "stage": "e2e"})
-        agx = simulate("agx-orin", {"kv_tokens": kv, "stage": "e2e", "policy": "infinigen"})
+        ours = simulate(systems["vrex8"], {"kv_tokens": kv, "stage": "e2e"})
+        agx = simulate(systems["agx-orin"], {"kv_tokens": kv, "stage": "e2e", "policy": "infinigen"})
         rows.append(
             _row(
                 f"Fig14 e2e speedup vs AGX+InfiniGen @{kv // 1000}K",
@@ -490,7 +507,7 @@ def _fig14_rows(ref: dict[str, Any]) -> list[dict]:
             )
         )
         if kv in (kvs[0], kvs[-1]):
-            base = simulate("agx-orin", {"kv_tokens": kv, "stage": "e2e", "policy": "flexgen"})
+            base = simulate(systems["agx-orin"], {"kv_tokens": kv, "stage": "e2e", "policy": "flexgen"})
             flexgen[kv] = base["e2e_latency_ms"] / ours["e2e_latency_ms"]
     for end, kv in ((0, kvs[0]), (1, kvs[-1])):
         rows.append(
@@ -505,7 +522,7 @@ def _fig14_rows(ref: dict[str, Any]) -> list[dict]:
     return rows
 
 
-def _fig18_rows(ref: dict[str, Any]) -> list[dict]:
+def _fig18_rows(ref: dict[str, Any], systems: dict[str, SystemConfig]) -> list[dict]:
     """Fig. 18 roofline (edge, 40K, batch 4). The paper's intensity and fractions only fit
     one reading of its op counts (weight GEMMs on the x axis, all dense ops achieved); we
     match that reading and also report the consistent one (sim/roofline.py)."""
@@ -513,7 +530,7 @@ def _fig18_rows(ref: dict[str, Any]) -> list[dict]:
 
     fig18 = ref["fig18_roofline_edge_40k_b4"]
     points = {
-        key: roofline_point(name, policy, 40000, 4)
+        key: roofline_point(systems[name], policy, 40000, 4)
         for key, name, policy in (
             ("vrex8", "vrex8", "resv"),
             ("agx_flexgen", "agx-orin", "flexgen"),

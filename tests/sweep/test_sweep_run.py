@@ -323,3 +323,16 @@ def test_a_changed_simulator_does_not_reuse_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "simulator_fingerprint", lambda: "recalibrated")
     again = _run(space, tmp_path / "r.parquet")
     assert again.computed == 2 and again.cached == 0
+
+
+def test_sweep_over_a_technology_entry(tmp_path):
+    space = {
+        "system": "vrex8",
+        "scenario": {"kv_tokens": 20000},
+        "sampler": "grid",
+        "parameters": {"tech.lpddr5_energy_pj_per_bit": {"low": 4, "high": 8, "num": 3}},
+    }
+    df = _run(space, tmp_path / "tech.parquet").results.sort_values("tech.lpddr5_energy_pj_per_bit")
+    assert df["tech.lpddr5_energy_pj_per_bit"].tolist() == [4.0, 6.0, 8.0]
+    assert df["energy_per_frame_j"].is_monotonic_increasing and df["energy_per_frame_j"].nunique() == 3
+    assert df["frame_latency_ms"].nunique() == 1

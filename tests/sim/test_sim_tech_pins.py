@@ -1,0 +1,82 @@
+"""Pinning single technology-table entries (`tech.<entry>=value`) on a system."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from sim.api import compare, simulate
+from sim.config import apply_overrides, load_system
+from sim.tech import tech_for, tech_values
+from sim.validate import validation_table
+from vrex.cli import main as sim_main
+
+PIN = "tech.lpddr5_energy_pj_per_bit"
+
+
+def test_pinned_entry_changes_energy_not_timing_and_is_reported():
+    plain = simulate("vrex8", {"kv_tokens": 20000})
+    pinned = simulate("vrex8", {"kv_tokens": 20000}, overrides=[f"{PIN}=8"])
+    assert pinned["frame_latency_ms"] == plain["frame_latency_ms"]
+    dram = [r["stages"]["frame"]["energy_breakdown_mj"]["dram"] for r in (plain, pinned)]
+    assert dram[1] > dram[0]
+    assert pinned["tech_pinned"] == {"lpddr5_energy_pj_per_bit": 8.0} and plain["tech_pinned"] == {}
+    assert pinned["config_hash"] != plain["config_hash"]
+
+
+def test_pinned_entry_keeps_its_value_at_every_corner():
+    system = apply_overrides(load_system("vrex8"), [f"{PIN}=5", "tech_corner=high"])
+    values, high = tech_for(system), tech_values("high")
+    assert values["lpddr5_energy_pj_per_bit"] == 5.0 != high["lpddr5_energy_pj_per_bit"]
+    assert {k: v for k, v in values.items() if k != "lpddr5_energy_pj_per_bit"} == {
+        k: v for k, v in high.items() if k != "lpddr5_energy_pj_per_bit"
+    }
+    # "none" unpins
+    assert tech_for(apply_overrides(system, [f"{PIN}=none"])) == high
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("tech.idle_power_fraction=1.5", ["tech.idle_power_fraction", "[0.0, 1.0]"]),
+        ("tech.dpe_mac_energy_pj=-1", ["tech.dpe_mac_energy_pj", "range"]),
+        ("tech.ssd_active_w=fast", ["tech.ssd_active_w", "number"]),
+        ("tech.flux_capacitor_pj=1", ["tech.flux_capacitor_pj", "lpddr5_energy_pj_per_bit"]),
+    ],
+)
+def test_bad_pins_name_the_entry_and_range(item, words):
+    with pytest.raises(ValueError) as err:
+        apply_overrides(load_system("vrex8"), [item])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_yaml_system_pins_entries(tmp_path):
+    f = tmp_path / "lp5x.yaml"
+    f.write_text("base: vrex8\nname: vrex8-lp5x\ntech:\n  lpddr5_energy_pj_per_bit: 4.5\n")
+    system = load_system(str(f))
+    assert tech_for(system)["lpddr5_energy_pj_per_bit"] == 4.5
+    assert system.accel.num_cores == 8
+
+
+def test_compare_cli_gives_the_baseline_the_same_pins(capsys):
+    args = ["sim", "compare", "--kv-tokens", "40000", "--set", "tech.pcie_w_per_lane=1.5", "--json"]
+    assert sim_main(args) == 0
+    gain = json.loads(capsys.readouterr().out)["points"][0]["energy_efficiency_gain"]
+    vrex = apply_overrides(load_system("vrex8"), ["tech.pcie_w_per_lane=1.5"])
+    shared = compare(vrex, replace(load_system("agx-orin"), tech=vrex.tech), kv_tokens=[40000])
+    alone = compare(vrex, "agx-orin", kv_tokens=[40000])
+    assert gain == pytest.approx(shared["points"][0]["energy_efficiency_gain"])
+    assert gain != pytest.approx(alone["points"][0]["energy_efficiency_gain"])
+
+
+def test_validate_with_pins_moves_energy_rows_only():
+    plain = {r["figure"]: r["ours"] for r in validation_table(quick=True)}
+    pinned = {r["figure"]: r["ours"] for r in validation_table(quick=True, overrides=[f"{PIN}=8"])}
+    assert plain.keys() == pinned.keys()
+    for figure in plain:
+        if "area" in figure or "latency" in figure or "tpot" in figure or "speedup" in figure:
+            assert pinned[figure] == pytest.approx(plain[figure]), figure
+    # dearer DRAM costs the weight-streaming V-Rex8 more than the link-bound AGX
+    text = "Fig13 energy gain edge b1 text (high end)"
+    assert pinned[text] < plain[text]
