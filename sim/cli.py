@@ -11,9 +11,20 @@ from typing import Any
 import yaml
 
 from sim.config import BUILTIN_SYSTEMS, POLICIES, override_many
+from sim.tech import CORNERS
+
+RUN_METRICS = (
+    "frame_latency_ms",
+    "fps",
+    "tpot_ms",
+    "energy_per_frame_mj",
+    "energy_per_token_mj",
+    "gops_per_w",
+    "e2e_latency_ms",
+)
 
 
-def _add_system_args(p: argparse.ArgumentParser, default: str = "vrex8") -> None:
+def _add_system_args(p: argparse.ArgumentParser, default: str = "vrex8", corners: tuple = CORNERS) -> None:
     p.add_argument(
         "--system", default=default, help=f"built-in system ({', '.join(BUILTIN_SYSTEMS)}) or a YAML file"
     )
@@ -25,7 +36,7 @@ def _add_system_args(p: argparse.ArgumentParser, default: str = "vrex8") -> None
         metavar="FIELD=VALUE",
         help="override any config field by dotted name, e.g. memory.link_bandwidth_gbps=8",
     )
-    p.add_argument("--tech-corner", choices=("low", "nominal", "high"), default=None)
+    p.add_argument("--tech-corner", choices=corners, default=None)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -41,9 +52,9 @@ def _system(args: argparse.Namespace):
     return resolve_system(base, list(args.set), args.tech_corner)
 
 
-def _tech_label(rep: dict) -> str:
+def _tech_label(rep: dict, corner: str | None = None) -> str:
     pins = ", ".join(f"{k}={v:g}" for k, v in rep.get("tech_pinned", {}).items())
-    return f"tech {rep['tech_corner']}" + (f" ({pins})" if pins else "")
+    return f"tech {corner or rep['tech_corner']}" + (f" ({pins})" if pins else "")
 
 
 def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
@@ -60,9 +71,41 @@ def _kv_list(text: str) -> list[int]:
     return values
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_report(system, scenario: dict, stage: str) -> tuple[dict, dict]:
     from sim.api import simulate
 
+    res = simulate(system, scenario)
+    detail = res["stages"].get(stage) or next(iter(res["stages"].values()))
+    report = {k: v for k, v in res.items() if k not in ("stages", "system_config")}
+    report["latency_breakdown_ms"] = detail["latency_breakdown_ms"]
+    report["energy_breakdown_mj"] = detail["energy_breakdown_mj"]
+    report["roofline_bound_ms"] = detail.get("roofline_bound_ms")
+    return res, report
+
+
+def _run_all_corners(args: argparse.Namespace, system, scenario: dict, stage: str) -> int:
+    """One design point at every technology corner (timing is the same; energy spreads)."""
+    reports = {c: _run_report(replace(system, tech_corner=c), scenario, stage)[1] for c in CORNERS}
+    if args.json:
+        print(json.dumps({"corners": reports}, indent=2, default=float))
+        return 0
+    first = reports[CORNERS[0]]
+    lines = [
+        f"{first['system']} ({first['kind']}), policy {first['policy']}, {first['kv_tokens']} KV tokens, "
+        f"batch {first['batch']}, {_tech_label(first, 'corners')}",
+        f"  {'metric':22s} " + " ".join(f"{c:>12s}" for c in CORNERS),
+    ]
+    for key in RUN_METRICS:
+        if first.get(key) is not None:
+            lines.append(f"  {key:22s} " + " ".join(f"{reports[c][key]:12.3f}" for c in CORNERS))
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    all_corners = args.tech_corner == "all"
+    if all_corners:
+        args.tech_corner = None
     system = _system(args)
     scenario = {
         "kv_tokens": args.kv_tokens,
@@ -71,37 +114,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "trace": args.trace,
     }
-    res = simulate(system, scenario)
     stage = "decode" if args.stage == "text" else "frame"
-    detail = res["stages"].get(stage) or next(iter(res["stages"].values()))
-    report = {k: v for k, v in res.items() if k not in ("stages", "system_config")}
-    report["latency_breakdown_ms"] = detail["latency_breakdown_ms"]
-    report["energy_breakdown_mj"] = detail["energy_breakdown_mj"]
-    report["roofline_bound_ms"] = detail.get("roofline_bound_ms")
+    if all_corners:
+        return _run_all_corners(args, system, scenario, stage)
+    res, report = _run_report(system, scenario, stage)
     if args.json:
         print(json.dumps(report, indent=2, default=float))
         return 0
     lines = [
         f"{res['system']} ({res['kind']}), policy {res['policy']}, {res['kv_tokens']} KV tokens, batch {res['batch']}, {_tech_label(res)}"
     ]
-    for key in (
-        "frame_latency_ms",
-        "fps",
-        "tpot_ms",
-        "energy_per_frame_mj",
-        "energy_per_token_mj",
-        "gops_per_w",
-        "e2e_latency_ms",
-    ):
+    for key in RUN_METRICS:
         if res.get(key) is not None:
             lines.append(f"  {key:22s} {res[key]:.3f}")
     lines.append(
         f"  latency breakdown ({stage}, ms): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in detail["latency_breakdown_ms"].items())
+        + ", ".join(f"{k} {v:.2f}" for k, v in report["latency_breakdown_ms"].items())
     )
     lines.append(
         f"  energy breakdown ({stage}, mJ): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in detail["energy_breakdown_mj"].items())
+        + ", ".join(f"{k} {v:.1f}" for k, v in report["energy_breakdown_mj"].items())
     )
     ev = res["events_per_s"] or 0
     lines.append(
@@ -186,7 +218,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     run = sub.add_parser("run", help="simulate one design point")
-    _add_system_args(run)
+    _add_system_args(run, corners=(*CORNERS, "all"))
     run.add_argument("--kv-tokens", type=int, default=40000)
     run.add_argument("--batch", type=int, default=1)
     run.add_argument("--stage", choices=("frame", "text", "e2e"), default="frame")

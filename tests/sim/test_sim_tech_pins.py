@@ -80,3 +80,19 @@ def test_validate_with_pins_moves_energy_rows_only():
     # dearer DRAM costs the weight-streaming V-Rex8 more than the link-bound AGX
     text = "Fig13 energy gain edge b1 text (high end)"
     assert pinned[text] < plain[text]
+
+
+def test_run_at_every_corner(capsys):
+    args = ["sim", "run", "--kv-tokens", "5000", "--tech-corner", "all", "--set", f"{PIN}=5", "--json"]
+    assert sim_main(args) == 0
+    corners = json.loads(capsys.readouterr().out)["corners"]
+    assert list(corners) == ["low", "nominal", "high"]
+    energy = [corners[c]["energy_per_frame_mj"] for c in corners]
+    assert energy[0] < energy[1] < energy[2]
+    assert len({corners[c]["frame_latency_ms"] for c in corners}) == 1
+    assert all(corners[c]["tech_pinned"] == {"lpddr5_energy_pj_per_bit": 5.0} for c in corners)
+    assert sim_main(["sim", "run", "--kv-tokens", "5000", "--tech-corner", "all"]) == 0
+    text = capsys.readouterr().out
+    assert "tech corners" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("energy_per_frame_mj"))
+    assert len(row.split()) == 4  # the metric and one value per corner
