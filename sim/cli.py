@@ -206,7 +206,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from sim.plots import make_all
 
-    paths = [str(p) for p in make_all(args.out)]
+    kwargs = {"kv_tokens": _kv_list(args.kv_tokens), "batch": args.batch, "layer": args.layer}
+    if args.system or args.config or args.set or args.tech_corner:
+        args.system = args.system or "vrex8"
+        system = _system(args)
+        kwargs["system"] = system
+        kwargs["baseline"] = replace(_system_plain(args.baseline, args.tech_corner), tech=system.tech)
+    else:
+        kwargs["baseline"] = args.baseline
+    paths = [str(p) for p in make_all(args.out, **kwargs)]
     _print(args, {"plots": paths}, "\n".join(paths))
     return 0
 
@@ -251,9 +259,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     val.add_argument("--json", action="store_true")
     val.set_defaults(func=cmd_validate)
 
-    plot = sub.add_parser("plot", help="write PNG plots (latency breakdown, layer bandwidth, roofline)")
+    plot = sub.add_parser(
+        "plot",
+        help="write PNG plots (latency breakdown, layer bandwidth, roofline); without --system, "
+        "the paper's figures",
+    )
+    _add_system_args(plot, default=None)
+    plot.add_argument("--baseline", default="agx-orin")
+    plot.add_argument("--kv-tokens", default="1000,5000,10000,20000,40000")
+    plot.add_argument("--batch", type=int, default=None, help="default 1 (the paper's roofline: 4)")
+    plot.add_argument("--layer", type=int, default=16, help="layer of the bandwidth-over-time plot")
     plot.add_argument("--out", default="docs/sim")
-    plot.add_argument("--json", action="store_true")
     plot.set_defaults(func=cmd_plot)
 
     from sim.sweep_cli import add_sweep_parser  # `vrex sim sweep` (design-space exploration)

@@ -1,5 +1,6 @@
 """Plots (PNG, matplotlib Agg): latency breakdown, DRAM/PCIe bandwidth within one layer
-(the paper's Fig. 17), roofline (Fig. 18)."""
+(the paper's Fig. 17), roofline (Fig. 18). Every plot takes a built-in system name or any
+SystemConfig; `make_all()` without a system draws the paper's figures."""
 
 from __future__ import annotations
 
@@ -11,21 +12,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sim.api import resolve_system, simulate  # noqa: E402
+from sim.config import SystemConfig  # noqa: E402
+
+KV_SWEEP = (1000, 5000, 10000, 20000, 40000)
 
 
 def plot_latency_breakdown(
     out: Path,
-    system: str = "vrex8",
-    baseline: str = "agx-orin",
-    kv_tokens=(1000, 5000, 10000, 20000, 40000),
+    system: SystemConfig | str = "vrex8",
+    baseline: SystemConfig | str = "agx-orin",
+    kv_tokens=KV_SWEEP,
     batch: int = 1,
 ) -> Path:
+    system, baseline = resolve_system(system), resolve_system(baseline)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels, stacks = [], []
     for kv in kv_tokens:
-        for name, policy in ((system, "resv"), (baseline, "flexgen")):
-            res = simulate(name, {"kv_tokens": kv, "batch": batch, "policy": policy})
-            labels.append(f"{name}\n{kv // 1000}K")
+        for cfg, policy in ((system, "resv"), (baseline, "flexgen")):
+            res = simulate(cfg, {"kv_tokens": kv, "batch": batch, "policy": policy})
+            labels.append(f"{cfg.name}\n{kv / 1000:g}K")
             stacks.append(res["stages"]["frame"]["latency_breakdown_ms"])
     categories = sorted({k for s in stacks for k in s})
     bottom = [0.0] * len(stacks)
@@ -33,9 +38,10 @@ def plot_latency_breakdown(
         values = [s.get(cat, 0.0) for s in stacks]
         ax.bar(range(len(stacks)), values, bottom=bottom, label=cat)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for x, total in enumerate(bottom):  # linear axis: stacked segments keep their true share
+        ax.annotate(f"{total:.0f}", (x, total), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(stacks)), labels, fontsize=7)
     ax.set_ylabel("frame latency (ms)")
-    ax.set_yscale("log")
     ax.set_title(f"Frame latency breakdown, batch {batch}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -61,7 +67,23 @@ def layer_bandwidth(result: dict, layer: int) -> dict[str, list[tuple[float, flo
     return series
 
 
-def plot_layer_bandwidth(out: Path, system: str = "vrex48", kv_tokens: int = 40000, layer: int = 16) -> Path:
+def _timeline_system(system: SystemConfig | str, layer: int) -> SystemConfig:
+    system = resolve_system(system)
+    if system.kind != "vrex":
+        raise ValueError(
+            f"system {system.name!r} is a GPU baseline; the layer timeline is simulated for V-Rex only"
+        )
+    if not 0 <= layer < system.model.num_layers:
+        raise ValueError(
+            f"layer={layer} is out of range; allowed range is [0, {system.model.num_layers - 1}]"
+        )
+    return system
+
+
+def plot_layer_bandwidth(
+    out: Path, system: SystemConfig | str = "vrex48", kv_tokens: int = 40000, layer: int = 16
+) -> Path:
+    system = _timeline_system(system, layer)
     res = simulate(system, {"kv_tokens": kv_tokens}, record_timeline=True)
     series = layer_bandwidth(res, layer)
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -75,7 +97,7 @@ def plot_layer_bandwidth(out: Path, system: str = "vrex48", kv_tokens: int = 400
     ax.set_xlabel(f"time within layer {layer} (us)")
     ax.set_ylabel("bandwidth (GB/s)")
     ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_title(f"{system}, {kv_tokens // 1000}K KV: DRAM and PCIe traffic in one layer")
+    ax.set_title(f"{system.name}, {kv_tokens / 1000:g}K KV: DRAM and PCIe traffic in one layer")
     ax.legend()
     fig.tight_layout()
     path = out / "layer_bandwidth.png"
@@ -84,22 +106,33 @@ def plot_layer_bandwidth(out: Path, system: str = "vrex48", kv_tokens: int = 400
     return path
 
 
-def roofline_points(kv_tokens: int = 40000, batch: int = 4) -> list[dict]:
+def roofline_points(
+    kv_tokens: int = 40000,
+    batch: int = 4,
+    system: SystemConfig | str = "vrex8",
+    baseline: SystemConfig | str = "agx-orin",
+) -> list[dict]:
     """Fig. 18 points: the dense frame workload's intensity, each system's achieved rate."""
     from sim.roofline import roofline_point
 
     points = []
-    for name, policy in (("vrex8", "resv"), ("agx-orin", "flexgen"), ("agx-orin", "rekv")):
-        p = roofline_point(name, policy, kv_tokens, batch)
+    for cfg, policy in ((system, "resv"), (baseline, "flexgen"), (baseline, "rekv")):
+        p = roofline_point(cfg, policy, kv_tokens, batch)
         points.append({"label": p["label"], "op_per_byte": p["op_per_byte"], "tflops": p["achieved_tflops"]})
     return points
 
 
-def plot_roofline(out: Path, kv_tokens: int = 40000, batch: int = 4) -> Path:
+def plot_roofline(
+    out: Path,
+    kv_tokens: int = 40000,
+    batch: int = 4,
+    system: SystemConfig | str = "vrex8",
+    baseline: SystemConfig | str = "agx-orin",
+) -> Path:
+    system, baseline = resolve_system(system), resolve_system(baseline)
     fig, ax = plt.subplots(figsize=(7, 5))
     intensity = [0.1 * 1.25**i for i in range(60)]
-    for name in ("vrex8", "agx-orin"):
-        cfg = resolve_system(name)
+    for cfg in (system, baseline):
         peak = (
             cfg.accel.num_cores
             * cfg.accel.dpe_trees
@@ -112,15 +145,15 @@ def plot_roofline(out: Path, kv_tokens: int = 40000, batch: int = 4) -> Path:
             else cfg.gpu.peak_tflops
         )
         bw = cfg.memory.dram_bandwidth_gbps * 1e9
-        ax.plot(intensity, [min(peak, i * bw / 1e12) for i in intensity], label=f"{name} roof")
-    for p in roofline_points(kv_tokens, batch):
+        ax.plot(intensity, [min(peak, i * bw / 1e12) for i in intensity], label=f"{cfg.name} roof")
+    for p in roofline_points(kv_tokens, batch, system, baseline):
         ax.scatter([p["op_per_byte"]], [p["tflops"]], zorder=3)
         ax.annotate(p["label"], (p["op_per_byte"], p["tflops"]), fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("operational intensity: weight-GEMM ops per compulsory byte (Fig. 18 reading)")
     ax.set_ylabel("achieved TFLOPS (dense LLM ops incl. attention)")
-    ax.set_title(f"Roofline, {kv_tokens // 1000}K KV, batch {batch}, frame stage")
+    ax.set_title(f"Roofline, {kv_tokens / 1000:g}K KV, batch {batch}, frame stage")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "roofline.png"
@@ -129,7 +162,29 @@ def plot_roofline(out: Path, kv_tokens: int = 40000, batch: int = 4) -> Path:
     return path
 
 
-def make_all(out: str | Path = "docs/sim") -> list[Path]:
+def make_all(
+    out: str | Path = "docs/sim",
+    system: SystemConfig | str | None = None,
+    baseline: SystemConfig | str = "agx-orin",
+    kv_tokens=KV_SWEEP,
+    batch: int | None = None,
+    layer: int = 16,
+) -> list[Path]:
+    """The three plots. Without a system: the paper's figures (V-Rex8 breakdown at batch 1,
+    V-Rex48 layer traffic as in Fig. 17, V-Rex8 roofline at batch 4 as in Fig. 18). With one,
+    every plot shows it, at `batch` (default 1), the traffic and roofline at the largest KV size."""
+    _timeline_system(system or "vrex48", layer)  # fail before drawing anything
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return [plot_latency_breakdown(out), plot_layer_bandwidth(out), plot_roofline(out)]
+    kv_max = max(kv_tokens)
+    if system is None:
+        return [
+            plot_latency_breakdown(out, "vrex8", baseline, kv_tokens, batch or 1),
+            plot_layer_bandwidth(out, "vrex48", kv_max, layer),
+            plot_roofline(out, kv_max, batch or 4, "vrex8", baseline),
+        ]
+    return [
+        plot_latency_breakdown(out, system, baseline, kv_tokens, batch or 1),
+        plot_layer_bandwidth(out, system, kv_max, layer),
+        plot_roofline(out, kv_max, batch or 1, system, baseline),
+    ]

@@ -108,3 +108,18 @@ def test_plots_are_written(tmp_path):
     paths = make_all(tmp_path)
     assert [p.name for p in paths] == ["latency_breakdown.png", "layer_bandwidth.png", "roofline.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_plots_of_any_system_and_bad_layer(tmp_path, capsys):
+    out = tmp_path / "mine"
+    args = ["sim", "plot", "--system", "vrex8", "--set", "accel.num_cores=16", "--kv-tokens", "5000,20000"]
+    assert sim_main([*args, "--out", str(out), "--json"]) == 0
+    paths = [Path(p) for p in json.loads(capsys.readouterr().out)["plots"]]
+    assert [p.name for p in paths] == ["latency_breakdown.png", "layer_bandwidth.png", "roofline.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    bad = tmp_path / "bad"
+    assert sim_main(["sim", "plot", "--system", "vrex8", "--layer", "32", "--out", str(bad)]) == 2
+    assert "[0, 31]" in capsys.readouterr().err
+    assert not bad.exists()  # failed before drawing anything
+    assert sim_main(["sim", "plot", "--system", "agx-orin", "--out", str(bad)]) == 2
+    assert "GPU baseline" in capsys.readouterr().err
