@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from sim.config import (
@@ -31,6 +32,7 @@ from sim.workload import Step, build_steps, step_macs
 __all__ = [
     "simulate",
     "compare",
+    "baseline_for",
     "area",
     "load_system",
     "make_scenario",
@@ -187,6 +189,20 @@ def simulate(
     return result
 
 
+def baseline_for(
+    name: str,
+    system: SystemConfig,
+    overrides: dict[str, Any] | list[str] | None = None,
+    tech_corner: str | None = None,
+) -> SystemConfig:
+    """Baseline hardware `name` running `system`'s workload: the same model, the same ReSV
+    statistics (a GPU running ReSV in software) and the same pinned technology entries
+    (PCIe and SSD energy); the baseline's own overrides apply on top."""
+    base = resolve_system(name, None, tech_corner or system.tech_corner)
+    base = replace(base, model=system.model, resv=system.resv, tech=system.tech)
+    return resolve_system(base, overrides)
+
+
 def compare(
     system: SystemConfig | str,
     baseline: SystemConfig | str,
@@ -199,9 +215,19 @@ def compare(
     baseline_overrides: dict[str, Any] | list[str] | None = None,
     tech_corner: str | None = None,
 ) -> dict[str, Any]:
-    """Speedup and energy-efficiency gain (GOPS/W ratio) of `system` over `baseline` + `policy`."""
+    """Speedup and energy-efficiency gain (GOPS/W ratio) of `system` over `baseline` + `policy`.
+    A baseline given by name runs the system's workload (baseline_for); one given as a config
+    must run the same model."""
     sys_cfg = resolve_system(system, overrides, tech_corner)
-    base_cfg = resolve_system(baseline, baseline_overrides, tech_corner)
+    if isinstance(baseline, str):
+        base_cfg = baseline_for(baseline, sys_cfg, baseline_overrides, tech_corner)
+    else:
+        base_cfg = resolve_system(baseline, baseline_overrides, tech_corner)
+    if base_cfg.model != sys_cfg.model:
+        raise ValueError(
+            f"{sys_cfg.name} runs {sys_cfg.model.name} and {base_cfg.name} runs {base_cfg.model.name}: "
+            "compare the same model (give the baseline by name, or see sim.api.baseline_for)"
+        )
     rows = []
     for kv in kv_tokens:
         ours = simulate(sys_cfg, {"kv_tokens": kv, "batch": batch, "policy": system_policy})

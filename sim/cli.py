@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from sim.config import BUILTIN_SYSTEMS, POLICIES, override_many
+from sim.config import BUILTIN_SYSTEMS, POLICIES, override_many, with_hf_model
 from sim.tech import CORNERS
 
 RUN_METRICS = (
@@ -30,6 +30,11 @@ def _add_system_args(p: argparse.ArgumentParser, default: str = "vrex8", corners
     )
     p.add_argument("--config", metavar="FILE", help="YAML file of field overrides (may say `base: vrex8`)")
     p.add_argument(
+        "--hf-config",
+        metavar="PATH",
+        help="model from a Hugging Face config.json or model folder (then --set model.* still applies)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -48,7 +53,9 @@ def _system(args: argparse.Namespace):
     if args.config:
         data = yaml.safe_load(Path(args.config).read_text()) or {}
         data.pop("base", None)
+        base = with_hf_model(base, data.pop("hf_config", None), Path(args.config).parent)
         base = override_many(base, data, prefix=f"{args.config}: ")
+    base = with_hf_model(base, args.hf_config)
     return resolve_system(base, list(args.set), args.tech_corner)
 
 
@@ -77,6 +84,7 @@ def _run_report(system, scenario: dict, stage: str) -> tuple[dict, dict]:
     res = simulate(system, scenario)
     detail = res["stages"].get(stage) or next(iter(res["stages"].values()))
     report = {k: v for k, v in res.items() if k not in ("stages", "system_config")}
+    report["model"] = res["system_config"]["model"]
     report["latency_breakdown_ms"] = detail["latency_breakdown_ms"]
     report["energy_breakdown_mj"] = detail["energy_breakdown_mj"]
     report["roofline_bound_ms"] = detail.get("roofline_bound_ms")
@@ -122,7 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=float))
         return 0
     lines = [
-        f"{res['system']} ({res['kind']}), policy {res['policy']}, {res['kv_tokens']} KV tokens, batch {res['batch']}, {_tech_label(res)}"
+        f"{res['system']} ({res['kind']}) running {report['model']['name']}, policy {res['policy']}, "
+        f"{res['kv_tokens']} KV tokens, batch {res['batch']}, {_tech_label(res)}"
     ]
     for key in RUN_METRICS:
         if res.get(key) is not None:
@@ -170,9 +179,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from sim.api import compare
 
     system = _system(args)
-    # --set/--config apply to --system only, except pinned tech.* entries: the baseline
-    # shares the technology table (PCIe and SSD energy)
-    baseline = replace(_system_plain(args.baseline, args.tech_corner), tech=system.tech)
+    baseline = _baseline(args.baseline, args.tech_corner, system)
     rep = compare(system, baseline, args.policy, _kv_list(args.kv_tokens), args.batch)
     lines = [
         f"{rep['system']} (resv) vs {rep['baseline']} + {rep['policy']}, batch {rep['batch']}",
@@ -188,10 +195,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _system_plain(name: str, corner: str | None):
-    from sim.api import resolve_system
+def _baseline(name: str, corner: str | None, system):
+    """--set/--config/--hf-config change the system's hardware; the baseline runs the same
+    workload (sim.api.baseline_for)."""
+    from sim.api import baseline_for
 
-    return resolve_system(name, None, corner)
+    return baseline_for(name, system, None, corner)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -207,11 +216,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from sim.plots import make_all
 
     kwargs = {"kv_tokens": _kv_list(args.kv_tokens), "batch": args.batch, "layer": args.layer}
-    if args.system or args.config or args.set or args.tech_corner:
+    if args.system or args.config or args.hf_config or args.set or args.tech_corner:
         args.system = args.system or "vrex8"
         system = _system(args)
         kwargs["system"] = system
-        kwargs["baseline"] = replace(_system_plain(args.baseline, args.tech_corner), tech=system.tech)
+        kwargs["baseline"] = _baseline(args.baseline, args.tech_corner, system)
     else:
         kwargs["baseline"] = args.baseline
     paths = [str(p) for p in make_all(args.out, **kwargs)]

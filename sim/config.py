@@ -391,8 +391,21 @@ def override_many(obj: Any, data: dict[str, Any], prefix: str = "") -> Any:
     return obj
 
 
+def with_hf_model(system: SystemConfig, hf_config: str | None, relative_to: Path = Path(".")) -> SystemConfig:
+    """The system running the model a Hugging Face config.json (or model folder) describes."""
+    if not hf_config:
+        return system
+    from sim.hf import model_from_hf  # sim.hf builds on ModelConfig
+
+    path = Path(hf_config).expanduser()
+    return replace(
+        system, model=model_from_hf(path if path.is_absolute() else relative_to / path, system.model)
+    )
+
+
 def load_system(name_or_path: str, overrides: dict[str, Any] | list[str] | None = None) -> SystemConfig:
-    """Load a built-in system by name or a YAML file; a YAML file may say `base: vrex8`."""
+    """Load a built-in system by name or a YAML file; a YAML file may say `base: vrex8` and
+    `hf_config: path/to/config.json` (the model; `model:` fields still override it)."""
     path = Path(name_or_path)
     if name_or_path in BUILTIN_SYSTEMS:
         path = SYSTEMS_DIR / f"{name_or_path}.yaml"
@@ -405,6 +418,7 @@ def load_system(name_or_path: str, overrides: dict[str, Any] | list[str] | None 
         raise ValueError(f"{path}: expected a mapping of config fields")
     base = data.pop("base", None)
     system = load_system(base) if base else SystemConfig()
+    system = with_hf_model(system, data.pop("hf_config", None), path.parent)
     system = override_many(system, data, prefix=f"{path.name}: ")
     system = apply_overrides(system, overrides)
     validate(system)
