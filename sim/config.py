@@ -1,6 +1,7 @@
 """Configuration of a simulated system and of the workload scenario.
 
-Frozen dataclasses, loaded from YAML (`sim/systems/*.yaml`), overridable by dotted name
+Frozen dataclasses, loaded from YAML (`sim/systems/*.yaml`; the model may come from a Hugging
+Face config.json, sim/hf.py), overridable by dotted name
 (`memory.link_bandwidth_gbps=8`), validated against documented ranges, with a stable hash
 so sweeps can cache results. Architecture lives here; technology numbers (energy per action,
 area per unit) live in `sim/data/tech_14nm.yaml`; the timing core emits action counts.
