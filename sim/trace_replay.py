@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sim.config import SystemConfig, validate
+from sim.hf import model_from_hf
 from sim.workload import Step, policy_table
 from vrex.trace import MODEL_FIELDS
 from vrex.trace import read_trace as _read_trace
@@ -28,12 +29,19 @@ def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
     return header, list(steps)
 
 
+VISION_FIELDS = ("vision_layers", "vision_hidden_size", "vision_intermediate_size", "vision_tokens")
+
+
 def system_for_trace(system: SystemConfig, header: dict) -> SystemConfig:
-    """Use the traced model's dimensions (and KV dtype) in the simulated system."""
+    """Use the traced model's dimensions (and KV dtype) in the simulated system; its vision
+    tower too when the header carries the model's HF config (older traces keep the default)."""
     model = header.get("model") or {}
     changes = {k: int(model[k]) for k in MODEL_FIELDS if k in model}
     if "kv_dtype_bytes" in header:
         changes["dtype_bytes"] = int(header["kv_dtype_bytes"])
+    if header.get("hf_config"):
+        tower = model_from_hf(header["hf_config"], system.model)
+        changes.update({k: getattr(tower, k) for k in VISION_FIELDS})
     system = replace(system, model=replace(system.model, **changes))
     validate(system)
     return system

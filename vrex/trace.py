@@ -6,7 +6,10 @@ Line 1, the header::
 
     {"kind": "header", "schema": "vrex.trace/1", "model": {num_layers, num_heads, num_kv_heads,
      head_dim, hidden_size, intermediate_size, vocab_size}, "policy": str, "settings": {...},
-     "kv_dtype_bytes": int}
+     "kv_dtype_bytes": int, "hf_config": {...}}
+
+``hf_config`` (optional) is the streamed model's Hugging Face config as a dict; the simulator
+takes the vision tower's size from it.
 
 Then one line per model step::
 
@@ -65,6 +68,8 @@ def validate_header(rec: dict, where: str = "header") -> dict:
     _need(rec, "policy", str, where)
     _need(rec, "settings", dict, where)
     _need(rec, "kv_dtype_bytes", int, where)
+    if "hf_config" in rec:
+        _need(rec, "hf_config", dict, where)
     return rec
 
 

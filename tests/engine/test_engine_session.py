@@ -326,3 +326,7 @@ def test_engine_trace_replays_in_the_simulator(smolvlm_dir, tmp_path, capsys):
     assert main(["sim", "run", "--system", "vrex8", "--trace", str(trace), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["frame_latency_ms"] > 0
+    # the simulated vision tower is the streamed model's, from the header's HF config
+    vision = engine.adapter.model.config.vision_config
+    assert report["model"]["vision_layers"] == vision.num_hidden_layers
+    assert report["model"]["vision_hidden_size"] == vision.hidden_size

@@ -172,6 +172,7 @@ class Session:
             },
             "settings": {**dataclasses.asdict(self.settings), "resv": dataclasses.asdict(self.settings.resv)},
             "kv_dtype_bytes": a.dtype.itemsize,
+            "hf_config": a.model.config.to_dict(),
         }
 
     # -- one model step ------------------------------------------------------------------------
