@@ -1,4 +1,4 @@
-"""`vrex sim run|area|compare|validate|plot` (registered into the one `vrex` command)."""
+"""`vrex sim run|area|compare|validate|sensitivity|plot` (registered into the one `vrex` command)."""
 
 from __future__ import annotations
 
@@ -212,6 +212,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from sim.sweep import tech_sensitivity
+
+    system = _system(args)
+    scenario = {"kv_tokens": args.kv_tokens, "batch": args.batch, "policy": args.policy}
+    df = tech_sensitivity(system, scenario)
+    df = df[df[["low_pct", "high_pct"]].abs().max(axis=1) >= args.min_pct]
+    rows = df.to_dict(orient="records")
+    lines = [
+        f"{system.name}, {args.kv_tokens} KV tokens, batch {args.batch}: % change of each objective "
+        f"with one technology entry at its low / high value (|change| >= {args.min_pct:g}%)",
+        f"  {'entry':38s} {'objective':20s} {'low':>9s} {'high':>9s} {'low %':>8s} {'high %':>8s}",
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r['knob']:38s} {r['objective']:20s} {r['low']:9.3g} {r['high']:9.3g} "
+            f"{r['low_pct']:+8.1f} {r['high_pct']:+8.1f}"
+        )
+    _print(args, {"system": system.name, "scenario": scenario, "rows": rows}, "\n".join(lines))
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from sim.plots import make_all
 
@@ -267,6 +289,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     val.add_argument("--json", action="store_true")
     val.set_defaults(func=cmd_validate)
+
+    sens = sub.add_parser(
+        "sensitivity", help="which technology numbers matter: each table entry alone at its low/high value"
+    )
+    _add_system_args(sens)
+    sens.add_argument("--kv-tokens", type=int, default=40000)
+    sens.add_argument("--batch", type=int, default=1)
+    sens.add_argument("--policy", choices=POLICIES, default="resv")
+    sens.add_argument("--min-pct", type=float, default=1.0, help="hide rows that move no objective this much")
+    sens.set_defaults(func=cmd_sensitivity)
 
     plot = sub.add_parser(
         "plot",

@@ -626,3 +626,23 @@ def one_at_a_time(
                 }
             )
     return pd.DataFrame(rows)
+
+
+TECH_OBJECTIVES = ("energy_per_frame_j", "energy_per_token_mj", "area_mm2", "peak_power_w")
+
+
+def tech_sensitivity(
+    system: SystemConfig | str,
+    scenario: Scenario | dict | None = None,
+    objectives: tuple[str, ...] = TECH_OBJECTIVES,
+):
+    """Which technology numbers matter for one design point: every table entry with a range
+    moved alone to its low and its high value (one_at_a_time). Rows are sorted by the widest
+    swing of any objective; technology changes energy and area, never timing."""
+    from sim.tech import load_entries
+
+    knobs = {f"tech.{name}": (e.low, e.high) for name, e in load_entries().items() if e.low != e.high}
+    df = one_at_a_time(system, knobs, scenario, objectives)
+    swing = (df["high_pct"] - df["low_pct"]).abs().groupby(df["knob"]).max()
+    order = {knob: rank for rank, knob in enumerate(swing.sort_values(ascending=False).index)}
+    return df.assign(_rank=df["knob"].map(order)).sort_values(["_rank", "objective"]).drop(columns="_rank")

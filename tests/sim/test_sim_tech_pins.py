@@ -6,7 +6,7 @@ import pytest
 
 from sim.api import compare, simulate
 from sim.config import apply_overrides, load_system
-from sim.tech import tech_for, tech_values
+from sim.tech import load_entries, tech_for, tech_values
 from sim.validate import validation_table
 from vrex.cli import main as sim_main
 
@@ -95,3 +95,22 @@ def test_run_at_every_corner(capsys):
     assert "tech corners" in text
     row = next(line for line in text.splitlines() if line.strip().startswith("energy_per_frame_mj"))
     assert len(row.split()) == 4  # the metric and one value per corner
+
+
+def test_tech_sensitivity_moves_energy_and_area_never_timing(capsys):
+    from sim.sweep import tech_sensitivity
+
+    objectives = ("frame_latency_ms", "energy_per_frame_j", "energy_per_token_mj")
+    df = tech_sensitivity("vrex8", {"kv_tokens": 5000}, objectives)
+    assert set(df["knob"]) == {f"tech.{n}" for n, e in load_entries().items() if e.low != e.high}
+    timing = df[df["objective"] == "frame_latency_ms"]
+    assert (timing[["low_pct", "high_pct"]].abs() < 1e-9).all().all()
+    lp = df[(df["knob"] == f"tech.{PIN[5:]}") & (df["objective"] == "energy_per_token_mj")].iloc[0]
+    assert lp["low_pct"] < 0 < lp["high_pct"]
+    assert sim_main(["sim", "sensitivity", "--kv-tokens", "5000", "--min-pct", "5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows and all(max(abs(r["low_pct"]), abs(r["high_pct"])) >= 5 for r in rows)
+    full = tech_sensitivity("vrex8", {"kv_tokens": 5000})  # the command's objectives
+    shown = list(dict.fromkeys(r["knob"] for r in rows))
+    order = list(dict.fromkeys(full["knob"]))
+    assert shown == [k for k in order if k in shown]  # widest swing first, as the function ranks
