@@ -172,7 +172,8 @@ class Session:
             },
             "settings": {**dataclasses.asdict(self.settings), "resv": dataclasses.asdict(self.settings.resv)},
             "kv_dtype_bytes": a.dtype.itemsize,
-            "hf_config": a.model.config.to_dict(),
+            # round-tripped so an exotic config value (an object, a dtype) becomes its string
+            "hf_config": json.loads(json.dumps(a.model.config.to_dict(), default=str)),
         }
 
     # -- one model step ------------------------------------------------------------------------
