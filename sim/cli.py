@@ -64,6 +64,13 @@ def _tech_label(rep: dict, corner: str | None = None) -> str:
     return f"tech {corner or rep['tech_corner']}" + (f" ({pins})" if pins else "")
 
 
+def _run_header(rep: dict, corner: str | None = None) -> str:
+    return (
+        f"{rep['system']} ({rep['kind']}) running {rep['model']['name']}, policy {rep['policy']}, "
+        f"{rep['kv_tokens']} KV tokens, batch {rep['batch']}, {_tech_label(rep, corner)}"
+    )
+
+
 def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
     print(json.dumps(payload, indent=2, default=float) if args.json else text)
 
@@ -99,8 +106,7 @@ def _run_all_corners(args: argparse.Namespace, system, scenario: dict, stage: st
         return 0
     first = reports[CORNERS[0]]
     lines = [
-        f"{first['system']} ({first['kind']}), policy {first['policy']}, {first['kv_tokens']} KV tokens, "
-        f"batch {first['batch']}, {_tech_label(first, 'corners')}",
+        _run_header(first, "corners"),
         f"  {'metric':22s} " + " ".join(f"{c:>12s}" for c in CORNERS),
     ]
     for key in RUN_METRICS:
@@ -129,10 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=float))
         return 0
-    lines = [
-        f"{res['system']} ({res['kind']}) running {report['model']['name']}, policy {res['policy']}, "
-        f"{res['kv_tokens']} KV tokens, batch {res['batch']}, {_tech_label(res)}"
-    ]
+    lines = [_run_header(report)]
     for key in RUN_METRICS:
         if res.get(key) is not None:
             lines.append(f"  {key:22s} {res[key]:.3f}")
@@ -176,10 +179,10 @@ def cmd_area(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from sim.api import compare
+    from sim.api import baseline_for, compare
 
     system = _system(args)
-    baseline = _baseline(args.baseline, args.tech_corner, system)
+    baseline = baseline_for(args.baseline, system, None, args.tech_corner)  # the same workload
     rep = compare(system, baseline, args.policy, _kv_list(args.kv_tokens), args.batch)
     lines = [
         f"{rep['system']} (resv) vs {rep['baseline']} + {rep['policy']}, batch {rep['batch']}",
@@ -193,14 +196,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
     _print(args, rep, "\n".join(lines))
     return 0
-
-
-def _baseline(name: str, corner: str | None, system):
-    """--set/--config/--hf-config change the system's hardware; the baseline runs the same
-    workload (sim.api.baseline_for)."""
-    from sim.api import baseline_for
-
-    return baseline_for(name, system, None, corner)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -235,6 +230,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from sim.api import baseline_for
     from sim.plots import make_all
 
     kwargs = {"kv_tokens": _kv_list(args.kv_tokens), "batch": args.batch, "layer": args.layer}
@@ -242,7 +238,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         args.system = args.system or "vrex8"
         system = _system(args)
         kwargs["system"] = system
-        kwargs["baseline"] = _baseline(args.baseline, args.tech_corner, system)
+        kwargs["baseline"] = baseline_for(args.baseline, system, None, args.tech_corner)
     else:
         kwargs["baseline"] = args.baseline
     paths = [str(p) for p in make_all(args.out, **kwargs)]
