@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -46,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `vrex ... | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError) as exc:
         print(f"vrex: error: {exc}", file=sys.stderr)
         return 2
