@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -72,6 +73,27 @@ def test_wicsum_properties(rows, ratio, buckets):
     bucketed, frac = resv.wicsum_select_bucketed(w, ratio, buckets)
     assert bool((bucketed | ~mask).all()), "bucketed must be a superset of exact"
     assert bool(((frac >= 0) & (frac <= 1)).all())
+
+
+def test_cut_counts_equal_one_running_sum_over_the_whole_row():
+    """The cut widens its prefix in pieces (64, 256, 1024, ... terms), continuing each row's
+    running sum; it must equal one float64 running sum over the whole descending row."""
+    from vrex.resv.wicsum import cut_counts, sorted_values
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(120, 6000, generator=g) * torch.linspace(0.5, 8, 120)[:, None]
+    w = (s - s.amax(1, keepdim=True)).clamp_min(-87).exp()
+    ascending = sorted_values(w)
+    for ratio in (0.2, 0.5, 0.9, 0.97, 0.999):
+        got = cut_counts(ascending, ratio)
+        rows = ascending.numpy()
+        want = []
+        for row in rows:
+            running = np.cumsum(row[::-1].astype(np.float64))
+            threshold = ratio * row.sum(dtype=np.float64)
+            want.append(int(np.searchsorted(running, threshold, side="right")) + 1)
+        assert got.tolist() == want
+        assert int(got.max()) > 1024 or ratio < 0.9  # the high ratios cross after several pieces
 
 
 def test_bucketed_early_exit_processes_less_on_skewed_rows():

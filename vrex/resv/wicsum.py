@@ -66,40 +66,55 @@ def _row_sums_f64(a: Tensor) -> Tensor:
     return a.sum(1, dtype=torch.float64)
 
 
-def _running_sums_largest_first(ascending_tail: Tensor) -> Tensor:
-    """float64 running sums of each row's values from the largest (the row's last) down."""
-    if ascending_tail.device.type == "cpu":
-        return torch.from_numpy(np.cumsum(ascending_tail.detach().numpy()[:, ::-1], axis=1, dtype=np.float64))
-    return ascending_tail.flip(1).to(torch.float64).cumsum(1)
+def _running_sums_on(start: Tensor, terms: Tensor) -> Tensor:
+    """``[rows, 1 + width]`` float64: ``start``, then the running sums adding ``terms[:, -1]``,
+    ``terms[:, -2]``, ... (each row's ascending values from the largest down) one addition at a
+    time, so a row summed in several pieces gets the same numbers as summed at once."""
+    rows, width = terms.shape
+    if terms.device.type == "cpu":
+        out = np.empty((rows, width + 1), dtype=np.float64)
+        out[:, 0] = start.numpy()
+        out[:, 1:] = terms.detach().numpy()[:, ::-1]
+        return torch.from_numpy(np.cumsum(out, axis=1, out=out))
+    return torch.cat([start[:, None], terms.flip(1).to(torch.float64)], 1).cumsum(1)
 
 
 def cut_counts(ascending: Tensor, ratio: float, first_prefix: int = 64) -> Tensor:
     """How many of each row's largest weights WiCSum keeps (``[rows]`` int64), from the
     row's values in ascending order: the prefix of the largest ones whose running float64 sum
     (largest first) first exceeds ``ratio`` times the row total; every positive weight when no
-    prefix does (ratio 1)."""
+    prefix does (ratio 1). A row that has not crossed after ``first_prefix`` terms goes on
+    with 4x as many, continuing its running sum."""
     rows, n = ascending.shape
     keep = torch.zeros(rows, dtype=torch.int64, device=ascending.device)
     if n == 0:
         return keep
-    todo = torch.arange(rows, device=ascending.device)
+    never = torch.ones(rows, dtype=torch.bool, device=ascending.device)  # rows no prefix crosses
     # ratio 1 keeps every positive weight by definition; no running sum needs to reach a
     # total that another summation order may round a last bit lower
-    threshold = ratio * _row_sums_f64(ascending) if ratio < 1.0 else None
-    width = min(n, first_prefix)
-    while threshold is not None and todo.numel():
-        top = _running_sums_largest_first(ascending[todo, n - width :])
-        t = threshold[todo, None]
-        crossed = top[:, -1] > t[:, 0]
-        # the running sum never decreases, so a row crosses right after its (top <= t) terms
-        keep[todo[crossed]] = torch.searchsorted(top[crossed], t[crossed], right=True)[:, 0] + 1
-        todo = todo[~crossed]
-        if width == n:
-            break
-        width = min(n, 4 * width)
-    if todo.numel():  # never crossed: every positive weight
-        zero = torch.zeros(todo.numel(), 1, dtype=ascending.dtype, device=ascending.device)
-        keep[todo] = n - torch.searchsorted(ascending[todo], zero, right=True)[:, 0]
+    if ratio < 1.0:
+        threshold = ratio * _row_sums_f64(ascending)
+        running = torch.zeros(rows, dtype=torch.float64, device=ascending.device)
+        todo = torch.arange(rows, device=ascending.device)
+        done, width = 0, min(n, first_prefix)
+        while todo.numel():
+            sums = _running_sums_on(running[todo], ascending[todo, n - width : n - done])
+            t = threshold[todo]
+            crossed = sums[:, -1] > t
+            # the running sum never decreases and starts at or below t (the row had not
+            # crossed), so a row crosses right after its terms whose sum is still <= t
+            at = torch.searchsorted(sums, t[:, None], right=True)[:, 0] + done
+            keep[todo[crossed]] = at[crossed]
+            never[todo[crossed]] = False
+            running[todo] = sums[:, -1]
+            todo = todo[~crossed]
+            if width == n:
+                break
+            done, width = width, min(n, 4 * width)
+    if never.any():  # every positive weight
+        rest = never.nonzero()[:, 0]
+        zero = torch.zeros(rest.numel(), 1, dtype=ascending.dtype, device=ascending.device)
+        keep[rest] = n - torch.searchsorted(ascending[rest], zero, right=True)[:, 0]
     return keep
 
 
