@@ -179,6 +179,8 @@ def create_backend(config: ServerConfig) -> Backend:
         device_kv_budget_bytes=None if config.device_kv_budget_auto else config.device_kv_budget_bytes,
         data_dir=config.data_dir,
         max_sessions=config.max_sessions,
+        # only when asked: an engine without traces (tests/server/fake_engine.py) keeps working
+        **({"trace_dir": str(config.trace_dir)} if config.trace_dir else {}),
     )
     engine = module.Engine(engine_config)
     if config.device_kv_budget_auto:

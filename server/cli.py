@@ -66,6 +66,12 @@ def _register_serve(subparsers) -> None:
         "--data-dir", type=Path, default=None, help="where sessions are snapshotted; makes them resumable"
     )
     p.add_argument(
+        "--trace-dir",
+        type=Path,
+        default=None,
+        help="write each session's retrieval trace here (<session id>.jsonl) for `vrex sim run --trace`",
+    )
+    p.add_argument(
         "--durability",
         choices=DURABILITY_MODES,
         default="wal",
@@ -161,6 +167,7 @@ def server_config_from_args(args: argparse.Namespace):
         device_kv_budget_auto=budget_auto,
         resv_preset=args.resv_preset,
         data_dir=args.data_dir,
+        trace_dir=args.trace_dir,
         max_sessions=args.max_sessions,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -183,8 +190,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging("json" if args.json else args.log_format)
     config = server_config_from_args(args)
-    if config.data_dir is not None:
-        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    for folder in (config.data_dir, config.trace_dir):
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     try:
         return asyncio.run(serve(config))
     except EngineUnavailable as exc:

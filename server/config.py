@@ -48,6 +48,7 @@ class ServerConfig:
     # Size the per-session device budget from free memory once the model is loaded (--device-kv-budget auto).
     device_kv_budget_auto: bool = False
     data_dir: Path | None = None
+    trace_dir: Path | None = None  # each session's retrieval trace (<id>.jsonl), for the simulator
     max_sessions: int = 8
     tls_cert: Path | None = None
     tls_key: Path | None = None

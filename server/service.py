@@ -644,6 +644,7 @@ async def serve(config: ServerConfig, backend: Backend | None = None) -> int:
         tls=config.tls_cert is not None,
         auth=config.auth_required,
         data_dir=str(config.data_dir) if config.data_dir else None,
+        trace_dir=str(config.trace_dir) if config.trace_dir else None,
         model=info.get("name"),
         max_sessions=config.max_sessions,
         resv_preset=config.resv_preset,

@@ -120,6 +120,7 @@ class TraceWriter:
         validate_step(rec, f"step {self.steps}")
         self._write(rec)
         self.steps += 1
+        self._f.flush()  # a live session's trace is readable (and replayable) up to its last step
 
     def close(self) -> None:
         if self._f is not None:

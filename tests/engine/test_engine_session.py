@@ -330,3 +330,29 @@ def test_engine_trace_replays_in_the_simulator(smolvlm_dir, tmp_path, capsys):
     vision = engine.adapter.model.config.vision_config
     assert report["model"]["vision_layers"] == vision.num_hidden_layers
     assert report["model"]["vision_hidden_size"] == vision.hidden_size
+
+
+def test_trace_dir_records_every_session_and_each_restore(smolvlm_dir, tmp_path):
+    """`EngineConfig.trace_dir` (`vrex serve --trace-dir`): one replayable trace per session,
+    readable while the session is open, and a fresh file when a snapshot is restored."""
+    from vrex.cli import main
+
+    traces = tmp_path / "traces"
+    cfg = EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path / "data"), trace_dir=str(traces))
+    engine = Engine(cfg)
+    s = engine.open_session(SessionSettings(policy="resv", fps=1))
+    for i, f in enumerate(_frames(3)):
+        s.add_frame(f, float(i))
+    first = traces / f"{s.id}.jsonl"
+    header, steps = read_trace(first)  # before close: flushed per step
+    steps = list(steps)
+    assert [st["stage"] for st in steps].count("frame") == 3
+    s.snapshot()
+    engine.close_session(s.id)
+    restored = engine.resume(s.id)
+    restored.add_frame(_frames(4)[3], 3.0)
+    engine.close_session(restored.id)
+    assert len(list(read_trace(first)[1])) == len(steps)  # the first trace is left as it was
+    header2, steps2 = read_trace(traces / f"{s.id}.1.jsonl")
+    assert header2["model"] == header["model"] and [st["stage"] for st in steps2] == ["frame"]
+    assert main(["sim", "run", "--trace", str(first), "--json"]) == 0

@@ -30,6 +30,7 @@ class EngineConfig:
     device: str = "cpu"
     device_kv_budget_bytes: int | None = None
     data_dir: Path | str | None = None
+    trace_dir: str | None = None  # accepted and kept (the double writes no traces)
     max_sessions: int = 8
 
 

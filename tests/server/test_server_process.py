@@ -424,3 +424,38 @@ def test_serve_without_engine_says_what_to_do(tmp_path):
         timeout=60,
     )
     assert done.returncode != 0 and "missing.py" in done.stderr
+
+
+def test_trace_dir_reaches_the_engine(tmp_path, monkeypatch):
+    import argparse
+
+    from server.backend import create_backend
+    from server.cli import register, server_config_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--trace-dir", str(tmp_path / "traces")])
+    config = server_config_from_args(args)
+    assert config.trace_dir == tmp_path / "traces"
+    monkeypatch.setenv("VREX_TEST_FAKE_ENGINE", str(REPO / "tests" / "server" / "fake_engine.py"))
+    assert create_backend(config).engine.config.trace_dir == str(tmp_path / "traces")
+
+
+@pytest.mark.slow
+def test_served_sessions_write_replayable_traces(start_server, tmp_path):
+    pytest.importorskip("vrex.engine", reason="the real engine is not importable")
+    traces = tmp_path / "traces"
+    server = start_server("--trace-dir", str(traces), kind="real")
+    done = _run_stream(
+        server, "--synthetic", "--fps", "2", "--duration", "3", "--speed", "0", "--ask", "what?",
+        timeout_s=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    files = sorted(traces.glob("*.jsonl"))
+    assert len(files) == 1
+    sim = subprocess.run(
+        [sys.executable, "-m", "vrex.cli", "sim", "run", "--trace", str(files[0]), "--json"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert sim.returncode == 0, sim.stderr
+    assert json.loads(sim.stdout)["frame_latency_ms"] > 0

@@ -59,6 +59,9 @@ class EngineConfig:
     device_kv_budget_bytes: int | None = None  # per session
     host_kv_budget_bytes: int | None = None  # per session
     data_dir: str | None = None
+    # every session writes its retrieval trace here (<session id>.jsonl; a session restored
+    # from a snapshot starts <id>.1.jsonl, .2, ...): what `vrex sim run --trace` replays
+    trace_dir: str | None = None
     max_sessions: int = 8
     max_question_tokens: int = 512
     block_tokens: int = 8  # pages are per cluster; small blocks waste less on small clusters

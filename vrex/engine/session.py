@@ -80,6 +80,17 @@ class AnswerStats:
         return self.tokens / (self.total_ms / 1e3) if self.total_ms else 0.0
 
 
+def _free_trace_path(folder: Path, session_id: str) -> Path:
+    """``<id>.jsonl``, or ``<id>.<n>.jsonl`` for a session restored after its first trace: each
+    file is a whole trace with its own header."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, n = folder / f"{session_id}.jsonl", 0
+    while path.exists():
+        n += 1
+        path = folder / f"{session_id}.{n}.jsonl"
+    return path
+
+
 class Session:
     def __init__(
         self,
@@ -124,6 +135,8 @@ class Session:
             block_tokens=cfg.block_tokens,
         )
         self._trace = None
+        if trace_path is None and cfg.trace_dir:
+            trace_path = _free_trace_path(Path(cfg.trace_dir), self.id)
         if trace_path:
             from vrex.trace import TraceWriter
 
