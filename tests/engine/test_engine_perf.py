@@ -35,6 +35,8 @@ def ref_wicsum_select(weights, ratio):
     crossed = cums > threshold
     positive = (sorted_w > 0).sum(1)
     first = torch.where(crossed.any(1), crossed.float().argmax(1) + 1, positive)
+    if ratio >= 1.0:  # no prefix exceeds the whole row: every positive weight, whatever the rounding
+        first = positive
     keep_sorted = torch.arange(n).unsqueeze(0) < first.unsqueeze(1)
     mask = torch.zeros(rows, n, dtype=torch.bool)
     mask.scatter_(1, order, keep_sorted)
