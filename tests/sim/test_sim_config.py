@@ -35,6 +35,11 @@ def test_cli_style_overrides_coerce_types():
         ("memory.offload_tier=tape", ["memory.offload_tier", "ssd", "host"]),
         ("accel.nope=1", ["accel.nope"]),
         ("accel.num_cores=1.5", ["accel.num_cores", "integer"]),
+        # technology pins (tech.<entry>): the entry, its range, the known entries
+        ("tech.idle_power_fraction=1.5", ["tech.idle_power_fraction", "[0.0, 1.0]"]),
+        ("tech.dpe_mac_energy_pj=-1", ["tech.dpe_mac_energy_pj", "range"]),
+        ("tech.ssd_active_w=fast", ["tech.ssd_active_w", "number"]),
+        ("tech.flux_capacitor_pj=1", ["tech.flux_capacitor_pj", "lpddr5_energy_pj_per_bit"]),
     ],
 )
 def test_bad_configuration_names_field_and_range(item, words):
