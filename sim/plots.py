@@ -129,21 +129,13 @@ def plot_roofline(
     system: SystemConfig | str = "vrex8",
     baseline: SystemConfig | str = "agx-orin",
 ) -> Path:
+    from sim.roofline import peak_tflops
+
     system, baseline = resolve_system(system), resolve_system(baseline)
     fig, ax = plt.subplots(figsize=(7, 5))
     intensity = [0.1 * 1.25**i for i in range(60)]
     for cfg in (system, baseline):
-        peak = (
-            cfg.accel.num_cores
-            * cfg.accel.dpe_trees
-            * cfg.accel.dpe_tree_width
-            * 2
-            * cfg.accel.clock_mhz
-            * 1e6
-            / 1e12
-            if cfg.kind == "vrex"
-            else cfg.gpu.peak_tflops
-        )
+        peak = peak_tflops(cfg)
         bw = cfg.memory.dram_bandwidth_gbps * 1e9
         ax.plot(intensity, [min(peak, i * bw / 1e12) for i in intensity], label=f"{cfg.name} roof")
     for p in roofline_points(kv_tokens, batch, system, baseline):
@@ -177,14 +169,9 @@ def make_all(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kv_max = max(kv_tokens)
-    if system is None:
-        return [
-            plot_latency_breakdown(out, "vrex8", baseline, kv_tokens, batch or 1),
-            plot_layer_bandwidth(out, "vrex48", kv_max, layer),
-            plot_roofline(out, kv_max, batch or 4, "vrex8", baseline),
-        ]
+    paper = system is None
     return [
-        plot_latency_breakdown(out, system, baseline, kv_tokens, batch or 1),
-        plot_layer_bandwidth(out, system, kv_max, layer),
-        plot_roofline(out, kv_max, batch or 1, system, baseline),
+        plot_latency_breakdown(out, system or "vrex8", baseline, kv_tokens, batch or 1),
+        plot_layer_bandwidth(out, system or "vrex48", kv_max, layer),
+        plot_roofline(out, kv_max, batch or (4 if paper else 1), system or "vrex8", baseline),
     ]
