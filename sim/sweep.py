@@ -45,7 +45,7 @@ import yaml
 from sim.api import area, resolve_scenario, resolve_system, simulate
 from sim.config import Scenario, SystemConfig, config_hash, override, validate
 from sim.pareto import pareto_mask
-from sim.tech import tech_for
+from sim.tech import load_entries, tech_for
 
 SAMPLERS = ("grid", "random", "lhs")
 EXECUTORS = ("local", "dask", "ray")
@@ -639,8 +639,6 @@ def tech_sensitivity(
     """Which technology numbers matter for one design point: every table entry with a range
     moved alone to its low and its high value (one_at_a_time). Rows are sorted by the widest
     swing of any objective; technology changes energy and area, never timing."""
-    from sim.tech import load_entries
-
     knobs = {f"tech.{name}": (e.low, e.high) for name, e in load_entries().items() if e.low != e.high}
     df = one_at_a_time(system, knobs, scenario, objectives)
     swing = (df["high_pct"] - df["low_pct"]).abs().groupby(df["knob"]).max()
