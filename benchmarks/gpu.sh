@@ -12,6 +12,8 @@
 #   server  `vrex serve --device cuda` on a tiny random model, `vrex stream` of bikes.mp4 with a
 #           question, then `vrex sim run --trace` on the trace the server recorded
 #   kvbench `vrex kv-bench --device cuda`: fetch throughput of each KV tier
+#   profile `benchmarks/gpu_profile.py` on the demo model (after `demo`): step times and
+#           torch.profiler tables of full fetch and ReSV
 #   demo    reassemble the GGUF, build the demo model; the same text stream on CPU and CUDA
 #           (full, resv, topk: logits and fetched fraction); `vrex run --device cuda` on a
 #           sample clip; `benchmarks/latency.py --device cuda` (histories 1K..40K)
@@ -93,6 +95,10 @@ stage_server() {
   "$PY" -c "import json; r = json.load(open('$OUT/sim_replay.json')); print('replayed', r['frame_latency_ms'], 'ms/frame')"
 }
 
+stage_profile() {
+  "$PY" -m benchmarks.gpu_profile --device "$DEV" --out "$OUT/profile"
+}
+
 stage_kvbench() {  # fetch throughput per tier: device memory, pinned host memory, disk
   "$PY" -m vrex.cli kv-bench --device "$DEV" --dtype bfloat16 --json | tee "$OUT/kvbench.json"
 }
@@ -105,7 +111,7 @@ from vrex.engine import Engine, EngineConfig, SessionSettings
 out_path, dev = sys.argv[1], sys.argv[2]
 text = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. " * 12
 out = []
-engines = {d: Engine(EngineConfig(device=d)) for d in ("cpu", dev)}
+engines = {d: Engine(EngineConfig(device=d, dtype="float32")) for d in ("cpu", dev)}
 for policy in ("full", "resv", "topk"):
     logits, fracs = {}, {}
     for d, eng in engines.items():

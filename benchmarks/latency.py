@@ -40,6 +40,7 @@ import torch
 from benchmarks.common import emit, machine
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
+from vrex.memory import DTYPE_CHOICES
 
 POLICIES = ("full", "rekv", "topk", "resv", "resv-paper")  # resv-paper: the paper preset
 FRAME_TOKENS = 64
@@ -322,7 +323,7 @@ def _log(msg: str) -> None:
 
 def run(args: argparse.Namespace, adapter=None) -> list[dict]:
     if adapter is None:
-        adapter = Engine(EngineConfig(model_dir=args.model, device=args.device)).adapter
+        adapter = Engine(EngineConfig(model_dir=args.model, device=args.device, dtype=args.dtype)).adapter
     histories = args.history or ([1000, 5000] if args.quick else [1000, 5000, 10000, 20000, 40000])
     policies = args.policy or list(POLICIES)
     frames = frame_steps(adapter, args.steps)
@@ -347,6 +348,7 @@ def run(args: argparse.Namespace, adapter=None) -> list[dict]:
                 )
                 row["history_source"] = args.history_source
                 row["device"] = str(adapter.device)
+                row["dtype"] = str(adapter.dtype).replace("torch.", "")
                 row["model_shape"] = (
                     f"{adapter.num_layers}L x {adapter.num_kv_heads} KV heads x d{adapter.head_dim}"
                 )
@@ -405,6 +407,12 @@ def register(bench_sub) -> None:
     p.add_argument("--model", help="model folder (default: the demo model)")
     p.add_argument(
         "--device", default="cpu", help="torch device of the model and the device tier (cpu, cuda)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weights and KV precision (auto: float32 on CPU, bfloat16 on discrete GPUs)",
     )
     p.add_argument(
         "--device-fraction", type=float, default=0.25, help="device tier budget, share of the history KV"

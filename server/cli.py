@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from server.config import DURABILITY_MODES, RESV_PRESETS
+from vrex.memory import DTYPE_CHOICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +48,12 @@ def _register_serve(subparsers) -> None:
     keys.add_argument("--api-keys-file", type=Path, default=None, help="file with one accepted key per line")
     p.add_argument("--max-sessions", type=int, default=8, help="most live sessions (default 8)")
     p.add_argument("--device", default="cpu", help="torch device for the engine (default cpu)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weights and KV precision; auto: float32 on CPU, bfloat16 on discrete GPUs, float16 on Jetson",
+    )
     p.add_argument(
         "--device-kv-budget",
         default=None,
@@ -163,6 +170,7 @@ def server_config_from_args(args: argparse.Namespace):
         port=args.port,
         model_dir=args.model,
         device=args.device,
+        dtype=args.dtype,
         device_kv_budget_bytes=budget,
         device_kv_budget_auto=budget_auto,
         resv_preset=args.resv_preset,

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vrex.memory import dtype_name
+
 MIB = 1024 * 1024
 DURABILITY_MODES = ("wal", "snapshot", "interval")
 # Names of vrex.resv.PRESETS, written out so the server's config and CLI stay torch-free
@@ -41,6 +43,7 @@ class ServerConfig:
     port: int = 50051  # 0 = any free port (the bound port is logged and written to ready_file)
     model_dir: Path | None = None
     device: str = "cpu"
+    dtype: str = "auto"  # weights and KV: auto | fp32 | fp16 | bf16 (vrex.memory.dtype_name_for)
     device_kv_budget_bytes: int | None = None  # per session; None: unbounded
     # ReSV preset of every session ("default": keeps needles, costs selection compute; "paper":
     # the paper's coarse clusters, ~5x cheaper per step on a CPU, loses needles: BENCHMARKS.md)
@@ -99,6 +102,7 @@ class ServerConfig:
             raise ValueError("durability 'interval' needs snapshot_interval_s > 0 (--snapshot-interval)")
         if self.snapshot_every_frames <= 0:
             raise ValueError(f"snapshot_every_frames must be positive, got {self.snapshot_every_frames}")
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))  # raises for an unknown name
         if self.device_kv_budget_auto and self.device_kv_budget_bytes is not None:
             raise ValueError("device_kv_budget_bytes and device_kv_budget_auto exclude each other")
 

@@ -222,15 +222,25 @@ _DTYPE_ALIASES = {
 }  # fmt: skip
 
 
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+
+
+def dtype_name(value: str) -> str:
+    """ "auto" or a canonical torch dtype name for `value` (fp32/float32, fp16/half, bf16, ...)."""
+    if str(value).lower() == "auto":
+        return "auto"
+    name = _DTYPE_ALIASES.get(str(value).lower())
+    if name is None:
+        raise ValueError(f"dtype: unknown {value!r}; use one of auto, fp32, fp16, bf16")
+    return name
+
+
 def choose_dtype(device: str | object | None = "auto", override: str | None = None):
     """torch dtype for weights and KV on `device` (see `dtype_name_for`); `override` forces one."""
     import torch
 
-    if override is not None and override != "auto":
-        name = _DTYPE_ALIASES.get(str(override).lower())
-        if name is None:
-            raise ValueError(f"dtype: unknown {override!r}; use one of auto, fp32, fp16, bf16")
-        return getattr(torch, name)
+    if override is not None and dtype_name(override) != "auto":
+        return getattr(torch, dtype_name(override))
     dev = torch.device(resolve_device(device))
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)

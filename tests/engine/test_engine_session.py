@@ -274,6 +274,11 @@ def test_vrex_run_cli_json(smolvlm_dir, tmp_path, capsys):
     header, steps = read_trace(trace)
     assert sum(1 for r in steps if r["stage"] == "frame") == out["stats"]["frames_accepted"]
     assert main(["run", "--video", str(tmp_path / "missing.mp4"), "--ask", "x"]) == 2
+    assert out["model"]["dtype"] == "float32"  # --dtype auto on CPU
+
+
+def test_vrex_run_dtype_flag(smolvlm_dir, capsys):
+    assert _run_json(smolvlm_dir, capsys, "--dtype", "bf16")["model"]["dtype"] == "bfloat16"
 
 
 def _run_json(smolvlm_dir, capsys, *extra):

@@ -166,6 +166,21 @@ def test_choose_dtype_with_torch():
         memory.choose_dtype("cpu", override="int3")
 
 
+def test_engine_config_dtype_auto_resolves_by_device(tmp_path):
+    torch = pytest.importorskip("torch")
+    from vrex.engine import Engine, EngineConfig
+    from vrex.models import tiny_random
+
+    assert EngineConfig().dtype == "auto"
+    assert EngineConfig(dtype="FP16").dtype == "float16" and EngineConfig(dtype="half").dtype == "float16"
+    with pytest.raises(ValueError, match="use one of auto, fp32, fp16, bf16"):
+        EngineConfig(dtype="int8")
+    folder = tiny_random("smolvlm", folder=tmp_path / "m")
+    assert Engine(EngineConfig(model_dir=str(folder))).adapter.dtype is torch.float32  # auto on CPU
+    engine = Engine(EngineConfig(model_dir=str(folder), dtype="bf16"))
+    assert engine.adapter.dtype is torch.bfloat16 and engine.model_info["dtype"] == "bfloat16"
+
+
 def test_kv_bytes_per_token_matches_the_docs_for_the_demo_model():
     # docs/jetson.md: SmolLM2-135M, 2 x 30 layers x 3 KV heads x 64 x 4 bytes = 46,080 bytes (fp32).
     assert kv_bytes_per_token(30, 3, 64, 4) == 46_080

@@ -187,6 +187,36 @@ def test_device_kv_budget_flag_parsing():
         server_config_from_args(parser.parse_args(["serve", "--device-kv-budget", "0"]))
 
 
+def test_dtype_flag_reaches_the_engine_config(monkeypatch):
+    import argparse
+
+    import server.backend as backend
+    from server.cli import register, server_config_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert server_config_from_args(parser.parse_args(["serve"])).dtype == "auto"
+    config = server_config_from_args(parser.parse_args(["serve", "--dtype", "bf16"]))
+    assert config.dtype == "bfloat16"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parser.parse_args(["serve", "--dtype", "int8"])
+    seen = {}
+
+    class Module:
+        @staticmethod
+        def EngineConfig(**kwargs):  # noqa: N802 - stands in for the class
+            seen.update(kwargs)
+            return kwargs
+
+        @staticmethod
+        def Engine(config):  # noqa: N802
+            return config
+
+    monkeypatch.setattr(backend, "load_engine_module", lambda: Module)
+    backend.create_backend(config)
+    assert seen["dtype"] == "bfloat16" and seen["device"] == "cpu"
+
+
 # ---------------------------------------------------------------------------- bench power mode
 
 

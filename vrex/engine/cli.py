@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from vrex.memory import DTYPE_CHOICES
+
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="stream a video through a local session and ask questions")
@@ -35,6 +37,12 @@ def register(sub) -> None:
     )
     p.add_argument("--host-kv-budget", help="host KV tier size per session (default: unbounded)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weights and KV precision; auto: float32 on CPU, bfloat16 on discrete GPUs, float16 on Jetson",
+    )
     p.add_argument("--trace", help="write the retrieval trace (JSON lines) here")
     p.add_argument("--json", action="store_true", help="print one JSON object with answers and stats")
     p.set_defaults(func=_main)
@@ -72,7 +80,11 @@ def _main(args: argparse.Namespace) -> int:
     host = parse_bytes(args.host_kv_budget) if args.host_kv_budget else None
     engine = Engine(
         EngineConfig(
-            model_dir=args.model, device=args.device, device_kv_budget_bytes=budget, host_kv_budget_bytes=host
+            model_dir=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            device_kv_budget_bytes=budget,
+            host_kv_budget_bytes=host,
         )
     )
     if auto_budget:  # sized now that the model is loaded; sessions read it when they open

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from vrex.memory import dtype_name
 from vrex.resv import POLICIES, ResvConfig, preset
 
 
@@ -55,7 +56,9 @@ class EngineConfig:
 
     model_dir: str | None = None  # None: the demo model
     device: str = "cpu"
-    dtype: str = "float32"
+    # "auto": float32 on CPU, bfloat16 on discrete CUDA (sm_80+), float16 on Jetson and older
+    # GPUs (vrex.memory.dtype_name_for); or fp32 / fp16 / bf16
+    dtype: str = "auto"
     device_kv_budget_bytes: int | None = None  # per session
     host_kv_budget_bytes: int | None = None  # per session
     data_dir: str | None = None
@@ -73,8 +76,7 @@ class EngineConfig:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {self.max_batch_rows}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))  # raises for an unknown name
         for name in ("device_kv_budget_bytes", "host_kv_budget_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:

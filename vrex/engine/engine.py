@@ -12,16 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from vrex.memory import choose_dtype
 from vrex.models import load_model
 from vrex.models.demo import DEMO_NOTICE, ensure_demo_model, is_demo_model
 
 from .batching import forward_batch
 from .config import EngineConfig, SessionSettings
 from .session import FrameResult, PendingFrame, Session
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CapacityError(RuntimeError):
@@ -45,7 +43,8 @@ class Engine:
         self.config = config or EngineConfig()
         if adapter is None:
             model_dir = Path(self.config.model_dir) if self.config.model_dir else ensure_demo_model()
-            adapter = load_model(model_dir, device=self.config.device, dtype=_DTYPES[self.config.dtype])
+            dtype = choose_dtype(self.config.device, self.config.dtype)
+            adapter = load_model(model_dir, device=self.config.device, dtype=dtype)
         self.adapter = adapter
         self.is_demo = is_demo_model(Path(adapter.path))
         try:
