@@ -226,7 +226,7 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16
 
 
 def dtype_name(value: str) -> str:
-    """ "auto" or a canonical torch dtype name for `value` (fp32/float32, fp16/half, bf16, ...)."""
+    """The torch dtype name `value` stands for (fp32/float32, fp16/half, bf16, ...), or "auto"."""
     if str(value).lower() == "auto":
         return "auto"
     name = _DTYPE_ALIASES.get(str(value).lower())
