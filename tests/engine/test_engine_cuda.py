@@ -1,5 +1,7 @@
 """The engine on a CUDA device: the same answers as on CPU, tiers and snapshots included.
 
+float32 on both sides where answers are compared (`dtype="auto"` would pick bfloat16 on a GPU).
+
 Skipped where torch sees no CUDA device; `benchmarks/gpu.sh` runs them on a lent GPU.
 """
 
@@ -27,7 +29,9 @@ def _frames(n, seed=0, h=48, w=64):
 
 def _session_logits(folder, device, settings, frames, tmp_path, **budgets):
     engine = Engine(
-        EngineConfig(model_dir=str(folder), device=device, data_dir=str(tmp_path / device), **budgets),
+        EngineConfig(
+            model_dir=str(folder), device=device, dtype="float32", data_dir=str(tmp_path / device), **budgets
+        ),
         adapter=load_model(folder, device=device),
     )
     s = engine.open_session(settings)
@@ -76,6 +80,7 @@ def test_device_budget_holds_in_gpu_memory_and_tiers_return_bit_exact(tmp_path):
         EngineConfig(
             model_dir=str(folder),
             device="cuda",
+            dtype="float32",
             device_kv_budget_bytes=budget,
             host_kv_budget_bytes=150_000,
             block_tokens=4,
@@ -101,7 +106,7 @@ def test_snapshot_taken_on_cuda_resumes_on_cpu(tmp_path):
     folder = tiny_random("smolvlm", folder=tmp_path / "m")
     data = str(tmp_path / "data")
     frames = _frames(5, seed=4)
-    gpu_engine = Engine(EngineConfig(model_dir=str(folder), device="cuda", data_dir=data))
+    gpu_engine = Engine(EngineConfig(model_dir=str(folder), device="cuda", dtype="float32", data_dir=data))
     s = gpu_engine.open_session(SessionSettings(policy="full", fps=1))
     for i, f in enumerate(frames[:4]):
         s.add_frame(f, float(i))
