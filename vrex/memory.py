@@ -55,6 +55,33 @@ def resolve_device(device: str | object | None = "auto") -> str:
     return str(device)
 
 
+def check_device(device: str) -> str:
+    """`device` if torch can run on it here; otherwise a ValueError that says what to change."""
+    import torch
+
+    try:
+        dev = torch.device(resolve_device(device))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"device {device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = (
+                "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            )
+            raise ValueError(
+                f"device {device!r}: {built} (torch {torch.__version__}); install a CUDA build of torch "
+                "(README, GPU users) or use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    return str(dev)
+
+
 def is_unified_memory(device: str | object | None = "auto") -> bool:
     """True on Jetson/Tegra (one DRAM pool for CPU and GPU) and on integrated CUDA GPUs."""
     if TEGRA_RELEASE_FILE.exists():

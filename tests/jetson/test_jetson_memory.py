@@ -166,6 +166,19 @@ def test_choose_dtype_with_torch():
         memory.choose_dtype("cpu", override="int3")
 
 
+def test_check_device_says_what_to_change():
+    torch = pytest.importorskip("torch")
+    assert memory.check_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="not a torch device"):
+        memory.check_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            memory.check_device("cuda")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            memory.check_device(f"cuda:{torch.cuda.device_count()}")
+
+
 def test_engine_config_dtype_auto_resolves_by_device(tmp_path):
     torch = pytest.importorskip("torch")
     from vrex.engine import Engine, EngineConfig

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vrex.memory import choose_dtype
+from vrex.memory import check_device, choose_dtype
 from vrex.models import load_model
 from vrex.models.demo import DEMO_NOTICE, ensure_demo_model, is_demo_model
 
@@ -43,6 +43,7 @@ class Engine:
         self.config = config or EngineConfig()
         if adapter is None:
             model_dir = Path(self.config.model_dir) if self.config.model_dir else ensure_demo_model()
+            check_device(self.config.device)
             dtype = choose_dtype(self.config.device, self.config.dtype)
             adapter = load_model(model_dir, device=self.config.device, dtype=dtype)
         self.adapter = adapter
