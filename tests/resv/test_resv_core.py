@@ -423,3 +423,16 @@ def test_cpu_and_cuda_agree():
         results.append((ids, sel.select(0, q, 60, 0.25).token_mask.cpu()))
     assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0], strict=True))
     assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("heads, history", [(3, 50), (1, 7), (4, 0), (2, 5)])
+def test_selection_positions_are_each_heads_sorted_hits_on_the_host(heads, history):
+    from vrex.resv.selectors import Selection
+
+    mask = torch.rand(heads, history, generator=torch.Generator().manual_seed(heads)) < 0.4
+    if history:
+        mask[0] = False  # a head that selects nothing still gets its (empty) entry
+    got = Selection(token_mask=mask).positions()
+    assert len(got) == heads
+    for row, pos in zip(mask, got, strict=True):
+        assert pos.device.type == "cpu" and torch.equal(pos, row.nonzero().squeeze(1))

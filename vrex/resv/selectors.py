@@ -78,8 +78,12 @@ class Selection:
         return float(self.selected_tokens.float().mean() / n) if n else 0.0
 
     def positions(self) -> list[Tensor]:
-        """Sorted history positions per KV head."""
-        return [row.nonzero().squeeze(1) for row in self.token_mask]
+        """Sorted history positions per KV head, on the host (where the KV store indexes).
+
+        One ``nonzero`` over all heads and one copy: on a GPU, a sync per step, not per head."""
+        hits = self.token_mask.nonzero().cpu()  # [K, 2] (head, position), heads in order
+        counts = torch.bincount(hits[:, 0], minlength=self.token_mask.shape[0]).tolist()
+        return list(hits[:, 1].split(counts))
 
 
 class Selector:
