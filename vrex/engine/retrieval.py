@@ -35,8 +35,8 @@ def light_attention(
     v = torch.cat([hist_v.to(value.dtype), value], 1)
     allowed = torch.ones(hkv, t, hist_len + t, dtype=torch.bool, device=key.device)
     allowed[:, :, hist_len:] = torch.ones(t, t, dtype=torch.bool, device=key.device).tril()
-    lengths = lengths.to(key.device)
-    if hist_len and bool((lengths < hist_len).any()):
+    if hist_len and bool((lengths < hist_len).any()):  # lengths live on the host: no device sync
+        lengths = lengths.to(key.device)
         hist_ok = torch.arange(hist_len, device=key.device)[None, :] < lengths[:, None]  # [Hkv, L]
         allowed[:, :, :hist_len] = hist_ok[:, None, :]
     bias = torch.zeros(allowed.shape, dtype=query.dtype, device=key.device).masked_fill_(~allowed, -torch.inf)
