@@ -52,10 +52,13 @@ def sorted_values(weights: Tensor) -> Tensor:
     else:
         out = torch.sort(weights.to(torch.float64), dim=1).values
     if out.shape[1]:
-        # NumPy sorts NaN last; -Inf and negatives come first
-        if not bool(torch.isfinite(out[:, -1]).all()) or bool(torch.isinf(out[:, 0]).any()):
+        # NumPy sorts NaN last; -Inf and negatives come first. Both checks in one read (one
+        # sync on a GPU).
+        not_finite = (~torch.isfinite(out[:, -1])).any() | torch.isinf(out[:, 0]).any()
+        not_finite, negative = torch.stack([not_finite, (out[:, 0] < 0).any()]).tolist()
+        if not_finite:
             raise ValueError("weights contain NaN or Inf")
-        if bool((out[:, 0] < 0).any()):
+        if negative:
             raise ValueError("weights must be non-negative (count-weighted scores)")
     return out
 
