@@ -40,7 +40,7 @@ import torch
 from benchmarks.common import emit, machine
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
-from vrex.memory import DTYPE_CHOICES
+from vrex.memory import add_dtype_flag
 
 POLICIES = ("full", "rekv", "topk", "resv", "resv-paper")  # resv-paper: the paper preset
 FRAME_TOKENS = 64
@@ -408,12 +408,7 @@ def register(bench_sub) -> None:
     p.add_argument(
         "--device", default="cpu", help="torch device of the model and the device tier (cpu, cuda)"
     )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPE_CHOICES,
-        help="weights and KV precision (auto: float32 on CPU, bfloat16 on discrete GPUs)",
-    )
+    add_dtype_flag(p)
     p.add_argument(
         "--device-fraction", type=float, default=0.25, help="device tier budget, share of the history KV"
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from server.config import DURABILITY_MODES, RESV_PRESETS
-from vrex.memory import DTYPE_CHOICES
+from vrex.memory import add_dtype_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,12 +48,7 @@ def _register_serve(subparsers) -> None:
     keys.add_argument("--api-keys-file", type=Path, default=None, help="file with one accepted key per line")
     p.add_argument("--max-sessions", type=int, default=8, help="most live sessions (default 8)")
     p.add_argument("--device", default="cpu", help="torch device for the engine (default cpu)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPE_CHOICES,
-        help="weights and KV precision; auto: float32 on CPU, bfloat16 on discrete GPUs, float16 on Jetson",
-    )
+    add_dtype_flag(p)
     p.add_argument(
         "--device-kv-budget",
         default=None,

@@ -252,6 +252,16 @@ _DTYPE_ALIASES = {
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
 
 
+def add_dtype_flag(parser) -> None:
+    """`--dtype`, for the commands that load a model (argparse names the choices on a typo)."""
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weights and KV precision; auto: float32 on CPU, bfloat16 on discrete GPUs, float16 on Jetson",
+    )
+
+
 def dtype_name(value: str) -> str:
     """The torch dtype name `value` stands for (fp32/float32, fp16/half, bf16, ...), or "auto"."""
     if str(value).lower() == "auto":

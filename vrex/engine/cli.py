@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from vrex.memory import DTYPE_CHOICES
+from vrex.memory import add_dtype_flag
 
 
 def register(sub) -> None:
@@ -37,12 +37,7 @@ def register(sub) -> None:
     )
     p.add_argument("--host-kv-budget", help="host KV tier size per session (default: unbounded)")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPE_CHOICES,
-        help="weights and KV precision; auto: float32 on CPU, bfloat16 on discrete GPUs, float16 on Jetson",
-    )
+    add_dtype_flag(p)
     p.add_argument("--trace", help="write the retrieval trace (JSON lines) here")
     p.add_argument("--json", action="store_true", help="print one JSON object with answers and stats")
     p.set_defaults(func=_main)
