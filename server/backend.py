@@ -176,13 +176,11 @@ def create_backend(config: ServerConfig) -> Backend:
     engine_config = module.EngineConfig(
         model_dir=config.model_dir,
         device=config.device,
-        # only when set: an engine without dtypes (tests/server/fake_engine.py) keeps working
-        **({"dtype": config.dtype} if config.dtype != "auto" else {}),
+        dtype=config.dtype,
         device_kv_budget_bytes=None if config.device_kv_budget_auto else config.device_kv_budget_bytes,
         data_dir=config.data_dir,
         max_sessions=config.max_sessions,
-        # only when asked: an engine without traces (tests/server/fake_engine.py) keeps working
-        **({"trace_dir": str(config.trace_dir)} if config.trace_dir else {}),
+        trace_dir=str(config.trace_dir) if config.trace_dir else None,
     )
     engine = module.Engine(engine_config)
     if config.device_kv_budget_auto:

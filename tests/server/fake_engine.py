@@ -28,6 +28,7 @@ class CapacityError(RuntimeError):
 class EngineConfig:
     model_dir: Path | str | None = None
     device: str = "cpu"
+    dtype: str = "auto"  # accepted and kept (the double has no weights)
     device_kv_budget_bytes: int | None = None
     data_dir: Path | str | None = None
     trace_dir: str | None = None  # accepted and kept (the double writes no traces)
