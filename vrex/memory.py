@@ -276,8 +276,9 @@ def choose_dtype(device: str | object | None = "auto", override: str | None = No
     """torch dtype for weights and KV on `device` (see `dtype_name_for`); `override` forces one."""
     import torch
 
-    if override is not None and dtype_name(override) != "auto":
-        return getattr(torch, dtype_name(override))
+    name = "auto" if override is None else dtype_name(override)
+    if name != "auto":
+        return getattr(torch, name)
     dev = torch.device(resolve_device(device))
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
