@@ -24,6 +24,7 @@ SYSTEMS_DIR = Path(__file__).parent / "systems"
 BUILTIN_SYSTEMS = ("vrex8", "vrex48", "agx-orin", "a100")
 POLICIES = ("resv", "flexgen", "infinigen", "infinigen_p", "rekv", "full")
 STAGES = ("frame", "text", "decode", "e2e")
+PREFETCH_MODES = ("never", "text", "always")
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,17 @@ class ModelConfig:
 class ResvConfig:
     """Synthetic ReSV statistics used when no trace is given (see sim/workload.py).
 
-    selected(H) = min(H, ratio_ref * H_ref * (H / H_ref) ** growth_exponent), per stage;
-    the paper's Table II gives the average ratios; growth_exponent < 1 says selection grows
-    slower than history (calibrated to Fig. 13, see docs in workload.py).
+    selected(H) = min(H, ratio_ref * H_ref * (H / H_ref) ** exponent), per stage;
+    the paper's Table II gives the average ratios. Frames: growth_exponent < 1 says
+    selection grows slower than history (calibrated to Fig. 13's latencies); text steps:
+    text_growth_exponent = 1 keeps Table II's ratio at every history (see workload.py).
     """
 
     frame_ratio: float = 0.327  # Table II ReSV average, frame stage
     text_ratio: float = 0.025  # Table II ReSV average, text stage
     reference_history_tokens: int = 10000
     growth_exponent: float = 0.10
+    text_growth_exponent: float = 1.0  # 1: Table II's text ratio at every history
     tokens_per_cluster: float = 32.0  # paper: 1.67% HC overhead at 32 tokens per cluster
     early_exit_fraction: float = 0.16  # WTU: mean fraction of a row processed before exit
     layer_ratio_min: float = 0.042  # Fig. 20 per-layer range
@@ -100,7 +103,9 @@ class AcceleratorConfig:
     use_hcu: bool = True  # False: ReSV without clustering (score every key)
     use_wtu: bool = True  # False: WiCSum sort runs on the VPE
     use_kvmu: bool = True  # False: no cluster-contiguous layout, token-granular fetch
-    prefetch_next_layer: bool = False  # True: speculative selection one layer ahead
+    # Speculative selection one layer ahead, so the fetch overlaps the layer's compute:
+    # "text" = in text steps only (question, decode); frames select exactly (CALIBRATION.md).
+    prefetch_next_layer: str = "text"
     # Batch schedule: 0 = the scheduler tries 1 group (lockstep, weights once per layer) and
     # 2 groups (ping-pong: one group's fetch overlaps the other's compute) and keeps the
     # faster; N > 0 forces N stream groups (sim/timing.py, stream_group_candidates).
@@ -204,6 +209,7 @@ RANGES: dict[str, Any] = {
     "resv.text_ratio": (0.0, 1.0),
     "resv.reference_history_tokens": (1, 10_000_000),
     "resv.growth_exponent": (0.0, 1.0),
+    "resv.text_growth_exponent": (0.0, 1.0),
     "resv.tokens_per_cluster": (1.0, 4096.0),
     "resv.early_exit_fraction": (0.0, 1.0),
     "resv.layer_ratio_min": (0.0, 1.0),
@@ -234,6 +240,7 @@ RANGES: dict[str, Any] = {
     "gpu.topk_elements_per_us": (1.0, 1e9),
     "gpu.partial_key_fraction": (0.0, 1.0),
     "gpu.irregular_ops_per_us": (1.0, 1e9),
+    "accel.prefetch_next_layer": PREFETCH_MODES,
     "memory.dram_type": ("lpddr5", "hbm2e"),
     "memory.dram_bandwidth_gbps": (1.0, 100000.0),
     "memory.dram_efficiency": (0.01, 1.0),

@@ -10,8 +10,10 @@ the DRE's KVMU asks the link for the selected clusters that live in the offload 
 transfer per stream. The LXE attends to the device-resident part while the fetch runs, then
 to each stream's fetched part as soon as that stream's transfer lands (overlapping the next
 stream's transfer), then runs the output projection and the FFN. With `prefetch_next_layer`
-the selection for layer l+1 is issued during layer l (speculative), so its fetch overlaps
-compute.
+("text", the default, in text steps; "always"; "never") the selection for layer l+1 is
+issued during layer l (speculative, as the paper's KVMU and every baseline do), so its fetch
+overlaps compute. Frames select exactly: Fig. 13's jump from 5K (123 ms) to 10K (198 ms)
+is a fetch that compute does not hide.
 
 Batches: the streams of a batch are split into stream groups (`split_batch`). Each group is
 a simpy process that walks the layers in lockstep (its weights streamed once per layer for
@@ -368,7 +370,9 @@ class Lxe:
         # 2) KV prediction: Q x Key_cluster^T on the LXE, then the DRE job
         if step.predict:
             clusters = float(step.clusters[layer])
-            if acc.prefetch_next_layer:
+            if acc.prefetch_next_layer == "always" or (
+                acc.prefetch_next_layer == "text" and step.stage != "frame"
+            ):
                 targets = [t for t in (layer, layer + 1) if t < model.num_layers and t not in jobs]
             else:
                 targets = [layer]

@@ -301,7 +301,7 @@ def validation_table(quick: bool = False, overrides: dict[str, Any] | list[str] 
         rows += _fig14_rows(ref, systems)
         rows += _fig18_rows(ref, systems)
         _explain_batch_rows(ref, rows, systems)
-    _explain_energy_rows(ref, rows, systems, edge, base, agx_resv)
+    _explain_energy_rows(ref, rows, systems, base, agx_resv)
     return rows
 
 
@@ -432,30 +432,10 @@ def _explain_energy_rows(
     ref: dict[str, Any],
     rows: list[dict],
     systems: dict[str, SystemConfig],
-    edge: list[dict],
     flexgen_40k: dict,
     agx_resv_40k: dict,
 ) -> None:
-    """Notes for the edge energy rows we miss, from published figures and our model."""
-    fig13, eff = ref["fig13_edge_vrex8_batch1"], ref["fig13_energy_efficiency_vs_flexgen"]
-    # energy gain = speedup x P_AGX / P_V-Rex8, so each (TPOT speedup, text gain) pair gives
-    # the decode power ratio; the ends of the ranges belong to 1K and 40K.
-    published = [
-        g / s
-        for s, g in zip(
-            fig13["tpot_speedup_range"], (eff["edge_b1_text"][0], eff["edge_b1_text"][-1]), strict=True
-        )
-    ]
-    ours = [p["text_energy_efficiency_gain"] / p["tpot_speedup"] for p in (edge[0], edge[-1])]
-    _set_note(
-        rows,
-        "Fig13 energy gain edge b1 text (high end)",
-        f"TPOT speedup matches; the published pairs give a decode power ratio AGX/V-Rex8 of "
-        f"{published[0]:.2f} (1K) and {published[1]:.2f} (40K), ours {ours[0]:.2f} and {ours[1]:.2f}: "
-        f"{ours[0] / published[0] - 1:.0%} and {ours[1] / published[1] - 1:.0%} above the paper at both "
-        "ends (our V-Rex8 decode too cheap or our waiting AGX too dear); dearer LPDDR5 or clock "
-        "power fixes it only by failing the KVPU-only energy row (CALIBRATION.md)",
-    )
+    """Note for the edge energy row we miss, from published figures and our model."""
     gain = ref["fig16_hw_ablation_40k_b1_frame"]["agx_plus_resv"]["energy_gain"]
     frame = agx_resv_40k["stages"]["frame"]
     busy_ms = sum(frame["latency_breakdown_ms"][k] for k in ("vision", "layers", "lm_head"))

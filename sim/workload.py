@@ -17,6 +17,11 @@ Synthetic ReSV model (used without a trace). Selected tokens per (layer, KV head
   A fixed 32.7 % cannot fit Fig. 13: at 40K tokens, 254 ms x 4 GB/s bounds the bytes that
   PCIe can bring per frame to ~7.8K tokens (19 %) even with perfect overlap. The default
   exponent (0.10) was fitted to Fig. 13's V-Rex8 latencies (documented calibration).
+- Text steps (question, decode) use `text_growth_exponent` = 1: Table II's text ratio at
+  every history. The frame exponent was fitted to frame latencies and says nothing about
+  text; the text energy gains of Fig. 13 (4.3x at 1K to 18.5x at 40K) need V-Rex8's text
+  fetch to grow with the history, and its TPOT (89-97 ms) needs that fetch hidden, which
+  the next-layer prefetch of text steps does (timing.py).
 - m_layer spreads layers over Fig. 20's 4.2-44 % range (normalised to mean 1, fixed seed);
   m_head is a mild +-20 % per-KV-head spread (mean 1).
 - Selected tokens are spread uniformly over the history, so the fraction that lies beyond
@@ -102,9 +107,12 @@ def resv_selected_tokens(history: int, stage: str, resv: ResvConfig) -> float:
     """Mean selected tokens per (layer, KV head) of the synthetic ReSV model (see module doc)."""
     if history <= 0:
         return 0.0
-    ratio = resv.frame_ratio if stage == "frame" else resv.text_ratio
+    if stage == "frame":
+        ratio, exponent = resv.frame_ratio, resv.growth_exponent
+    else:
+        ratio, exponent = resv.text_ratio, resv.text_growth_exponent
     h_ref = resv.reference_history_tokens
-    return min(float(history), ratio * h_ref * (history / h_ref) ** resv.growth_exponent)
+    return min(float(history), ratio * h_ref * (history / h_ref) ** exponent)
 
 
 def make_step(

@@ -118,10 +118,24 @@ def test_dre_ablation_is_slower():
 
 def test_prefetch_next_layer_hides_fetch():
     exact = simulate("vrex8", {"kv_tokens": 40000})["frame_latency_ms"]
-    ahead = simulate("vrex8", {"kv_tokens": 40000}, overrides={"accel.prefetch_next_layer": True})[
+    ahead = simulate("vrex8", {"kv_tokens": 40000}, overrides={"accel.prefetch_next_layer": "always"})[
         "frame_latency_ms"
     ]
     assert ahead < exact
+
+
+def test_text_steps_prefetch_by_default():
+    """Decode fetches the same bytes either way; the default hides them behind compute."""
+    scenario = {"kv_tokens": 40000, "stage": "text"}
+    default = simulate("vrex8", scenario)
+    never = simulate("vrex8", scenario, overrides={"accel.prefetch_next_layer": "never"})
+    assert default["tpot_ms"] < never["tpot_ms"]
+    ahead, exact = default["stages"]["decode"], never["stages"]["decode"]
+    assert ahead["latency_breakdown_ms"].get("kv_fetch", 0.0) < exact["latency_breakdown_ms"]["kv_fetch"]
+    assert ahead["counters"]["link_read_bytes"] == pytest.approx(exact["counters"]["link_read_bytes"])
+    assert default["frame_latency_ms"] == pytest.approx(never["frame_latency_ms"])
+    with pytest.raises(ValueError, match="choose one of never, text, always"):
+        simulate("vrex8", scenario, overrides={"accel.prefetch_next_layer": "sometimes"})
 
 
 def test_speed_budget():
