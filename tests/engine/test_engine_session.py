@@ -281,6 +281,18 @@ def test_vrex_run_dtype_flag(smolvlm_dir, capsys):
     assert _run_json(smolvlm_dir, capsys, "--dtype", "bf16")["model"]["dtype"] == "bfloat16"
 
 
+def test_vrex_run_progress_is_one_line_per_frame_off_a_terminal(smolvlm_dir, capsys):
+    from vrex.cli import main
+
+    args = ["run", "--video", str(_sample("bikes.mp4")), "--model", str(smolvlm_dir), "--fps", "1"]
+    assert main([*args, "--ask", "what?", "--max-new-tokens", "2", "--max-seconds", "3"]) == 0
+    err = capsys.readouterr().err
+    # captured stderr is not a terminal: one line per frame, no in-place rewrites in logs
+    progress = [line for line in err.split("\n") if "kept /" in line]
+    assert len(progress) >= 3
+    assert all(line.count("kept /") == 1 and "\r" not in line for line in progress)
+
+
 def _run_json(smolvlm_dir, capsys, *extra):
     from vrex.cli import main
 

@@ -111,6 +111,7 @@ def _main(args: argparse.Namespace) -> int:
     answers = []
     t_start = time.perf_counter()
     last_t = 0.0
+    progress_start, progress_end = ("\r", "") if sys.stderr.isatty() else ("", "\n")
 
     def answer(question: str, at: float) -> None:
         if not args.json:
@@ -153,11 +154,12 @@ def _main(args: argparse.Namespace) -> int:
             if result.accepted and not args.json:
                 st = session.stats()
                 wall = time.perf_counter() - t_start
+                # one status line rewritten in place on a terminal; one line per frame in a log
                 print(
-                    f"\r{ts:6.1f}s  frames {st['frames_accepted']} kept / {st['frames_dropped']} dropped  "
-                    f"{st['frames_accepted'] / wall:4.2f} fps  history {st['history_tokens']} tok  "
-                    f"fetched {result.fetched_fraction:.2f}",
-                    end="",
+                    f"{progress_start}{ts:6.1f}s  frames {st['frames_accepted']} kept / "
+                    f"{st['frames_dropped']} dropped  {st['frames_accepted'] / wall:4.2f} fps  "
+                    f"history {st['history_tokens']} tok  fetched {result.fetched_fraction:.2f}",
+                    end=progress_end,
                     file=sys.stderr,
                     flush=True,
                 )
