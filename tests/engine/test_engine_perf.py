@@ -153,6 +153,23 @@ def test_wicsum_equals_sorted_reference(kind, ratio):
         assert torch.equal(resv.wicsum_select(w.half(), ratio), ref_wicsum_select(w.half(), ratio))
 
 
+def test_wicsum_early_exit_rows_equal_sorted_reference():
+    """Rows whose largest weight alone passes the threshold skip the sort; mixed with rows
+    that need it, with the maximum repeated (the first one is kept), and in both precisions."""
+    gen = torch.Generator().manual_seed(11)
+    peaky = torch.rand(40, 500, generator=gen) * 0.01
+    peaky[torch.arange(40), torch.randint(0, 500, (40,), generator=gen)] = 10.0
+    peaky[:10, 7] = 10.0  # a repeated maximum: the lower index goes first
+    broad = torch.rand(30, 500, generator=gen)
+    w = torch.cat([peaky, broad])[torch.randperm(70, generator=gen)]
+    for ratio in (0.2, 0.4, 0.5, 0.97):
+        for rows in (w, w.double()):
+            assert torch.equal(resv.wicsum_select(rows, ratio), ref_wicsum_select(rows, ratio))
+    picked = resv.wicsum_select(peaky[:10], 0.4)  # below the early exit's row count: sorted path
+    assert picked.sum(1).tolist() == [1] * 10
+    assert torch.equal(resv.wicsum_select(peaky, 0.4)[:10], picked)
+
+
 # -- ReSV selection and clustering on random streams -------------------------------------------------
 CONFIGS = {
     "default": resv.DEFAULT,

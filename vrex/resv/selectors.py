@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .clusters import HCTable, cluster_scores
 from .config import DEFAULT, ResvConfig
-from .wicsum import cut_counts, mask_of_cut, sorted_values, wicsum_select_bucketed
+from .wicsum import wicsum_select, wicsum_select_bucketed
 
 POLICIES = ("full", "window", "topk", "rekv", "resv")
 
@@ -312,8 +312,7 @@ class ResvSelector(Selector):
             picked, frac = wicsum_select_bucketed(rows, ratio, self.resv.num_buckets)
             exit_fraction = float(frac.mean())
         else:
-            ascending = sorted_values(rows)
-            picked = mask_of_cut(rows, ascending, cut_counts(ascending, ratio))
+            picked = wicsum_select(rows, ratio)
         # union over rows and query heads (a byte max: any() over a middle dim is much slower)
         if self.resv.mass == "retrievable":
             picked &= rows > 0  # a cluster of always-attended tokens only adds nothing
