@@ -219,6 +219,31 @@ def test_resv_stream_equals_reference(name):
         assert sel.tables[0].num_clusters > 3, "the stream should form several clusters"
 
 
+@pytest.mark.parametrize("cfg", [resv.DEFAULT, CONFIGS["radius"], resv.DEFAULT.replace(estimator="bound")])
+def test_resv_rows_whose_real_scores_are_all_negative(cfg):
+    """Uneven seeding leaves empty cluster slots in one KV head (they score 0); queries that
+    score every real cluster of that head below 0 must still weigh only the real ones."""
+    layers, hq, hkv, d = 1, 4, 2, 16
+    gen = torch.Generator().manual_seed(5)
+    config = resv.SelectorConfig(policy="resv", sink_tokens=0, recent_tokens=2, resv=cfg)
+    sel = resv.make_selector(layers, hq, hkv, d, config)
+    u, v = torch.nn.functional.normalize(torch.randn(2, d, generator=gen), dim=1) * 4
+    n = 0
+    for _ in range(6):
+        spread = torch.randn(10, d, generator=gen) * 3  # head 0: many clusters
+        tight = torch.where(torch.arange(10)[:, None] % 2 == 0, u, v)  # head 1: two
+        sel.observe(0, torch.stack([spread, tight + 0.01 * torch.randn(10, d, generator=gen)]))
+        n += 10
+    counts = sel.tables[0].counts.view
+    assert bool((counts == 0).any()), "the heads should seed unevenly"
+    q = torch.randn(hq, 7, d, generator=gen)
+    # the query heads of KV head 1 score both real clusters far below 0 (and apart), so a max
+    # taken over the empty slots' 0 would flatten them at the exp floor
+    q[2:] = -(60 * u + 45 * v)
+    got = sel.select(0, q, n, d**-0.5)
+    assert torch.equal(got.token_mask, ref_select(sel, 0, q, n, d**-0.5))
+
+
 # -- light attention ----------------------------------------------------------------------------
 @pytest.mark.parametrize("lengths", [(30, 30), (30, 7), (0, 0)])
 def test_light_attention_equals_repeated_reference(lengths):
