@@ -110,6 +110,28 @@ def test_bucketed_early_exit_processes_less_on_skewed_rows():
         ((torch.ones(2, 3, dtype=torch.int64), 0.5), "floating"),
         ((torch.tensor([[1.0, float("nan")]]), 0.5), "NaN"),
         ((torch.tensor([[1.0, -1.0]]), 0.5), "non-negative"),
+        (
+            (
+                torch.ones(40, 3).index_put_(
+                    (torch.tensor([5]), torch.tensor([1])), torch.tensor(float("nan"))
+                ),
+                0.5,
+            ),
+            "NaN",
+        ),
+        (
+            (
+                torch.ones(40, 3).index_put_(
+                    (torch.tensor([5]), torch.tensor([1])), torch.tensor(float("inf"))
+                ),
+                0.5,
+            ),
+            "Inf",
+        ),
+        (
+            (torch.ones(40, 3).index_put_((torch.tensor([5]), torch.tensor([1])), torch.tensor(-2.0)), 0.5),
+            "non-negative",
+        ),
         ((torch.ones(2, 3), 0.0), "ratio"),
         ((torch.ones(2, 3), 1.5), "ratio"),
     ],
