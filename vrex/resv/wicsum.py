@@ -144,32 +144,35 @@ def mask_of_cut(weights: Tensor, ascending: Tensor, keep: Tensor) -> Tensor:
 EARLY_EXIT_MIN_ROWS = 32  # a decode step's few rows sort faster than the early exit's passes
 
 
+def _sorted_cut(w: np.ndarray, ratio: float, totals: np.ndarray | None = None) -> np.ndarray:
+    rows = torch.from_numpy(w)
+    ascending = sorted_values(rows)
+    sums = None if totals is None else torch.from_numpy(totals)
+    return mask_of_cut(rows, ascending, cut_counts(ascending, ratio, totals=sums)).numpy()
+
+
 def _select_cpu(w: np.ndarray, ratio: float) -> np.ndarray:
     """:func:`wicsum_select` of a float32/float64 array, with an early exit: a row whose
     largest weight alone passes the threshold keeps just that cluster (its first place, for
     ties) and is never sorted. On the model's own keys that is half to nine tenths of a
     frame's query rows in most layers; the other rows go through the sorted cut."""
     if ratio >= 1.0 or len(w) < EARLY_EXIT_MIN_ROWS:
-        ascending = sorted_values(torch.from_numpy(w))
-        return mask_of_cut(torch.from_numpy(w), ascending, cut_counts(ascending, ratio)).numpy()
-    lowest, top = w.min(), w.max(1)
+        return _sorted_cut(w, ratio)
+    arg = w.argmax(1)  # the first largest; NaN counts as largest
+    top, lowest = w[np.arange(len(w)), arg], w.min()
     if not np.isfinite(top).all() or np.isinf(lowest):
         raise ValueError("weights contain NaN or Inf")
     if lowest < 0:
         raise ValueError("weights must be non-negative (count-weighted scores)")
     totals = w.sum(1, dtype=np.float64)
     single = top.astype(np.float64) > ratio * totals
-    rest = np.flatnonzero(~single)
-    if rest.size > 0.75 * len(w):  # broad rows: splitting would only add a copy
-        rest = np.arange(len(w))
+    if 4 * int(single.sum()) < len(w):  # broad rows: splitting would only add copies
+        return _sorted_cut(w, ratio, totals)
     mask = np.zeros(w.shape, dtype=bool)
-    first = np.setdiff1d(np.arange(len(w)), rest, assume_unique=True)
-    mask[first, w[first].argmax(1)] = True
+    first, rest = np.flatnonzero(single), np.flatnonzero(~single)
+    mask[first, arg[first]] = True
     if rest.size:
-        sub = torch.from_numpy(w if rest.size == len(w) else w[rest])
-        ascending = sorted_values(sub)
-        cut = mask_of_cut(sub, ascending, cut_counts(ascending, ratio, totals=torch.from_numpy(totals[rest])))
-        mask[rest] = cut.numpy()
+        mask[rest] = _sorted_cut(w[rest], ratio, totals[rest])
     return mask
 
 
