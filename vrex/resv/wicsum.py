@@ -8,11 +8,11 @@ an order of magnitude faster than an index-carrying sort), in their own precisio
 running sum is only needed until it crosses, which with softmax weights is a short prefix: it
 is taken over the top 64 values, then 4x more for the rows that have not crossed yet. The
 chosen set is read back by comparing each weight with the value at the cut; ties at the cut go
-to the lower index. The row total is the float64 sum of the row's values. Before any sort, a
-row whose largest weight alone passes the threshold keeps just that cluster: on the model's
-own keys most frame rows of most layers end there (an early exit, as the paper's WTU has). On CPU both float64
+to the lower index. The row total is the float64 sum of the row's values. On CPU both float64
 passes go through NumPy, whose cast-while-summing is ~5x faster than torch's
-(`sum(dtype=float64)` over float32 rows was half of the cut's time).
+(`sum(dtype=float64)` over float32 rows was half of the cut's time). Before any sort, a row
+whose largest weight alone passes the threshold keeps just that cluster: on the model's own
+keys most frame rows of most layers end there (an early exit, as the paper's WTU has).
 """
 
 from __future__ import annotations
@@ -144,11 +144,9 @@ def mask_of_cut(weights: Tensor, ascending: Tensor, keep: Tensor) -> Tensor:
 EARLY_EXIT_MIN_ROWS = 32  # a decode step's few rows sort faster than the early exit's passes
 
 
-def _sorted_cut(w: np.ndarray, ratio: float, totals: np.ndarray | None = None) -> np.ndarray:
-    rows = torch.from_numpy(w)
-    ascending = sorted_values(rows)
-    sums = None if totals is None else torch.from_numpy(totals)
-    return mask_of_cut(rows, ascending, cut_counts(ascending, ratio, totals=sums)).numpy()
+def _sorted_cut(weights: Tensor, ratio: float, totals: Tensor | None = None) -> Tensor:
+    ascending = sorted_values(weights)
+    return mask_of_cut(weights, ascending, cut_counts(ascending, ratio, totals=totals))
 
 
 def _select_cpu(w: np.ndarray, ratio: float) -> np.ndarray:
@@ -157,7 +155,7 @@ def _select_cpu(w: np.ndarray, ratio: float) -> np.ndarray:
     ties) and is never sorted. On the model's own keys that is half to nine tenths of a
     frame's query rows in most layers; the other rows go through the sorted cut."""
     if ratio >= 1.0 or len(w) < EARLY_EXIT_MIN_ROWS:
-        return _sorted_cut(w, ratio)
+        return _sorted_cut(torch.from_numpy(w), ratio).numpy()
     arg = w.argmax(1)  # the first largest; NaN counts as largest
     top, lowest = w[np.arange(len(w)), arg], w.min()
     if not np.isfinite(top).all() or np.isinf(lowest):
@@ -167,12 +165,12 @@ def _select_cpu(w: np.ndarray, ratio: float) -> np.ndarray:
     totals = w.sum(1, dtype=np.float64)
     single = top.astype(np.float64) > ratio * totals
     if 4 * int(single.sum()) < len(w):  # broad rows: splitting would only add copies
-        return _sorted_cut(w, ratio, totals)
+        return _sorted_cut(torch.from_numpy(w), ratio, torch.from_numpy(totals)).numpy()
     mask = np.zeros(w.shape, dtype=bool)
     first, rest = np.flatnonzero(single), np.flatnonzero(~single)
     mask[first, arg[first]] = True
     if rest.size:
-        mask[rest] = _sorted_cut(w[rest], ratio, totals[rest])
+        mask[rest] = _sorted_cut(torch.from_numpy(w[rest]), ratio, torch.from_numpy(totals[rest])).numpy()
     return mask
 
 
@@ -185,8 +183,7 @@ def wicsum_select(weights: Tensor, ratio: float) -> Tensor:
         return torch.zeros_like(weights, dtype=torch.bool)
     if weights.device.type == "cpu" and weights.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(_select_cpu(weights.detach().numpy(), float(ratio)))
-    ascending = sorted_values(weights)
-    return mask_of_cut(weights, ascending, cut_counts(ascending, ratio))
+    return _sorted_cut(weights, ratio)
 
 
 def wicsum_select_bucketed(weights: Tensor, ratio: float, num_buckets: int) -> tuple[Tensor, Tensor]:
