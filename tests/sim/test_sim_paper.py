@@ -38,6 +38,13 @@ def test_validate_table_reports_every_row():
     for r in rows:
         assert {"figure", "published", "ours", "tolerance", "pass"} <= set(r)
     assert sum(r["pass"] for r in rows) >= 0.75 * len(rows)
+    # Fig. 19 (ReSV ablation): scoring every key must cost speed, and full ReSV is the Fig. 16 point.
+    by_name = {r["figure"]: r for r in rows}
+    no_clustering = by_name["Fig19 V-Rex8 no clustering speedup @40K"]
+    full = by_name["Fig19 V-Rex8 full ReSV speedup @40K"]
+    assert 1 < no_clustering["ours"] < full["ours"]
+    assert full["ours"] == by_name["Fig16 V-Rex8 all speedup @40K"]["ours"]
+    assert "same hardware" in no_clustering["note"]
 
 
 def test_reference_path_env(monkeypatch, tmp_path):
