@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import vrex.resv as resv
 from vrex.engine.retrieval import light_attention
+from vrex.resv import selectors
 from vrex.resv.clusters import HCTable, cluster_scores
 from vrex.resv.hashing import hamming, hash_codes
 
@@ -170,6 +171,52 @@ def test_wicsum_early_exit_rows_equal_sorted_reference():
     assert torch.equal(resv.wicsum_select(peaky, 0.4)[:10], picked)
 
 
+def test_wicsum_candidates_with_crowded_ties_and_flat_rows():
+    """The CPU path sorts only each row's candidates: the cut must still land where the full
+    sort puts it when more weights equal the cut than it keeps (lower indices win), beside
+    rows led by one weight, all-zero rows, and flat rows (where every weight is a candidate
+    and the full sort is taken instead)."""
+    gen = torch.Generator().manual_seed(3)
+    crowded = torch.rand(24, 400, generator=gen) * 1e-3
+    crowded[:, [40, 7, 300, 99]] = torch.tensor([10.0, 5.0, 5.0, 5.0])  # ratio 0.6 keeps 10 and two 5s
+    led = torch.rand(12, 400, generator=gen) * 1e-3
+    led[:, 5] = 100.0
+    led[:3, 250] = 100.0  # a repeated leader
+    zero = torch.zeros(4, 400)
+    w = torch.cat([crowded, led, zero])[torch.randperm(40, generator=gen)]
+    for ratio in (0.6, 0.3, 0.9):
+        for rows in (w, w.double()):
+            assert torch.equal(resv.wicsum_select(rows, ratio), ref_wicsum_select(rows, ratio))
+    picked = resv.wicsum_select(crowded, 0.6)
+    assert picked.sum(1).tolist() == [3] * 24 and bool(picked[:, [40, 7, 99]].all())
+    flat = 1.0 + torch.rand(40, 300, generator=gen) * 1e-3
+    assert torch.equal(resv.wicsum_select(flat, 0.5), ref_wicsum_select(flat, 0.5))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [resv.DEFAULT.replace(num_buckets=8), resv.DEFAULT.replace(mass="retrievable")],
+    ids=["buckets", "mass"],
+)
+def test_resv_query_blocks_keep_masks_and_exit_fraction(cfg, monkeypatch):
+    hq, hkv, d = 6, 2, 16
+    gen = torch.Generator().manual_seed(8)
+    sel = resv.make_selector(
+        1, hq, hkv, d, resv.SelectorConfig(policy="resv", sink_tokens=2, recent_tokens=4, resv=cfg)
+    )
+    for _ in range(20):
+        sel.observe(0, torch.randn(hkv, 10, d, generator=gen))
+    q = torch.randn(hq, 23, d, generator=gen)
+    one = sel.select(0, q, 200, d**-0.5, "frame")
+    monkeypatch.setattr(selectors, "CPU_BLOCK_BYTES", 1)
+    assert len(selectors._query_blocks(q, sel.tables[0].num_clusters)) == 4  # 6 + 6 + 6 + 5 tokens
+    blocked = sel.select(0, q, 200, d**-0.5, "frame")
+    assert torch.equal(one.token_mask, blocked.token_mask)
+    assert torch.equal(one.selected_clusters, blocked.selected_clusters)
+    if cfg.num_buckets:
+        assert blocked.early_exit_fraction == pytest.approx(one.early_exit_fraction, rel=1e-6)
+
+
 # -- ReSV selection and clustering on random streams -------------------------------------------------
 CONFIGS = {
     "default": resv.DEFAULT,
@@ -182,8 +229,11 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "blocked"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_resv_stream_equals_reference(name):
+def test_resv_stream_equals_reference(name, blocked, monkeypatch):
+    if blocked:  # the queries scored a few tokens at a time, as a long history's frame is on a CPU
+        monkeypatch.setattr(selectors, "CPU_BLOCK_BYTES", 1)
     cfg = CONFIGS[name]
     layers, hq, hkv, d = 2, 6, 2, 16
     sel = resv.make_selector(

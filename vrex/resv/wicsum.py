@@ -10,9 +10,11 @@ is taken over the top 64 values, then 4x more for the rows that have not crossed
 chosen set is read back by comparing each weight with the value at the cut; ties at the cut go
 to the lower index. The row total is the float64 sum of the row's values. On CPU both float64
 passes go through NumPy, whose cast-while-summing is ~5x faster than torch's
-(`sum(dtype=float64)` over float32 rows was half of the cut's time). Before any sort, a row
-whose largest weight alone passes the threshold keeps just that cluster: on the model's own
-keys most frame rows of most layers end there (an early exit, as the paper's WTU has).
+(`sum(dtype=float64)` over float32 rows was half of the cut's time). On CPU, with enough rows,
+only each row's candidates are sorted: the weights large enough that those below them cannot
+hold the rest of the row (see `_select_cpu`), or just the largest weight where it alone
+passes the threshold (an early exit, as the paper's WTU has). On the model's own keys that
+is a few hundred of 10-30K clusters per frame row.
 """
 
 from __future__ import annotations
@@ -126,8 +128,12 @@ def cut_counts(
     return keep
 
 
-def mask_of_cut(weights: Tensor, ascending: Tensor, keep: Tensor) -> Tensor:
-    """The ``keep[r]`` largest weights of each row as a bool mask, ties to the lower index."""
+def mask_of_cut(weights: Tensor, ascending: Tensor, keep: Tensor, out: Tensor | None = None) -> Tensor:
+    """The ``keep[r]`` largest weights of each row as a bool mask, ties to the lower index.
+
+    ``ascending`` holds each row's values in ascending order, or only its largest ones (with
+    smaller padding in front) as long as they include every value at or above the cut.
+    ``out``: a bool buffer of the weights' shape to write the mask into."""
     n = ascending.shape[1]
     cut = ascending.gather(1, (n - keep).clamp(0, n - 1)[:, None])  # [rows, 1] the smallest kept
     cut = torch.where(keep[:, None] > 0, cut, torch.full_like(cut, torch.inf))
@@ -135,13 +141,15 @@ def mask_of_cut(weights: Tensor, ascending: Tensor, keep: Tensor) -> Tensor:
     ties = n - above - torch.searchsorted(ascending, cut)[:, 0]
     room = keep - above  # how many of the ties at the cut are kept
     cut_w = cut.to(weights.dtype)  # exact: the value came from the row
-    if bool((ties <= room).all()):
-        return weights >= cut_w
-    at_cut = weights == cut_w
-    return (weights > cut_w) | (at_cut & (at_cut.cumsum(1) <= room[:, None]))
+    mask = weights >= cut_w if out is None else torch.ge(weights, cut_w, out=out)
+    crowded = (ties > room).nonzero()[:, 0]
+    if crowded.numel():  # more weights equal the cut than it keeps: the lower indices win
+        sub, at_cut = weights[crowded], weights[crowded] == cut_w[crowded]
+        mask[crowded] = (sub > cut_w[crowded]) | (at_cut & (at_cut.cumsum(1) <= room[crowded, None]))
+    return mask
 
 
-EARLY_EXIT_MIN_ROWS = 32  # a decode step's few rows sort faster than the early exit's passes
+EARLY_EXIT_MIN_ROWS = 32  # a decode step's few rows sort faster than the candidate passes
 
 
 def _sorted_cut(weights: Tensor, ratio: float, totals: Tensor | None = None) -> Tensor:
@@ -149,29 +157,48 @@ def _sorted_cut(weights: Tensor, ratio: float, totals: Tensor | None = None) -> 
     return mask_of_cut(weights, ascending, cut_counts(ascending, ratio, totals=totals))
 
 
+def _packed_ascending(w: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Each row's candidate values in ascending order, zero-padded in front to the longest
+    row's count: ``[rows, max count]``."""
+    rows, n = w.shape
+    flat = np.flatnonzero(candidate)
+    which = flat // n
+    count = np.bincount(which, minlength=rows)
+    place = np.arange(flat.size) - np.repeat(np.cumsum(count) - count, count)
+    packed = np.zeros((rows, max(int(count.max(initial=0)), 1)), dtype=w.dtype)
+    packed[which, place] = w.ravel()[flat]
+    packed.sort(axis=1)
+    return packed
+
+
 def _select_cpu(w: np.ndarray, ratio: float) -> np.ndarray:
-    """:func:`wicsum_select` of a float32/float64 array, with an early exit: a row whose
-    largest weight alone passes the threshold keeps just that cluster (its first place, for
-    ties) and is never sorted. On the model's own keys that is half to nine tenths of a
-    frame's query rows in most layers; the other rows go through the sorted cut."""
-    if ratio >= 1.0 or len(w) < EARLY_EXIT_MIN_ROWS:
+    """:func:`wicsum_select` of a float32/float64 array, sorting only each row's candidates.
+
+    Weights below ``(1 - ratio) * total / (2 n)`` sum to at most half of ``(1 - ratio) *
+    total``, so the weights at or above it pass the threshold together, with a margin of
+    half the rest of the row: the cut lies among them, and the running sums over them are
+    the full sort's. Where the largest weight alone passes, it is the only candidate (with
+    its ties). On the model's own keys that leaves a few hundred candidates of ~10-30K
+    clusters per frame row, and the mask is one comparison with the cut."""
+    rows, n = w.shape
+    if ratio >= 1.0 - 1e-6 or rows < EARLY_EXIT_MIN_ROWS:
         return _sorted_cut(torch.from_numpy(w), ratio).numpy()
-    arg = w.argmax(1)  # the first largest; NaN counts as largest
-    top, lowest = w[np.arange(len(w)), arg], w.min()
+    top, lowest = w.max(1), w.min()  # NaN propagates into the max
     if not np.isfinite(top).all() or np.isinf(lowest):
         raise ValueError("weights contain NaN or Inf")
     if lowest < 0:
         raise ValueError("weights must be non-negative (count-weighted scores)")
     totals = w.sum(1, dtype=np.float64)
     single = top.astype(np.float64) > ratio * totals
-    if 4 * int(single.sum()) < len(w):  # broad rows: splitting would only add copies
+    floor = np.where(single, top, (1 - ratio) * totals / (2 * n)).astype(w.dtype)
+    floor = np.nextafter(floor, np.zeros_like(floor))  # rounded down: a superset
+    floor[totals == 0] = np.inf  # an all-zero row keeps nothing
+    mask = w >= floor[:, None]
+    if 4 * np.count_nonzero(mask) > mask.size:  # flat rows: the packing would cost more than a sort
         return _sorted_cut(torch.from_numpy(w), ratio, torch.from_numpy(totals)).numpy()
-    mask = np.zeros(w.shape, dtype=bool)
-    first, rest = np.flatnonzero(single), np.flatnonzero(~single)
-    mask[first, arg[first]] = True
-    if rest.size:
-        mask[rest] = _sorted_cut(torch.from_numpy(w[rest]), ratio, torch.from_numpy(totals[rest])).numpy()
-    return mask
+    ascending = torch.from_numpy(_packed_ascending(w, mask))
+    keep = cut_counts(ascending, ratio, totals=torch.from_numpy(totals))
+    return mask_of_cut(torch.from_numpy(w), ascending, keep, out=torch.from_numpy(mask)).numpy()
 
 
 def wicsum_select(weights: Tensor, ratio: float) -> Tensor:
