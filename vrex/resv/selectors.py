@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .clusters import HCTable, cluster_scores
 from .config import DEFAULT, ResvConfig
-from .wicsum import wicsum_select, wicsum_select_bucketed
+from .wicsum import CANDIDATE_MIN_ROWS, wicsum_select, wicsum_select_bucketed
 
 POLICIES = ("full", "window", "topk", "rekv", "resv")
 
@@ -367,7 +367,6 @@ class ResvSelector(Selector):
 # weights: each pass over a block then reuses memory still in cache instead of faulting in a
 # fresh frame-sized array (1.2x on a frame's selection of 10-30K clusters).
 CPU_BLOCK_BYTES = 16 << 20
-MIN_BLOCK_ROWS = 32  # WiCSum's candidate path wants this many rows per call
 
 
 def _query_blocks(query: Tensor, num_clusters: int) -> list[Tensor]:
@@ -375,8 +374,9 @@ def _query_blocks(query: Tensor, num_clusters: int) -> list[Tensor]:
     hq, tq, _ = query.shape
     if query.device.type != "cpu":
         return [query]
-    block = max(CPU_BLOCK_BYTES // (hq * num_clusters * 4), -(-MIN_BLOCK_ROWS // hq), 1)
-    return list(query.tensor_split(-(-tq // block), dim=1))  # near-equal blocks, no tiny tail
+    fits = CPU_BLOCK_BYTES // (hq * num_clusters * 4)
+    block = max(fits, -(-CANDIDATE_MIN_ROWS // hq), 1)  # rows enough for WiCSum's candidate path
+    return list(query.tensor_split(max(tq // block, 1), dim=1))  # near-equal, none under block
 
 
 def _mask_rows_led_by_empty_slots(scores: Tensor, rowmax: Tensor, valid: Tensor) -> None:

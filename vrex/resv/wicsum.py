@@ -149,7 +149,7 @@ def mask_of_cut(weights: Tensor, ascending: Tensor, keep: Tensor, out: Tensor | 
     return mask
 
 
-EARLY_EXIT_MIN_ROWS = 32  # a decode step's few rows sort faster than the candidate passes
+CANDIDATE_MIN_ROWS = 32  # a decode step's few rows sort faster than the candidate passes
 
 
 def _sorted_cut(weights: Tensor, ratio: float, totals: Tensor | None = None) -> Tensor:
@@ -181,7 +181,7 @@ def _select_cpu(w: np.ndarray, ratio: float) -> np.ndarray:
     its ties). On the model's own keys that leaves a few hundred candidates of ~10-30K
     clusters per frame row, and the mask is one comparison with the cut."""
     rows, n = w.shape
-    if ratio >= 1.0 - 1e-6 or rows < EARLY_EXIT_MIN_ROWS:
+    if ratio >= 1.0 - 1e-6 or rows < CANDIDATE_MIN_ROWS:
         return _sorted_cut(torch.from_numpy(w), ratio).numpy()
     top, lowest = w.max(1), w.min()  # NaN propagates into the max
     if not np.isfinite(top).all() or np.isinf(lowest):
