@@ -144,8 +144,9 @@ def mask_of_cut(weights: Tensor, ascending: Tensor, keep: Tensor, out: Tensor | 
     mask = weights >= cut_w if out is None else torch.ge(weights, cut_w, out=out)
     crowded = (ties > room).nonzero()[:, 0]
     if crowded.numel():  # more weights equal the cut than it keeps: the lower indices win
-        sub, at_cut = weights[crowded], weights[crowded] == cut_w[crowded]
-        mask[crowded] = (sub > cut_w[crowded]) | (at_cut & (at_cut.cumsum(1) <= room[crowded, None]))
+        sub, c = weights[crowded], cut_w[crowded]
+        at_cut = sub == c
+        mask[crowded] = (sub > c) | (at_cut & (at_cut.cumsum(1) <= room[crowded, None]))
     return mask
 
 
