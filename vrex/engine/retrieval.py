@@ -33,13 +33,14 @@ def light_attention(
     group = hq // hkv
     k = torch.cat([hist_k.to(key.dtype), key], 1)
     v = torch.cat([hist_v.to(value.dtype), value], 1)
-    allowed = torch.ones(hkv, t, hist_len + t, dtype=torch.bool, device=key.device)
-    allowed[:, :, hist_len:] = torch.ones(t, t, dtype=torch.bool, device=key.device).tril()
+    # written straight into the bias: only the causal corner and any padding get -inf
+    bias = torch.zeros(hkv, t, hist_len + t, dtype=query.dtype, device=key.device)
+    later = torch.ones(t, t, dtype=torch.bool, device=key.device).triu(1)
+    bias[:, :, hist_len:].masked_fill_(later, -torch.inf)
     if hist_len and bool((lengths < hist_len).any()):  # lengths live on the host: no device sync
         lengths = lengths.to(key.device)
-        hist_ok = torch.arange(hist_len, device=key.device)[None, :] < lengths[:, None]  # [Hkv, L]
-        allowed[:, :, :hist_len] = hist_ok[:, None, :]
-    bias = torch.zeros(allowed.shape, dtype=query.dtype, device=key.device).masked_fill_(~allowed, -torch.inf)
+        padding = torch.arange(hist_len, device=key.device)[None, :] >= lengths[:, None]  # [Hkv, L]
+        bias[:, :, :hist_len].masked_fill_(padding[:, None, :], -torch.inf)
     out = F.scaled_dot_product_attention(
         query.view(hkv, group, t, d),
         k[:, None].expand(hkv, group, -1, d),
