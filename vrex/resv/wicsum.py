@@ -195,7 +195,8 @@ def _select_cpu(w: np.ndarray, ratio: float) -> np.ndarray:
     floor = np.nextafter(floor, np.zeros_like(floor))  # rounded down: a superset
     floor[totals == 0] = np.inf  # an all-zero row keeps nothing
     mask = w >= floor[:, None]
-    if 4 * np.count_nonzero(mask) > mask.size:  # flat rows: the packing would cost more than a sort
+    # broad rows: past ~an eighth of the weights, packing costs more than the sort (real keys)
+    if 8 * np.count_nonzero(mask) > mask.size:
         return _sorted_cut(torch.from_numpy(w), ratio, torch.from_numpy(totals)).numpy()
     ascending = torch.from_numpy(_packed_ascending(w, mask))
     keep = cut_counts(ascending, ratio, totals=torch.from_numpy(totals))
