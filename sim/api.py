@@ -27,7 +27,7 @@ from sim.cost import area_power_report, run_energy_mj
 from sim.gpu import simulate_gpu_steps
 from sim.tech import pinned, tech_for
 from sim.timing import roofline_bound_cycles, simulate_steps
-from sim.workload import Step, build_steps, step_macs
+from sim.workload import Step, build_steps, device_window_tokens, policy_table, step_macs
 
 __all__ = [
     "simulate",
@@ -64,6 +64,34 @@ def resolve_scenario(scenario: Scenario | dict[str, Any] | None) -> Scenario:
         validate(scenario)
         return scenario
     return make_scenario(**scenario)
+
+
+class CapacityError(ValueError):
+    """The design point does not fit in device DRAM (a sweep records it as infeasible)."""
+
+
+def check_capacity(system: SystemConfig, steps: dict[str, list[Step]], policy: str) -> None:
+    """Device DRAM must hold the weights and every stream's device-resident KV (the whole
+    history when the policy does not offload, else the device window). Activations and the
+    per-layer fetch buffer (a few MB) are not counted."""
+    model, mem = system.model, system.memory
+    every = [s for group in steps.values() for s in group]
+    if not every:
+        return
+    history = max(s.history_tokens + s.new_tokens for s in every)
+    batch = max(s.batch for s in every)
+    offloads = policy_table()[policy].get("offload", True)
+    resident = history if not offloads else min(history, device_window_tokens(system, policy))
+    kv_bytes = batch * resident * model.kv_bytes_per_token_layer * model.num_layers
+    need_gb = (model.weight_bytes + kv_bytes) / 1e9
+    if need_gb > mem.dram_capacity_gb:
+        kept = "the whole history (the policy does not offload)" if not offloads else "the device window"
+        raise CapacityError(
+            f"memory.dram_capacity_gb={mem.dram_capacity_gb:g} is too small: {model.name} needs {need_gb:.1f} GB "
+            f"of device DRAM (weights {model.weight_bytes / 1e9:.1f} GB + KV of {batch} stream(s) x {resident} "
+            f"tokens, {kept}: {kv_bytes / 1e9:.1f} GB); raise it to at least {need_gb:.1f}, or keep less KV "
+            "on the device (memory.recent_window_tokens, a smaller batch, a policy that offloads)"
+        )
 
 
 def _ops(system: SystemConfig, steps: list[Step]) -> float:
@@ -139,11 +167,16 @@ def simulate(
     start = time.perf_counter()
     system = resolve_system(system, overrides, tech_corner)
     scenario = resolve_scenario(scenario)
+    traced_policy = None
     if scenario.trace:
-        from sim.trace_replay import read_trace, system_for_trace
+        from sim.trace_replay import read_trace, system_for_trace, trace_policy
 
-        system = system_for_trace(system, read_trace(scenario.trace)[0])
+        header = read_trace(scenario.trace)[0]
+        system = system_for_trace(system, header)
+        traced_policy = str(header.get("policy"))
+        scenario = replace(scenario, policy=trace_policy(header))
     steps = build_steps(system, scenario)
+    check_capacity(system, steps, scenario.policy)
     stages = {}
     for name, stage_steps in steps.items():
         if stage_steps:
@@ -168,8 +201,11 @@ def simulate(
         "fps": 1e3 * n_frames / frame["latency_ms"] if frame else None,
         "throughput_fps": 1e3 * n_frames * scenario.batch / frame["latency_ms"] if frame else None,
         "tpot_ms": decode["latency_ms"] / n_decode if decode else None,
-        "energy_per_frame_mj": frame["energy_mj"] / n_frames if frame else None,
-        "energy_per_token_mj": decode["energy_mj"] / n_decode if decode else None,
+        # per frame / per token of one stream; a batched step serves `batch` streams at once
+        "energy_per_frame_mj": frame["energy_mj"] / (n_frames * scenario.batch) if frame else None,
+        "energy_per_token_mj": decode["energy_mj"] / (n_decode * scenario.batch) if decode else None,
+        "frame_step_energy_mj": frame["energy_mj"] / n_frames if frame else None,
+        "decode_step_energy_mj": decode["energy_mj"] / n_decode if decode else None,
         "gops_per_w": frame["gops_per_w"] if frame else None,
         # batch schedule the frame stage ran with (1 = lockstep; see sim/timing.py)
         "stream_groups": frame.get("stream_groups", 1) if frame else None,
@@ -183,6 +219,14 @@ def simulate(
         "system_config": to_dict(system),
         "scenario": to_dict(scenario),
     }
+    if scenario.trace:
+        # what the trace holds, not the scenario's synthetic settings
+        result["kv_tokens"] = max(s.history_tokens for group in steps.values() for s in group)
+        result["trace"] = {
+            "path": str(scenario.trace),
+            "policy": traced_policy,
+            "steps": {name: len(group) for name, group in steps.items()},
+        }
     if "e2e" in stages:
         result["e2e_latency_ms"] = stages["e2e"]["latency_ms"]
         result["e2e_energy_mj"] = stages["e2e"]["energy_mj"]

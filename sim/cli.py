@@ -8,9 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sim.config import BUILTIN_SYSTEMS, POLICIES, override_many, with_hf_model
+from sim.config import BUILTIN_SYSTEMS, POLICIES, override_many, read_yaml_mapping, with_hf_model
 from sim.tech import CORNERS
 
 RUN_METRICS = (
@@ -24,9 +22,11 @@ RUN_METRICS = (
 )
 
 
-def _add_system_args(p: argparse.ArgumentParser, default: str = "vrex8", corners: tuple = CORNERS) -> None:
+def _add_system_args(p: argparse.ArgumentParser, corners: tuple = CORNERS) -> None:
     p.add_argument(
-        "--system", default=default, help=f"built-in system ({', '.join(BUILTIN_SYSTEMS)}) or a YAML file"
+        "--system",
+        default=None,
+        help=f"built-in system ({', '.join(BUILTIN_SYSTEMS)}) or a YAML file (default vrex8, or the --config base)",
     )
     p.add_argument("--config", metavar="FILE", help="YAML file of field overrides (may say `base: vrex8`)")
     p.add_argument(
@@ -49,10 +49,14 @@ def _system(args: argparse.Namespace):
     from sim.api import resolve_system
     from sim.config import load_system
 
-    base = load_system(args.system)
+    data = read_yaml_mapping(args.config, "config fields") if args.config else {}
+    named = data.pop("base", None)
+    if named and args.system and str(named) != args.system:
+        raise ValueError(
+            f"{args.config} says `base: {named}` but --system says {args.system}; keep one of them"
+        )
+    base = load_system(str(args.system or named or "vrex8"))
     if args.config:
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
-        data.pop("base", None)
         base = with_hf_model(base, data.pop("hf_config", None), Path(args.config).parent)
         base = override_many(base, data, prefix=f"{args.config}: ")
     base = with_hf_model(base, args.hf_config)
@@ -65,9 +69,16 @@ def _tech_label(rep: dict, corner: str | None = None) -> str:
 
 
 def _run_header(rep: dict, corner: str | None = None) -> str:
+    trace = rep.get("trace")
+    if trace:
+        steps = ", ".join(f"{n} {name}" for name, n in trace["steps"].items() if n)
+        source = f"replaying {trace['path']} ({steps} steps, up to {rep['kv_tokens']} KV tokens)"
+        policy = f"policy {trace['policy']} (traced)"
+    else:
+        source, policy = f"{rep['kv_tokens']} KV tokens", f"policy {rep['policy']}"
     return (
-        f"{rep['system']} ({rep['kind']}) running {rep['model']['name']}, policy {rep['policy']}, "
-        f"{rep['kv_tokens']} KV tokens, batch {rep['batch']}, {_tech_label(rep, corner)}"
+        f"{rep['system']} ({rep['kind']}) running {rep['model']['name']}, {policy}, "
+        f"{source}, batch {rep['batch']}, {_tech_label(rep, corner)}"
     )
 
 
@@ -80,8 +91,10 @@ def _kv_list(text: str) -> list[int]:
         values = [int(float(v)) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"--kv-tokens expects comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise ValueError("--kv-tokens needs at least one non-negative value")
+    if not values:
+        raise ValueError(f"--kv-tokens needs at least one value, got {text!r}")
+    if min(values) < 0:
+        raise ValueError(f"--kv-tokens values must be >= 0, got {min(values)}")
     return values
 
 
@@ -89,9 +102,13 @@ def _run_report(system, scenario: dict, stage: str) -> tuple[dict, dict]:
     from sim.api import simulate
 
     res = simulate(system, scenario)
-    detail = res["stages"].get(stage) or next(iter(res["stages"].values()))
+    detail = res["stages"].get(stage)
+    if detail is None:
+        have = ", ".join(res["stages"])
+        raise ValueError(f"this run has no {stage} steps to report (it has: {have}); pick another --stage")
     report = {k: v for k, v in res.items() if k not in ("stages", "system_config")}
     report["model"] = res["system_config"]["model"]
+    report["system_config"] = res["system_config"]  # every field the run used, overrides applied
     report["latency_breakdown_ms"] = detail["latency_breakdown_ms"]
     report["energy_breakdown_mj"] = detail["energy_breakdown_mj"]
     report["roofline_bound_ms"] = detail.get("roofline_bound_ms")
@@ -128,7 +145,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "trace": args.trace,
     }
-    stage = "decode" if args.stage == "text" else "frame"
+    if args.trace:
+        from sim.trace_replay import read_trace, trace_policy
+
+        traced = read_trace(args.trace)[0]
+        if args.policy and args.policy != trace_policy(traced):
+            raise ValueError(
+                f"--policy {args.policy} conflicts with the trace, which recorded policy {traced['policy']!r}: "
+                "a replay costs what the trace selected; drop --policy"
+            )
+    stage = {"frame": "frame", "text": "decode", "e2e": "e2e"}[args.stage]
     if all_corners:
         return _run_all_corners(args, system, scenario, stage)
     res, report = _run_report(system, scenario, stage)
@@ -182,18 +208,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from sim.api import baseline_for, compare
 
     system = _system(args)
-    baseline = baseline_for(args.baseline, system, None, args.tech_corner)  # the same workload
+    # the same workload; --set changes our system only, --baseline-set the baseline
+    baseline = baseline_for(args.baseline, system, list(args.baseline_set), args.tech_corner)
     rep = compare(system, baseline, args.policy, _kv_list(args.kv_tokens), args.batch)
-    lines = [
-        f"{rep['system']} (resv) vs {rep['baseline']} + {rep['policy']}, batch {rep['batch']}",
-        f"  {'kv':>7s} {'ours_ms':>9s} {'base_ms':>9s} {'speedup':>8s} {'E-gain':>7s} {'tpot':>7s} {'tpot_x':>7s} {'E-gain(text)':>12s}",
-    ]
+    rep["overrides"] = {"system": list(args.set), "baseline": list(args.baseline_set)}
+    columns = (  # the JSON keys, so the table and --json read the same
+        "kv_tokens",
+        "frame_latency_ms",
+        "baseline_frame_latency_ms",
+        "speedup",
+        "energy_efficiency_gain",
+        "tpot_ms",
+        "tpot_speedup",
+        "text_energy_efficiency_gain",
+    )
+    lines = [f"{rep['system']} (resv) vs {rep['baseline']} + {rep['policy']}, batch {rep['batch']}"]
+    for who, items in rep["overrides"].items():
+        if items:
+            lines.append(f"  {who} overrides: {', '.join(items)}")
+    lines.append("  " + " ".join(columns))
     for p in rep["points"]:
-        lines.append(
-            f"  {p['kv_tokens']:7d} {p['frame_latency_ms']:9.1f} {p['baseline_frame_latency_ms']:9.1f} "
-            f"{p['speedup']:8.2f} {p['energy_efficiency_gain']:7.2f} {p['tpot_ms']:7.1f} {p['tpot_speedup']:7.2f} "
-            f"{p['text_energy_efficiency_gain']:12.2f}"
-        )
+        cells = (f"{p[c]:d}" if isinstance(p[c], int) else f"{p[c]:.2f}" for c in columns)
+        lines.append("  " + " ".join(cell.rjust(len(c)) for cell, c in zip(cells, columns, strict=True)))
     _print(args, rep, "\n".join(lines))
     return 0
 
@@ -235,7 +271,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     kwargs = {"kv_tokens": _kv_list(args.kv_tokens), "batch": args.batch, "layer": args.layer}
     if args.system or args.config or args.hf_config or args.set or args.tech_corner:
-        args.system = args.system or "vrex8"
         system = _system(args)
         kwargs["system"] = system
         kwargs["baseline"] = baseline_for(args.baseline, system, None, args.tech_corner)
@@ -257,8 +292,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--kv-tokens", type=int, default=40000)
     run.add_argument("--batch", type=int, default=1)
     run.add_argument("--stage", choices=("frame", "text", "e2e"), default="frame")
-    run.add_argument("--policy", choices=POLICIES, default="resv")
-    run.add_argument("--trace", metavar="FILE", help="replay a vrex.trace/1 JSON-lines file")
+    run.add_argument("--policy", choices=POLICIES, default=None, help="retrieval policy (default resv)")
+    run.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="replay a vrex.trace/1 JSON-lines file (its model, policy and history replace the synthetic ones)",
+    )
     run.set_defaults(func=cmd_run)
 
     ar = sub.add_parser("area", help="area and power per component, per core and per chip")
@@ -271,6 +310,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--policy", choices=POLICIES, default="flexgen", help="the baseline's retrieval policy")
     cmp_.add_argument("--kv-tokens", default="1000,5000,10000,20000,40000")
     cmp_.add_argument("--batch", type=int, default=1)
+    cmp_.add_argument(
+        "--baseline-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the baseline (--set changes our system only)",
+    )
     cmp_.set_defaults(func=cmd_compare)
 
     val = sub.add_parser("validate", help="paper-reproduction table (published, ours, tolerance, pass/fail)")
@@ -301,7 +347,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write PNG plots (latency breakdown, layer bandwidth, roofline); without --system, "
         "the paper's figures",
     )
-    _add_system_args(plot, default=None)
+    _add_system_args(plot)
     plot.add_argument("--baseline", default="agx-orin")
     plot.add_argument("--kv-tokens", default="1000,5000,10000,20000,40000")
     plot.add_argument("--batch", type=int, default=None, help="default 1 (the paper's roofline: 4)")

@@ -57,6 +57,21 @@ class ModelConfig:
         """K and V of one token in one layer and one KV head (bytes)."""
         return 2 * self.head_dim * self.dtype_bytes
 
+    @property
+    def weight_bytes(self) -> int:
+        """Every weight held in device DRAM: LLM layers, embedding and LM head (untied), vision
+        tower and projector (bytes)."""
+        d, hd = self.hidden_size, self.head_dim
+        layer = d * (self.num_heads + 2 * self.num_kv_heads) * hd + self.num_heads * hd * d
+        layer += 3 * d * self.intermediate_size
+        dv = self.vision_hidden_size
+        tower = self.vision_layers * (4 * dv * dv + 2 * dv * self.vision_intermediate_size)
+        projector = (
+            (dv * self.projector_hidden_size + self.projector_hidden_size * d) if self.vision_layers else 0
+        )
+        params = self.num_layers * layer + 2 * self.vocab_size * d + tower + projector
+        return params * self.dtype_bytes
+
 
 @dataclass(frozen=True)
 class ResvConfig:
@@ -90,6 +105,8 @@ class AcceleratorConfig:
     dpe_trees: int = 64
     dpe_tree_width: int = 64
     vpe_width: int = 64
+    # Area, leakage and access energy. Timing assumes a core's tiles fit (no spill traffic is
+    # modelled), so a smaller SRAM is cheaper but never slower: size it with the area/energy.
     sram_kb: float = 384.0
     hcu_width: int = 16
     wtu_width: int = 16
@@ -139,7 +156,7 @@ class MemoryConfig:
     dram_efficiency: float = 0.85
     dram_capacity_gb: float = 32.0
     link_bandwidth_gbps: float = 4.0  # PCIe 3.0 x4 as in Table I
-    link_lanes: int = 4
+    link_lanes: int = 4  # link power only (W per lane); the rate is link_bandwidth_gbps
     link_efficiency: float = 0.85
     link_request_latency_us: float = 10.0  # per request, pipelined (one per burst group)
     # Without the KVMU (ablation) the offloaded KV is read a token row at a time (one
@@ -294,6 +311,8 @@ def _coerce(path: str, current: Any, value: Any, annotation: str = "") -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{path}: expected true/false, got {value!r}")
+    if isinstance(value, bool) and isinstance(current, int | float):
+        raise ValueError(f"{path}: expected a number, got {value!r}")  # YAML `true` is not 1
     if isinstance(current, int) and not isinstance(current, bool):
         try:
             as_float = float(value)
@@ -411,6 +430,28 @@ def with_hf_model(system: SystemConfig, hf_config: str | None, relative_to: Path
     )
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping; every way it can be unreadable is a ValueError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected a YAML file of {what}")
+    if not path.exists():
+        raise FileNotFoundError(f"YAML file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file; expected YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of {what} (key: value lines), got a {type(data).__name__}"
+        )
+    return data
+
+
 def load_system(name_or_path: str, overrides: dict[str, Any] | list[str] | None = None) -> SystemConfig:
     """Load a built-in system by name or a YAML file; a YAML file may say `base: vrex8` and
     `hf_config: path/to/config.json` (the model; `model:` fields still override it)."""
@@ -421,9 +462,7 @@ def load_system(name_or_path: str, overrides: dict[str, Any] | list[str] | None 
         raise ValueError(
             f"unknown system {name_or_path!r}: use one of {', '.join(BUILTIN_SYSTEMS)} or a YAML file path"
         )
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config fields")
+    data = read_yaml_mapping(path, "config fields")
     base = data.pop("base", None)
     system = load_system(base) if base else SystemConfig()
     system = with_hf_model(system, data.pop("hf_config", None), path.parent)

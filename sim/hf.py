@@ -81,12 +81,23 @@ def _vision(vis: dict[str, Any], where: str, base: ModelConfig) -> dict[str, int
     return out
 
 
+# config keys that give a mixture-of-experts model's expert count (Mixtral, Qwen-MoE, DeepSeek)
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
 def model_from_hf(source: str | Path | dict[str, Any], base: ModelConfig | None = None) -> ModelConfig:
     """ModelConfig from a config.json path, a model folder, or the parsed dict."""
     base = base or ModelConfig()
     cfg, where, folder = _load(source)
     text = cfg.get("text_config") or cfg
     text_where = f"{where}: text_config" if "text_config" in cfg else f"{where}:"
+    for key in _EXPERT_KEYS:
+        if int(text.get(key) or 0) > 1:
+            raise ValueError(
+                f"{text_where} {key}={text[key]}: mixture-of-experts models are not modelled (the timing "
+                "core streams one dense FFN per layer); describe a dense equivalent with --set "
+                "model.intermediate_size=<active experts x expert FFN size> instead"
+            )
     hidden = _int(text, text_where, "hidden_size", "n_embd", "d_model")
     heads = _int(text, text_where, "num_attention_heads", "n_head")
     changes: dict[str, Any] = {

@@ -55,12 +55,12 @@ def layer_bandwidth(result: dict, layer: int) -> dict[str, list[tuple[float, flo
     """Transfers of one layer as (start_us, end_us, GB/s) per channel, from a recorded timeline."""
     clock_hz = result["stages"]["frame"]["clock_hz"]
     timeline = result["stages"]["frame"]["timeline"]
-    tag_suffix = f" L{layer}"
+    wanted = f"L{layer}"  # tags read "<op> L<layer>[ s<stream>]"
     series = {}
     for channel, log in timeline.items():
         rows = []
         for start, end, nbytes, tag in log:
-            if tag.endswith(tag_suffix) and not tag.startswith("vision") and end > start:
+            if wanted in tag.split() and not tag.startswith("vision") and end > start:
                 seconds = (end - start) / clock_hz
                 rows.append((start / clock_hz * 1e6, end / clock_hz * 1e6, nbytes / seconds / 1e9))
         series[channel] = rows

@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from sim.api import area, resolve_scenario, resolve_system, simulate
-from sim.config import Scenario, SystemConfig, config_hash, override, validate
+from sim.api import CapacityError, area, resolve_scenario, resolve_system, simulate
+from sim.config import Scenario, SystemConfig, config_hash, override, read_yaml_mapping, validate
 from sim.pareto import pareto_mask
 from sim.tech import load_entries, tech_for
 
@@ -207,7 +206,7 @@ def load_space(space: str | Path | dict[str, Any]) -> SweepSpace:
         path = Path(space)
         if not path.exists():
             raise FileNotFoundError(f"sweep space file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml_mapping(path, "sweep-space keys")
     else:
         data = dict(space)
     if not isinstance(data, dict):
@@ -340,13 +339,16 @@ def point_key(system: SystemConfig, scenario: Scenario) -> str:
 
 def evaluate(system: SystemConfig, scenario: Scenario) -> dict[str, float | None]:
     """Objectives of one design point (runs in a worker process)."""
-    res = simulate(system, scenario)
-    batch = scenario.batch
-    lat_ms = res["frame_latency_ms"]
-    step_mj = res["energy_per_frame_mj"]  # one frame step, all streams of the batch
     out: dict[str, float | None] = dict.fromkeys(METRICS)
+    try:
+        res = simulate(system, scenario)
+    except CapacityError as exc:  # an infeasible point is a result, not a failed sweep
+        return {**out, "infeasible": str(exc)}
+    out["infeasible"] = None
+    lat_ms = res["frame_latency_ms"]
+    step_mj = res["frame_step_energy_mj"]  # one frame step, all streams of the batch
     if lat_ms:
-        energy_j = step_mj * 1e-3 / batch
+        energy_j = res["energy_per_frame_mj"] * 1e-3
         power_w = step_mj / lat_ms  # mJ / ms
         out.update(
             fps=res["fps"],
@@ -605,6 +607,8 @@ def one_at_a_time(
     base_scn = resolve_scenario(scenario)
     params = {name: Parameter(name, *_split(name)) for name in knobs}
     base = evaluate(base_sys, base_scn)
+    if base["infeasible"]:
+        raise CapacityError(base["infeasible"])
     rows = []
     for name, (low, high) in knobs.items():
         changed = []
@@ -621,8 +625,13 @@ def one_at_a_time(
                     "objective": obj,
                     "low": low,
                     "high": high,
-                    "low_pct": (changed[0][obj] / b - 1) * 100,
-                    "high_pct": (changed[1][obj] / b - 1) * 100,
+                    # NaN: the knob's value makes the point infeasible (does not fit in DRAM)
+                    "low_pct": (changed[0][obj] / b - 1) * 100
+                    if changed[0][obj] is not None
+                    else float("nan"),
+                    "high_pct": (changed[1][obj] / b - 1) * 100
+                    if changed[1][obj] is not None
+                    else float("nan"),
                 }
             )
     return pd.DataFrame(rows)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.config import SystemConfig, validate
+from sim.config import POLICIES, SystemConfig, validate
 from sim.hf import model_from_hf
 from sim.workload import Step, policy_table
 from vrex.trace import MODEL_FIELDS
@@ -32,16 +32,29 @@ def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
 VISION_FIELDS = ("vision_layers", "vision_hidden_size", "vision_intermediate_size", "vision_tokens")
 
 
+def trace_policy(header: dict) -> str:
+    """The simulator policy whose costs (prediction kernels, device window) match the traced
+    one. The selection itself always comes from the trace; serving policies the simulator has
+    no cost model for (window, topk) are costed like ReSV's scoring pass."""
+    name = str(header.get("policy", "resv"))
+    return name if name in POLICIES else "resv"
+
+
 def system_for_trace(system: SystemConfig, header: dict) -> SystemConfig:
     """Use the traced model's dimensions (and KV dtype) in the simulated system; its vision
-    tower too when the header carries the model's HF config (older traces keep the default)."""
+    tower too when the header carries the model's HF config (older traces keep the default,
+    and the model's name says so)."""
     model = header.get("model") or {}
-    changes = {k: int(model[k]) for k in MODEL_FIELDS if k in model}
+    changes: dict = {k: int(model[k]) for k in MODEL_FIELDS if k in model}
     if "kv_dtype_bytes" in header:
         changes["dtype_bytes"] = int(header["kv_dtype_bytes"])
-    if header.get("hf_config"):
-        tower = model_from_hf(header["hf_config"], system.model)
+    hf = header.get("hf_config")
+    if hf:
+        tower = model_from_hf(hf, system.model)
         changes.update({k: getattr(tower, k) for k in VISION_FIELDS})
+        changes["name"] = f"traced {hf.get('_name_or_path') or hf.get('model_type') or 'model'}"
+    else:
+        changes["name"] = f"traced model (vision tower of {system.model.name})"
     system = replace(system, model=replace(system.model, **changes))
     validate(system)
     return system
@@ -98,4 +111,6 @@ def steps_from_trace(path: str | Path, system: SystemConfig, batch: int = 1) -> 
     grouped: dict[str, list[Step]] = {"frame": [], "text": [], "decode": []}
     for record in records:
         grouped[record["stage"]].append(_step(record, system, batch, predict_stages))
+    if not any(grouped.values()):
+        raise ValueError(f"{path}: the trace has a header but no step lines; record at least one step")
     return grouped

@@ -7,27 +7,31 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# (module, function) pairs: each function takes the subparsers object and adds its commands.
-# Imported lazily so `vrex sim ...` never pays for torch/transformers and vice versa.
-_REGISTRARS: list[tuple[str, str]] = [
-    ("vrex.engine.cli", "register"),
-    ("vrex.models.cli", "register"),
-    ("vrex.kv.cli", "register"),
-    ("vrex.engine.bench", "register"),
-    ("server.cli", "register"),
-    ("sim.cli", "register"),
-    ("vrex.codesign", "register"),
-    ("vrex.power", "register"),
-    ("benchmarks.cli", "register"),
+# (module, function, commands it adds): each function takes the subparsers object and adds its
+# commands. Only the named command's module is imported, so `vrex sim ...` never pays for
+# torch/transformers (seconds) and vice versa; `vrex --help` imports them all.
+_REGISTRARS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("vrex.engine.cli", "register", ("run",)),
+    ("vrex.models.cli", "register", ("model",)),
+    ("vrex.kv.cli", "register", ("kv-bench",)),
+    ("vrex.engine.bench", "register", ("engine-bench",)),
+    ("server.cli", "register", ("serve", "stream")),
+    ("sim.cli", "register", ("sim",)),
+    ("vrex.codesign", "register", ("codesign",)),
+    ("vrex.power", "register", ("power",)),
+    ("benchmarks.cli", "register", ("bench",)),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vrex", description=__doc__)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module_name, func_name in _REGISTRARS:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), None)
+    wanted = [r for r in _REGISTRARS if command in r[2]] or _REGISTRARS
+    for module_name, func_name, _ in wanted:
         module = __import__(module_name, fromlist=[func_name])
         register: Callable[[argparse._SubParsersAction], None] = getattr(module, func_name)
         register(sub)
@@ -41,7 +45,7 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

@@ -92,6 +92,8 @@ def validate_step(rec: dict, where: str = "step") -> dict:
                     raise TraceError(f"{hw}: {f} must be >= 0")
             if head["selected_tokens"] > head["history_tokens"]:
                 raise TraceError(f"{hw}: selected_tokens exceeds history_tokens")
+            if head["selected_clusters"] > head["clusters"]:
+                raise TraceError(f"{hw}: selected_clusters exceeds clusters")
             eef = head.get("early_exit_fraction")
             if eef is not None and not (isinstance(eef, (int, float)) and 0 <= eef <= 1):
                 raise TraceError(f"{hw}: early_exit_fraction must be null or in [0, 1]")

@@ -106,6 +106,7 @@ def test_qwen2_vl_and_text_only_models():
         ({"num_hidden_layers": None}, ["text_config.num_hidden_layers", "missing"]),
         ({"num_attention_heads": -2}, ["num_attention_heads", "non-negative integer"]),
         ({"vocab_size": "big"}, ["vocab_size"]),
+        ({"num_local_experts": 8}, ["num_local_experts=8", "mixture-of-experts"]),
     ],
 )
 def test_bad_configs_name_the_field(change, words):

@@ -146,8 +146,9 @@ def test_objectives_agree_with_the_simulator(tmp_path):
     ref = simulate("vrex8", {"batch": 2})
     assert row["fps"] == pytest.approx(ref["fps"])
     assert row["throughput_fps"] == pytest.approx(2 * ref["fps"])
-    assert row["energy_per_frame_j"] == pytest.approx(ref["energy_per_frame_mj"] * 1e-3 / 2)
-    power = ref["energy_per_frame_mj"] / ref["frame_latency_ms"]
+    assert row["energy_per_frame_j"] == pytest.approx(ref["energy_per_frame_mj"] * 1e-3)
+    assert ref["frame_step_energy_mj"] == pytest.approx(2 * ref["energy_per_frame_mj"])  # two streams
+    power = ref["frame_step_energy_mj"] / ref["frame_latency_ms"]
     assert row["fps_per_w"] == pytest.approx(ref["throughput_fps"] / power)
     assert row["edp_j_s"] == pytest.approx(row["energy_per_frame_j"] * ref["frame_latency_ms"] * 1e-3)
     assert row["area_mm2"] == pytest.approx(area("vrex8")["chip_total"]["area_mm2"])
@@ -174,6 +175,17 @@ def test_gpu_points_have_no_area_and_the_front_skips_it(tmp_path):
     assert res.results["area_mm2"].isna().all()
     # more bandwidth is faster and no worse in energy: the 8 GB/s point alone is on the front
     assert res.pareto["memory.link_bandwidth_gbps"].tolist() == [8]
+
+
+def test_points_that_do_not_fit_in_dram_are_recorded_as_infeasible(tmp_path):
+    res = _run(
+        {"sampler": "grid", "parameters": {"memory.dram_capacity_gb": [8, 32]}},
+        tmp_path / "cap.parquet",
+    )
+    small, big = (res.results[res.results["memory.dram_capacity_gb"] == v].iloc[0] for v in (8, 32))
+    assert "memory.dram_capacity_gb=8 is too small" in small["infeasible"] and pd.isna(small["fps"])
+    assert pd.isna(big["infeasible"]) and big["fps"] > 0
+    assert res.pareto["memory.dram_capacity_gb"].tolist() == [32]
 
 
 def test_sweep_is_deterministic(tmp_path):

@@ -1,0 +1,108 @@
+"""The `vrex sim` command line as a user meets it: bad files, traces, per-frame units, imports."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim.api import simulate
+from sim.plots import layer_bandwidth
+from vrex.cli import main as vrex_main
+
+TRACE = Path(__file__).parent / "data" / "trace_small.jsonl"
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("accel:\n  num_cores: [1\n", ["not valid YAML"]),
+        ("- 1\n- 2\n", ["mapping", "list"]),
+        ("memory:\n  link_bandwidth_gbps: true\n", ["memory.link_bandwidth_gbps", "number"]),
+        ("base: vrex48\n", None),  # fine: the base is used
+    ],
+)
+def test_config_files_fail_with_the_file_and_field(tmp_path, capsys, text, words):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    rc = vrex_main(["sim", "run", "--config", str(f), "--kv-tokens", "1000", "--json"])
+    out = capsys.readouterr()
+    if words is None:
+        assert rc == 0 and json.loads(out.out)["system"] == "vrex48"
+        return
+    assert rc == 2
+    for word in words:
+        assert word in out.err
+
+
+def test_config_base_and_system_must_agree(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("base: vrex48\naccel:\n  num_cores: 24\n")
+    assert vrex_main(["sim", "area", "--config", str(f), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_cores"] == 24
+    assert vrex_main(["sim", "area", "--system", "vrex8", "--config", str(f)]) == 2
+    assert "base: vrex48" in capsys.readouterr().err
+    assert vrex_main(["sim", "run", "--config", str(tmp_path)]) == 2  # a folder
+    assert "folder" in capsys.readouterr().err
+
+
+def test_trace_replay_reports_the_trace_not_the_scenario(tmp_path, capsys):
+    assert vrex_main(["sim", "run", "--trace", str(TRACE)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "traced model" in header and "up to 215 KV tokens" in header and "40000" not in header
+    assert vrex_main(["sim", "run", "--trace", str(TRACE), "--policy", "flexgen"]) == 2
+    assert "recorded policy 'resv'" in capsys.readouterr().err
+    frames_only = tmp_path / "frames.jsonl"
+    lines = TRACE.read_text().splitlines()
+    frames_only.write_text("\n".join([lines[0]] + [x for x in lines[1:] if '"stage": "frame"' in x]) + "\n")
+    assert vrex_main(["sim", "run", "--trace", str(frames_only), "--stage", "text"]) == 2
+    assert "no decode steps" in capsys.readouterr().err
+    header_only = tmp_path / "empty.jsonl"
+    header_only.write_text(lines[0] + "\n")
+    assert vrex_main(["sim", "run", "--trace", str(header_only)]) == 2
+    assert "no step lines" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        lines[0] + "\n" + lines[1].replace('"selected_clusters": 3', '"selected_clusters": 99') + "\n"
+    )
+    assert vrex_main(["sim", "run", "--trace", str(bad)]) == 2
+    assert "selected_clusters exceeds clusters" in capsys.readouterr().err
+
+
+def test_a_point_that_does_not_fit_in_dram_is_an_error(capsys):
+    assert vrex_main(["sim", "run", "--set", "memory.dram_capacity_gb=8"]) == 2
+    assert "memory.dram_capacity_gb=8 is too small" in capsys.readouterr().err
+    assert vrex_main(["sim", "run", "--policy", "full", "--kv-tokens", "1000000"]) == 2
+    assert "does not offload" in capsys.readouterr().err
+    assert vrex_main(["sim", "run", "--system", "vrex48", "--batch", "1024"]) == 2
+    assert "1024 stream(s)" in capsys.readouterr().err
+    assert vrex_main(["sim", "run", "--policy", "full", "--kv-tokens", "40000"]) == 0  # 16.7 + 5.2 GB
+
+
+def test_energy_per_frame_is_per_stream_at_any_batch():
+    one, four = simulate("vrex8", {"kv_tokens": 5000}), simulate("vrex8", {"kv_tokens": 5000, "batch": 4})
+    assert four["frame_step_energy_mj"] == pytest.approx(4 * four["energy_per_frame_mj"])
+    assert four["decode_step_energy_mj"] == pytest.approx(4 * four["energy_per_token_mj"])
+    # batching shares the weight stream: each stream's frame costs less than alone
+    assert four["energy_per_frame_mj"] < one["energy_per_frame_mj"]
+
+
+def test_layer_bandwidth_has_the_link_fetch_of_that_layer():
+    res = simulate("vrex8", {"kv_tokens": 40000}, record_timeline=True)
+    series = layer_bandwidth(res, 16)
+    assert series["link"] and series["dram"]
+    link_bytes = sum(
+        nbytes for *_, nbytes, tag in res["stages"]["frame"]["timeline"]["link"] if "L16" in tag.split()
+    )
+    plotted = sum((end - start) * 1e-6 * gbps * 1e9 for start, end, gbps in series["link"])
+    assert plotted == pytest.approx(link_bytes, rel=1e-6)
+
+
+def test_sim_commands_never_import_torch():
+    code = (
+        "import sys; from vrex.cli import main; main(['sim', 'area', '--json']); "
+        "sys.stderr.write(str('torch' in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr.strip().endswith("False")
