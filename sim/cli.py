@@ -240,7 +240,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     rows = validation_table(quick=args.quick, overrides=list(args.set))
     payload = {"reference": str(reference_path()), "overrides": list(args.set), "rows": rows}
     _print(args, payload, format_table(rows))
-    return 0
+    return 1 if args.strict and not all(r["pass"] for r in rows) else 0
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
@@ -330,6 +330,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "or tech_corner=low (a calibration sensitivity check)",
     )
     val.add_argument("--json", action="store_true")
+    val.add_argument("--strict", action="store_true", help="exit 1 when any row fails (for CI gates)")
     val.set_defaults(func=cmd_validate)
 
     sens = sub.add_parser(

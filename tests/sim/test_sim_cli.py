@@ -106,3 +106,10 @@ def test_sim_commands_never_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stderr.strip().endswith("False")
+
+
+def test_validate_strict_exit_code_follows_the_rows(capsys):
+    assert vrex_main(["sim", "validate", "--quick", "--json"]) == 0  # a report, whatever it says
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    rc = vrex_main(["sim", "validate", "--quick", "--strict"])
+    assert rc == (0 if all(r["pass"] for r in rows) else 1)
