@@ -106,6 +106,15 @@ class Backend:
         """The per-session device KV budget the engine uses (after `auto` was resolved)."""
         return getattr(getattr(self.engine, "config", None), "device_kv_budget_bytes", None)
 
+    def next_frame_index(self, session: Any) -> int:
+        """The index the engine gives the session's next frame: it numbers every frame it takes,
+        kept or dropped by its sampler."""
+        index = getattr(session, "frame_index", None)
+        if isinstance(index, int):
+            return index
+        stats = session.stats()  # an engine without the counter: exact unless a log was replayed
+        return int(stats.get("frames_accepted", 0)) + int(stats.get("frames_dropped", 0))
+
     # -- write-ahead log replay (server/wal.py) ---------------------------------------------
     async def replay_frame(self, session: Any, image: Any, timestamp_s: float, frame_index: int) -> bool:
         """Prefill a logged frame again; False when the restored snapshot already holds it."""

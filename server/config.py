@@ -14,6 +14,9 @@ DURABILITY_MODES = ("wal", "snapshot", "interval")
 # Names of vrex.resv.PRESETS, written out so the server's config and CLI stay torch-free
 # (a test checks they match).
 RESV_PRESETS = ("default", "paper")
+# vrex.engine.SessionSettings' fps bound (what `vrex run` takes), written out for the same
+# reason (a test checks they match).
+MAX_FPS = 120.0
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Limits:
     # Transport cap: larger messages are refused by gRPC itself and end the call, so it sits
     # well above max_frame_bytes to let the per-frame check answer first.
     max_message_bytes: int = 32 * MIB
-    max_fps: float = 60.0
+    max_fps: float = MAX_FPS
 
     def __post_init__(self) -> None:
         for name in ("max_frame_bytes", "max_frame_pixels", "max_question_chars", "max_new_tokens"):
@@ -88,6 +91,10 @@ class ServerConfig:
             raise ValueError(f"max_sessions must be positive, got {self.max_sessions}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [1, 65535], got {self.metrics_port}")
+        if self.metrics_port == self.port:
+            raise ValueError(f"metrics_port and port are both {self.port}; give metrics another port")
         if self.max_pending_frames <= 0 or self.max_pending_questions <= 0 or self.max_outbound_events <= 0:
             raise ValueError(
                 "queue sizes (max_pending_frames, max_pending_questions, max_outbound_events) must be positive"

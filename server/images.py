@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -41,9 +42,11 @@ def check_frame_size(frame, limits: Limits) -> None:
             f"frame is {len(payload)} bytes, over the limit of {limits.max_frame_bytes}; "
             "send a smaller image or encode it as JPEG"
         )
-    if frame.timestamp_s != frame.timestamp_s or frame.timestamp_s < 0:  # NaN or negative
+    # inf would pass a >= 0 check and then make every later timestamp look like it went back
+    if not (math.isfinite(frame.timestamp_s) and frame.timestamp_s >= 0):
         raise FrameError(
-            f"timestamp_s must be a number >= 0 (seconds from stream start), got {frame.timestamp_s}"
+            f"timestamp_s must be a finite number >= 0, got {frame.timestamp_s}; "
+            "send the frame's time in seconds from the stream's start"
         )
 
 

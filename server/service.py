@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -599,21 +601,74 @@ async def create_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    address = f"{config.host}:{config.port}"
+    host = config.host.strip("[]")
+    address = f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"  # IPv6 in brackets
+    credentials = None
     if config.tls_cert is not None:
         credentials = grpc.ssl_server_credentials(
             [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
         )
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc says only "Failed to bind"; older versions return 0
+        port = 0
     if port == 0:
-        raise ValueError(f"cannot listen on {address}; is the port in use? pick another with --port")
+        await server.stop(None)  # else its __del__ schedules a shutdown on a closed event loop
+        raise listen_error(config.host, config.port, "--port")
     return RunningServer(server, port, servicer, health_servicer)
+
+
+def check_can_listen(config: ServerConfig) -> None:
+    """Raise ValueError saying what to change when --host/--port or --metrics-port cannot be
+    bound now (the real binds still check: another process may take a port meanwhile)."""
+    for port, flag in ((config.port, "--port"), (config.metrics_port, "--metrics-port")):
+        if port is not None:
+            cause = _bind_probe(config.host.strip("[]"), port)
+            if cause is not None:
+                raise listen_error(config.host, port, flag, cause)
+
+
+def listen_error(host: str, port: int, port_flag: str, cause: OSError | None = None) -> ValueError:
+    """Why `host:port` cannot be listened on, naming the flag to change. Without `cause`,
+    binding a plain socket finds out (grpc does not say why)."""
+    if cause is None:
+        cause = _bind_probe(host.strip("[]"), port)
+    if isinstance(cause, socket.gaierror) or (cause is not None and cause.errno == errno.EADDRNOTAVAIL):
+        return ValueError(
+            f"cannot listen on {host}: it is not an address of this machine; pass --host 127.0.0.1 "
+            "(this machine only), 0.0.0.0 (every interface) or one of its own addresses"
+        )
+    if cause is not None and cause.errno == errno.EADDRINUSE:
+        free = " 0 for a free one or" if port_flag == "--port" else ""  # a free metrics port is not reported
+        return ValueError(f"port {port} on {host} is in use; pass {port_flag}{free} another port")
+    if cause is not None and cause.errno == errno.EACCES:
+        return ValueError(
+            f"port {port} on {host} needs privileges this process lacks; pass {port_flag} 1024 or above"
+        )
+    why = f" ({cause.strerror or cause})" if cause is not None else ""
+    return ValueError(f"cannot listen on {host}:{port}{why}; check --host and {port_flag}")
+
+
+def _bind_probe(host: str, port: int) -> OSError | None:
+    """The error binding `host:port` gives, or None when it binds now."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc: TIME_WAIT is no obstacle
+            probe.bind(address)
+    except OSError as exc:
+        return exc
+    return None
 
 
 async def serve(config: ServerConfig, backend: Backend | None = None) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully. Returns an exit code."""
+    check_can_listen(config)  # before the engine loads, which may take minutes
     metrics = make_metrics(config.metrics_port is not None)
     if backend is None:
         t0 = time.monotonic()
@@ -629,10 +684,19 @@ async def serve(config: ServerConfig, backend: Backend | None = None) -> int:
             or "no --model given: serving the embedded demo model; it answers text but cannot really see",
         )
     sampler = await asyncio.to_thread(start_sampler)  # None off a Jetson: stats say so
-    running = await create_server(config, backend, metrics, sampler)
-    await running.start()
+    try:
+        running = await create_server(config, backend, metrics, sampler)
+    except BaseException:
+        await _close_unserved(backend, sampler)
+        raise
     if config.metrics_port is not None:
-        metrics.start_http(config.host, config.metrics_port)
+        try:  # before the gRPC server starts, so a failure here has no client to disturb
+            metrics.start_http(config.host.strip("[]"), config.metrics_port)
+        except OSError as exc:
+            await running.server.stop(None)
+            await _close_unserved(backend, sampler)
+            raise listen_error(config.host, config.metrics_port, "--metrics-port", exc) from None
+    await running.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -658,6 +722,13 @@ async def serve(config: ServerConfig, backend: Backend | None = None) -> int:
     await stop.wait()
     await running.stop()
     return 0
+
+
+async def _close_unserved(backend: Backend, power_sampler) -> None:
+    """Start-up failed before serving: stop what already runs, so the process can exit."""
+    await backend.close()
+    if power_sampler is not None:
+        await asyncio.to_thread(power_sampler.stop)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -40,6 +40,11 @@ SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 DEFAULT_FPS = 2.0
 DEFAULT_POLICY = "resv"
 DEFAULT_MAX_NEW_TOKENS = 64
+# Who dropped a frame. The engine's drops (its reason text varies) are in its frames_dropped;
+# the server's own are counted in LiveSession.frames_dropped_backpressure.
+DROP_SAMPLER = "sampler"
+DROP_BACKPRESSURE = "backpressure"
+DROP_SHUTDOWN = "shutdown"
 
 
 class RequestError(Exception):
@@ -64,7 +69,7 @@ class LiveSession:
     engine_session: Any
     settings: pb.SessionSettings
     attached: bool = False
-    frames_dropped_backpressure: int = 0
+    frames_dropped_backpressure: int = 0  # the server's drops (backpressure, shutdown), not the engine's
     last_used_s: float = field(default_factory=time.monotonic)
     last_snapshot_s: float = 0.0
     dirty: bool = False  # acked frames not yet in a snapshot
@@ -330,23 +335,40 @@ class StreamHandler:
             if isinstance(item, _FrameItem):
                 del self.work[i]
                 self.num_pending_frames -= 1
-                await self._ack_dropped(item, "backpressure")
+                await self._ack_server_drop(item, DROP_BACKPRESSURE)
                 return
 
-    async def _ack_dropped(self, item: _FrameItem, reason: str) -> None:
+    async def _ack_server_drop(self, item: _FrameItem, kind: str) -> None:
+        """Ack a frame the server dropped before the engine saw it; the engine does not count it."""
         live = self.live
         assert live is not None
-        if reason != "sampler":
-            live.frames_dropped_backpressure += 1
+        live.frames_dropped_backpressure += 1
+        # the engine numbers only the frames it takes: this one gets the number it would have had
+        index = self.servicer.backend.next_frame_index(live.engine_session)
+        await self._ack_dropped(item, kind, kind, index)
+
+    async def _ack_engine_drop(self, item: _FrameItem, result: Any) -> None:
+        """Ack a frame the engine dropped; the engine counted it already, whatever its reason says."""
+        live = self.live
+        assert live is not None
+        index = int(result.frame_index)
+        if index < 0:  # an engine that does not number its dropped frames
+            index = self.servicer.backend.next_frame_index(live.engine_session)
+        await self._ack_dropped(item, DROP_SAMPLER, result.dropped_reason or DROP_SAMPLER, index)
+
+    async def _ack_dropped(self, item: _FrameItem, kind: str, reason: str, frame_index: int) -> None:
+        live = self.live
+        assert live is not None
         stats = live.stats()
         ack_ms = (time.monotonic() - item.received_s) * 1000
-        self.servicer.metrics.frame(False, reason, ack_ms)
+        self.servicer.metrics.frame(False, kind, ack_ms)  # the kind: a label with few values
         await self._emit(
             pb.ServerEvent(
                 request_id=item.request_id,
                 frame_ack=pb.FrameAck(
                     accepted=False,
                     dropped_reason=reason,
+                    frame_index=frame_index,
                     timestamp_s=item.frame.timestamp_s,
                     history_tokens=int(stats.get("history_tokens", 0)),
                     ack_latency_ms=ack_ms,
@@ -432,7 +454,7 @@ class StreamHandler:
         while self.work:
             item = self.work.popleft()
             if isinstance(item, _FrameItem):
-                await self._ack_dropped(item, "shutdown")
+                await self._ack_server_drop(item, DROP_SHUTDOWN)
             elif isinstance(item, _QuestionItem):
                 await self._emit(
                     error_event(
@@ -471,7 +493,7 @@ class StreamHandler:
             await self._emit(error_event(item.request_id, code, message))
             return
         if not result.accepted:
-            await self._ack_dropped(item, result.dropped_reason or "sampler")
+            await self._ack_engine_drop(item, result)
             return
         # the engine's own time for the frame, not the wait for the shared model thread
         engine_s = float(getattr(result, "latency_ms", 0.0) or 0.0) / 1000

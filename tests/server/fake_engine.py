@@ -48,8 +48,8 @@ class SessionSettings:
     def __post_init__(self) -> None:
         if self.resv_preset not in ("default", "paper"):
             raise ValueError(f"unknown ReSV preset {self.resv_preset!r}; choose one of ['default', 'paper']")
-        if not 0 < self.fps <= 60:
-            raise ValueError(f"fps must be in (0, 60], got {self.fps}")
+        if not 0 < self.fps <= 120:  # vrex.engine.SessionSettings' bound
+            raise ValueError(f"fps must be in (0, 120], got {self.fps}")
         if self.policy not in ("resv", "full", "window", "topk", "rekv"):
             raise ValueError(f"policy must be one of resv/full/window/topk/rekv, got {self.policy!r}")
 
@@ -83,6 +83,7 @@ class _State:
     last_timestamp_s: float | None = None
     last_mean_rgb: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     questions: int = 0
+    frame_index: int = 0  # like the engine: every frame it takes gets one, kept or dropped
 
 
 class Session:
@@ -94,22 +95,30 @@ class Session:
         self.last_answer_stats: dict = {}
         self._closed = False
 
+    @property
+    def frame_index(self) -> int:
+        """The index the next frame gets, as vrex.engine's Session.frame_index."""
+        return self._state.frame_index
+
     async def submit_frame(self, image: np.ndarray, timestamp_s: float) -> FrameResult:
         if self._closed:
             raise RuntimeError("session is closed")
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, image.shape
         s = self._state
         period_s = 1.0 / self.settings.fps
+        index = s.frame_index
+        s.frame_index += 1
         if s.last_timestamp_s is not None and timestamp_s - s.last_timestamp_s < period_s * 0.999:
             s.frames_dropped += 1
-            return FrameResult(False, "sampler", s.history_tokens, 0.0, 0.0, -1)
+            # the engine's own words: the server must not rely on a fixed reason string
+            return FrameResult(False, "above the session's target fps", s.history_tokens, 0.0, 0.0, index)
         await asyncio.sleep(float(os.environ.get("VREX_FAKE_FRAME_MS", "2")) / 1000)
         s.last_timestamp_s = timestamp_s
         s.last_mean_rgb = [float(c) for c in image.reshape(-1, 3).mean(axis=0)]
         fetched = 0.0 if s.history_tokens == 0 else min(1.0, 64 / s.history_tokens)
         s.history_tokens += TOKENS_PER_FRAME
         s.frames_accepted += 1
-        return FrameResult(True, None, s.history_tokens, fetched, 1.0, s.frames_accepted - 1)
+        return FrameResult(True, None, s.history_tokens, fetched, 1.0, index)
 
     async def ask(self, question: str, max_new_tokens=None, temperature=None, top_p=None, stop=None):
         s = self._state
@@ -135,8 +144,9 @@ class Session:
     # write-ahead log replay: the same effects as submit_frame / ask, idempotent by index
     def replay_frame(self, image: np.ndarray, timestamp_s: float, frame_index: int) -> bool:
         s = self._state
-        if frame_index < s.frames_accepted:
+        if frame_index < s.frame_index:
             return False
+        s.frame_index = frame_index + 1
         period_s = 1.0 / self.settings.fps
         if s.last_timestamp_s is not None and timestamp_s - s.last_timestamp_s < period_s * 0.999:
             raise ValueError(f"logged frame {frame_index} would be dropped by the sampler on replay")

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from vrex.api import vrex_pb2 as pb
 from vrex.client import Client, VRexError, encode_image
 
 REPO = Path(__file__).resolve().parents[2]
+FAKE_ENGINE = Path(__file__).resolve().parent / "fake_engine.py"
 
 
 def image(seed: int = 0, width: int = 64, height: int = 48) -> np.ndarray:
@@ -424,6 +426,54 @@ def test_serve_without_engine_says_what_to_do(tmp_path):
         timeout=60,
     )
     assert done.returncode != 0 and "missing.py" in done.stderr
+
+
+LISTEN_CASES = [
+    (["--port", "{port}"], "port {port} on 127.0.0.1 is in use; pass --port 0 for a free one or another port"),
+    (["--port", "0", "--metrics-port", "{port}"], "port {port} on 127.0.0.1 is in use; pass --metrics-port another port"),
+    (["--port", "0", "--host", "999.1.1.1"], "cannot listen on 999.1.1.1: it is not an address of this machine; pass --host"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags, expected", LISTEN_CASES)
+def test_serve_says_which_address_it_cannot_listen_on(flags, expected):
+    with socket.socket() as held:  # a port some other program listens on
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", *(f.format(port=port) for f in flags)],
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO), VREX_TEST_FAKE_ENGINE=str(FAKE_ENGINE)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    # one line, no traceback, and the process ended: nothing of the server kept running
+    assert done.stderr.count("\n") == 1 and done.stdout == "", done.stderr
+    assert done.stderr.startswith("vrex: error: " + expected.format(port=port)), done.stderr
+
+
+async def test_a_port_taken_after_the_check_is_still_reported(fake_backend, monkeypatch):
+    from server import service
+    from server.config import ServerConfig
+
+    monkeypatch.setattr(service, "check_can_listen", lambda config: None)  # lose the race
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        config = ServerConfig(port=port)
+        with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use; pass --port 0"):
+            await service.create_server(config, fake_backend(config))
+        config = ServerConfig(port=0, metrics_port=port)
+        backend = fake_backend(config)
+        closed = []
+        monkeypatch.setattr(backend, "close", lambda: closed.append(True) or asyncio.sleep(0))
+        with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use; pass --metrics-port"):
+            await service.serve(config, backend)
+        assert closed  # the engine is let go, so the process can exit
 
 
 def test_trace_dir_reaches_the_engine(tmp_path, monkeypatch):

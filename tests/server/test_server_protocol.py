@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import grpc
@@ -66,6 +67,52 @@ async def test_per_request_errors_do_not_end_the_stream(serve):
             await s.send_frame(image(), 0.5, wait=True)
         answer = await s.ask_text("still there?")
         assert "1 frames" in answer.text
+
+
+@pytest.mark.parametrize("bad_s", [float("inf"), float("-inf"), float("nan")])
+async def test_non_finite_timestamps_are_refused_and_the_session_goes_on(serve, bad_s):
+    _, client = await serve()
+    async with client.session(fps=1.0) as s:
+        assert (await s.send_frame(image(0), 10.0, wait=True)).accepted
+        with pytest.raises(VRexError) as info:
+            await s.send_frame(image(1), bad_s, wait=True)
+        assert info.value.code == "INVALID_ARGUMENT" and "finite number >= 0" in info.value.message
+        assert "seconds from the stream's start" in info.value.message
+        ack = await s.send_frame(image(2), 20.0, wait=True)  # inf must not become the last timestamp
+        assert ack.accepted and ack.frame_index == 1
+
+
+async def test_sampler_drops_count_once_and_carry_their_index(serve):
+    _, client = await serve()
+    async with client.session(fps=1.0) as s:
+        first = await s.send_frame(image(0), 0.0, wait=True)
+        dropped = await s.send_frame(image(1), 0.2, wait=True)
+        stats = await s.stats()
+        kept = await s.send_frame(image(2), 1.0, wait=True)
+    assert first.accepted and first.frame_index == 0
+    # the fake engine words its reason like vrex.engine, never as "sampler"
+    assert not dropped.accepted and dropped.dropped_reason == "above the session's target fps"
+    assert dropped.frames_dropped == 1 and dropped.frame_index == 1
+    assert stats.frames_dropped == 1 and stats.frames_dropped_backpressure == 0
+    assert kept.accepted and kept.frame_index == 2 and kept.frames_dropped == 1
+
+
+def test_server_max_fps_is_the_engines():
+    from server.config import MAX_FPS
+    from vrex.engine.config import SessionSettings
+
+    assert Limits().max_fps == MAX_FPS
+    SessionSettings(fps=MAX_FPS)
+    with pytest.raises(ValueError, match="fps must be in"):
+        SessionSettings(fps=math.nextafter(MAX_FPS, math.inf))
+
+
+async def test_sessions_take_the_engines_top_fps(serve):
+    from server.config import MAX_FPS
+
+    _, client = await serve()
+    async with client.session(fps=MAX_FPS) as s:
+        assert s.opened.settings.fps == MAX_FPS == 120.0
 
 
 async def test_events_before_open_and_bad_settings(serve):
@@ -146,7 +193,11 @@ async def test_backpressure_drops_oldest_frames_and_counts_them(serve, monkeypat
     assert len(acks) == 40  # every frame is acked exactly once
     dropped = [a for a in acks if not a.accepted]
     assert dropped and all(a.dropped_reason == "backpressure" for a in dropped)
-    assert stats.frames_dropped_backpressure == len(dropped)
+    assert stats.frames_dropped_backpressure == len(dropped) == stats.frames_dropped
+    # a dropped frame carries the index the engine gives its next frame: indexes never go back
+    indexes = [a.frame_index for a in sorted(acks, key=lambda a: a.timestamp_s)]
+    assert indexes == sorted(indexes) and indexes[-1] == stats.frames_accepted - 1
+    assert max(a.frame_index for a in dropped) > 0
     assert stats.frames_accepted == 40 - len(dropped)
     assert acks[-1].accepted  # the newest frame is kept, older ones dropped
 
