@@ -214,7 +214,10 @@ def _register_stream(subparsers) -> None:
     )
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="server address")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--video", type=Path, help="video file (read with PyAV, or OpenCV)")
+    src.add_argument(
+        "--video",
+        help="video file (read with PyAV, or OpenCV), or a sample name (bigbuckbunny.mp4, bikes.mp4, vtest.avi)",
+    )
     src.add_argument(
         "--camera",
         type=_camera_arg,
@@ -223,7 +226,7 @@ def _register_stream(subparsers) -> None:
         "(rtsp://, http:// MJPEG, ...; reconnects when the stream drops)",
     )
     src.add_argument("--synthetic", action="store_true", help="generated frames (a moving square)")
-    p.add_argument("--fps", type=float, default=2.0, help="frames per second to send (default 2)")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second to send, > 0 (default 2)")
     p.add_argument(
         "--duration",
         type=float,
@@ -245,10 +248,15 @@ def _register_stream(subparsers) -> None:
         type=float,
         default=[],
         metavar="SECONDS",
-        help="stream time of the matching --ask (default: at the end)",
+        help="stream time (>= 0, source time) of the matching --ask (default: at the end)",
     )
     p.add_argument("--interactive", action="store_true", help="read questions from stdin while streaming")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="answer length limit (0 = server default)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=0,
+        help="answer length limit, up to the server's limit (0 = server default)",
+    )
     p.add_argument(
         "--speed", type=float, default=1.0, help="1 = real time; 2 = twice as fast; 0 = as fast as possible"
     )
@@ -256,7 +264,8 @@ def _register_stream(subparsers) -> None:
         "--resume",
         default="",
         metavar="SESSION_ID",
-        help="attach to an existing session instead of opening one",
+        help="attach to an existing session instead of opening one; the source's timestamps are "
+        "shifted to continue after the session's last frame",
     )
     p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate (PEM) to trust; enables TLS")
     p.add_argument("--api-key", default=None, help="API key sent as metadata x-api-key")
@@ -282,6 +291,8 @@ class StreamReport:
     elapsed_s: float = 0.0
     answers: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    questions_failed: int = 0
+    frames_out_of_order: int = 0  # dropped by the engine: timestamp before the session's last frame
 
     @property
     def sent_fps(self) -> float:
@@ -289,19 +300,33 @@ class StreamReport:
 
 
 def _open_source(args: argparse.Namespace) -> Iterator[tuple[float, np.ndarray]]:
-    """(timestamp_s, RGB frame) pairs from the chosen source, sampled to --fps (vrex.video)."""
-    from vrex.video import CameraSource, FileSource, SyntheticSource
+    """(timestamp_s, RGB frame) pairs from the chosen source, sampled to --fps (vrex.video).
+
+    A video file is found and probed here, before connecting; a synthetic clip is only drawn
+    once iterated, after the size was checked against the server's limits."""
+    from vrex.video import CameraSource, FileSource, SyntheticSource, resolve_video
 
     if args.synthetic:
         w, h = _parse_size(args.size)
         seconds = args.duration if args.duration is not None else 10.0
-        return iter(SyntheticSource(width=w, height=h, fps=args.fps, seconds=seconds))
-    source = (
-        FileSource(args.video, fps=args.fps)
-        if args.video is not None
-        else CameraSource(args.camera, fps=args.fps)
-    )
+        return _lazy(lambda: SyntheticSource(width=w, height=h, fps=args.fps, seconds=seconds))
+    if args.video is not None:
+        source = FileSource(resolve_video(args.video), fps=args.fps, on_warning=_warn)
+    else:
+        source = CameraSource(args.camera, fps=args.fps)
     return _until(source, args.duration)
+
+
+def _warn(message: str) -> None:
+    print(f"vrex stream: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _lazy(make) -> Iterator[tuple[float, np.ndarray]]:
+    source = make()
+    try:
+        yield from source
+    finally:
+        source.close()
 
 
 def _until(source, duration_s: float | None) -> Iterator[tuple[float, np.ndarray]]:
@@ -323,21 +348,80 @@ def _camera_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# Drawing a synthetic frame takes tens of bytes per pixel: past 8K that is gigabytes, and no
+# sensible server accepts the frame anyway (its own limit is checked once connected).
+SYNTHETIC_MAX_PIXELS = 7680 * 4320
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size must look like 320x240, got {text!r}") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"--size must be positive, got {text!r}")
+    if w < 8 or h < 8:
+        raise ValueError(f"--size must be at least 8x8 pixels, got {text!r}")
+    if w * h > SYNTHETIC_MAX_PIXELS:
+        raise ValueError(
+            f"--size {text} is {w * h} pixels, over the {SYNTHETIC_MAX_PIXELS} (7680x4320) a synthetic "
+            "frame may have; pass a smaller --size"
+        )
     return w, h
 
 
-def cmd_stream(args: argparse.Namespace) -> int:
-    if args.fps <= 0:
-        raise ValueError(f"--fps must be positive, got {args.fps}")
+def _check_stream_args(args: argparse.Namespace) -> None:
+    """Local checks of the flags, before anything is opened or sent."""
+    import math
+
+    if not math.isfinite(args.fps) or args.fps <= 0:
+        raise ValueError(f"--fps must be a positive number of frames per second, got {args.fps}")
+    if args.duration is not None and (not math.isfinite(args.duration) or args.duration <= 0):
+        raise ValueError(f"--duration must be a positive number of seconds, got {args.duration}")
+    if not math.isfinite(args.speed) or args.speed < 0:
+        raise ValueError(f"--speed must be >= 0 (0 = as fast as possible), got {args.speed}")
+    if not math.isfinite(args.connect_timeout) or args.connect_timeout <= 0:
+        raise ValueError(
+            f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}"
+        )
+    if args.max_new_tokens < 0:
+        raise ValueError(
+            f"--max-new-tokens must be >= 0 (0 = the server's default), got {args.max_new_tokens}"
+        )
     if len(args.ask_at) > len(args.ask):
         raise ValueError("more --ask-at than --ask; give one --ask TEXT per --ask-at SECONDS")
+    for text in args.ask:
+        if not text.strip():
+            raise ValueError("an --ask question is empty; pass the question text, e.g. --ask 'What happens?'")
+    for at_s in args.ask_at:
+        if not math.isfinite(at_s) or at_s < 0:
+            raise ValueError(f"--ask-at must be >= 0 seconds of stream time, got {at_s}")
+    if args.synthetic:
+        _parse_size(args.size)
+
+
+def _check_server_limits(args: argparse.Namespace, limits) -> None:
+    """Checks against the server's limits (GetServerInfo), before the session opens."""
+    if limits.max_new_tokens and args.max_new_tokens > limits.max_new_tokens:
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens} is over the server's limit of {limits.max_new_tokens}; "
+            f"pass 1..{limits.max_new_tokens} (0 = the server's default)"
+        )
+    for text in args.ask:
+        if limits.max_question_chars and len(text) > limits.max_question_chars:
+            raise ValueError(
+                f"an --ask question has {len(text)} characters, over the server's limit of "
+                f"{limits.max_question_chars}; shorten it"
+            )
+    if args.synthetic:
+        w, h = _parse_size(args.size)
+        if limits.max_frame_pixels and w * h > limits.max_frame_pixels:
+            raise ValueError(
+                f"--size {args.size} is {w * h} pixels, over the server's max_frame_pixels of "
+                f"{limits.max_frame_pixels}; pass a smaller --size"
+            )
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    _check_stream_args(args)
     frames = _open_source(args)
     asks = [(args.ask_at[i] if i < len(args.ask_at) else None, text) for i, text in enumerate(args.ask)]
     from vrex.client import VRexError
@@ -347,15 +431,21 @@ def cmd_stream(args: argparse.Namespace) -> int:
     except VRexError as exc:
         print(f"vrex stream: server said {exc}", file=sys.stderr)
         return 1
+    if report.frames_out_of_order:
+        _warn(f"{report.frames_out_of_order} frames were dropped as earlier than the session's last frame")
     if args.json:
         print(json.dumps({"event": "summary", **_summary(report)}), flush=True)
     else:
         s = _summary(report)
+        failed = f", {report.questions_failed} failed" if report.questions_failed else ""
         print(
             f"\nsession {s['session_id']}: sent {s['frames_sent']} frames, accepted {s['frames_accepted']}, "
-            f"dropped {s['frames_dropped']}, {s['history_tokens']} history tokens, {len(report.answers)} answers",
+            f"dropped {s['frames_dropped']}, {s['history_tokens']} history tokens, "
+            f"{len(report.answers)} answers{failed}",
             file=sys.stderr,
         )
+    if report.questions_failed:
+        return 1
     return 1 if report.errors and not report.frames_accepted else 0
 
 
@@ -370,12 +460,16 @@ def _summary(report: StreamReport) -> dict:
         "elapsed_s": round(report.elapsed_s, 3),
         "sent_fps": round(report.sent_fps, 3),
         "answers": report.answers,
+        "questions_failed": report.questions_failed,
         "errors": report.errors,
     }
 
 
 async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | None, str]]) -> StreamReport:
-    """Send `frames` paced by their timestamps, ask questions on time, print progress."""
+    """Send `frames` paced by their timestamps, ask questions on time, print progress.
+
+    `--ask-at` times are source times; questions are asked (and reported) at the session's
+    video time, which on --resume continues after the session's last frame."""
     from vrex.client import Client, VRexError
 
     report = StreamReport()
@@ -387,6 +481,8 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
         report.history_tokens = ack.history_tokens
         if ack.accepted:
             report.fetched_fraction = ack.fetched_fraction
+        elif "backwards" in ack.dropped_reason:
+            report.frames_out_of_order += 1
 
     def on_error(err: VRexError) -> None:
         report.errors.append(str(err))
@@ -402,6 +498,7 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
                         print(delta, end="", flush=True)
             except VRexError as exc:
                 report.errors.append(str(exc))
+                report.questions_failed += 1
                 print(f"\nvrex stream: question failed: {exc}", file=sys.stderr)
                 return
             a = session.last_answer
@@ -429,19 +526,31 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
                 "UNAVAILABLE",
                 f"cannot reach {args.server} within {args.connect_timeout:g} s; is `vrex serve` running there?",
             ) from None
+        try:
+            info = await client.server_info(args.connect_timeout)
+        except VRexError as exc:
+            if exc.code != "UNIMPLEMENTED":
+                raise
+            info = None  # an older server: only the local checks, and the server's own, apply
+        if info is not None:
+            _check_server_limits(args, info.limits)
         async with client.session(
             fps=args.fps, resume_session_id=args.resume, on_ack=on_ack, on_error=on_error
         ) as session:
             report.session_id = session.session_id
             if not args.json:
                 print(f"session {session.session_id} open on {args.server}", file=sys.stderr)
+            offset_s = await _resume_offset_s(client, session) if args.resume else 0.0
+            video_s = offset_s  # session video time of the last frame sent
             tasks: list[asyncio.Task] = []
             pending = sorted((a for a in asks if a[0] is not None), key=lambda a: a[0])
             at_end = [text for at, text in asks if at is None]
             start = time.monotonic()
             last_progress = start
             stdin_task = (
-                asyncio.create_task(_stdin_questions(session, ask, start)) if args.interactive else None
+                asyncio.create_task(_stdin_questions(ask, session, lambda: video_s))
+                if args.interactive
+                else None
             )
             for ts, image in frames:
                 if args.speed > 0:
@@ -450,20 +559,21 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
                         await asyncio.sleep(delay)
                 while pending and pending[0][0] <= ts:
                     at, text = pending.pop(0)
-                    tasks.append(asyncio.create_task(ask(session, text, at)))
-                await session.send_frame(image, ts, encoding=args.encoding)
+                    tasks.append(asyncio.create_task(ask(session, text, at + offset_s)))
+                await session.send_frame(image, ts + offset_s, encoding=args.encoding)
+                video_s = ts + offset_s
                 report.frames_sent += 1
                 now = time.monotonic()
                 if now - last_progress >= 1.0:
                     last_progress = now
                     report.elapsed_s = now - start
                     _progress(report, args.json)
-            for at, text in pending:
-                tasks.append(asyncio.create_task(ask(session, text, at)))
+            for at, text in pending:  # asked after the source ended: at the last frame's time
+                tasks.append(asyncio.create_task(ask(session, text, min(at + offset_s, video_s))))
             if tasks:
                 await asyncio.gather(*tasks)
             for text in at_end:
-                await ask(session, text, time.monotonic() - start)
+                await ask(session, text, video_s)
             if stdin_task is not None:
                 print("\nsource ended; type more questions, or an empty line to quit", file=sys.stderr)
                 await stdin_task
@@ -474,12 +584,48 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
     return report
 
 
-async def _stdin_questions(session, ask, start: float) -> None:
+# The engine's name for a session's last frame time; SessionStats.extra carries the engine's
+# numeric stats, so a server whose engine reports it lets a resumed stream continue after it.
+LAST_FRAME_TIME_KEY = "last_frame_ts"
+
+
+async def _resume_offset_s(client, session) -> float:
+    """Seconds to add to the source's timestamps so a resumed session's frames continue after
+    its last one (an engine drops frames older than that); 0 for a session without frames."""
+    from vrex.client import VRexError
+
+    opened = session.opened
+    if opened is None or not opened.frames_accepted:
+        return 0.0
+    try:
+        extra = (await client.session_stats(session.session_id)).extra
+    except VRexError:
+        extra = {}
+    last_s = extra.get(LAST_FRAME_TIME_KEY)
+    if last_s is None:
+        _warn(
+            f"session {session.session_id} has {opened.frames_accepted} frames, but the server does not "
+            "report its last frame time: frames timed before it will be dropped"
+        )
+        return 0.0
+    fps = opened.settings.fps or 0.0
+    # one sampling period on, so the first frame is not dropped as too soon after the last
+    offset_s = last_s + (1.0 / fps if fps > 0 else 0.0)
+    print(
+        f"vrex stream: resumed session {session.session_id} ends at {last_s:.2f} s of video; "
+        f"the source's timestamps are shifted by +{offset_s:.2f} s to continue after it",
+        file=sys.stderr,
+        flush=True,
+    )
+    return offset_s
+
+
+async def _stdin_questions(ask, session, video_time_s) -> None:
     while True:
         line = await asyncio.to_thread(sys.stdin.readline)
         if not line or not line.strip():
             return
-        await ask(session, line.strip(), time.monotonic() - start)
+        await ask(session, line.strip(), video_time_s())
 
 
 def _progress(report: StreamReport, as_json: bool) -> None:

@@ -11,6 +11,9 @@
 
 Per-request errors (bad frame, question too long, ...) raise `VRexError` from the call that
 waits for them; errors of frames sent without `wait` go to `on_error` (or are counted).
+A frame too large to send raises `FrameTooLargeError` before it is sent: a message over the
+transport limit would end the whole call. The server's own limits are checked too once
+`server_info()` has been called on the client.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class VRexError(Exception):
         self.message = message
         self.request_id = request_id
         super().__init__(f"{self.code}: {message}")
+
+
+class FrameTooLargeError(ValueError):
+    """A frame over the server's (or this client's transport) size limits; nothing was sent."""
 
 
 @dataclass
@@ -94,6 +101,27 @@ def frame_message(image: np.ndarray | bytes, timestamp_s: float, encoding: str =
     return pb.Frame(encoded=encode_image(array, encoding), timestamp_s=timestamp_s)
 
 
+def check_frame_size(event: pb.ClientEvent, limits: pb.Limits | None = None) -> None:
+    """Raise FrameTooLargeError for a frame event over the server's limits (when known) or the
+    transport limit of this client's channel: an oversized message ends the whole call."""
+    frame = event.frame
+    payload_bytes = len(frame.raw.rgb if frame.WhichOneof("image") == "raw" else frame.encoded)
+    if limits is not None and limits.max_frame_bytes and payload_bytes > limits.max_frame_bytes:
+        raise FrameTooLargeError(
+            f"frame is {payload_bytes} bytes, over the server's max_frame_bytes of {limits.max_frame_bytes}; "
+            "send a smaller image or encode it as JPEG"
+        )
+    message_limit_bytes = MAX_MESSAGE_BYTES
+    if limits is not None and limits.max_message_bytes:
+        message_limit_bytes = min(message_limit_bytes, limits.max_message_bytes)
+    message_bytes = event.ByteSize() + 16  # + the request id set when it is sent
+    if message_bytes > message_limit_bytes:
+        raise FrameTooLargeError(
+            f"frame message is {message_bytes} bytes, over the message limit of {message_limit_bytes}; "
+            "send a smaller image or encode it as JPEG"
+        )
+
+
 def make_channel(
     target: str,
     tls_ca: str | Path | None = None,
@@ -126,6 +154,8 @@ class Client:
         self.channel = channel or make_channel(target, tls_ca)
         self.stub = pb_grpc.VRexStub(self.channel)
         self.metadata: tuple[tuple[str, str], ...] = ((API_KEY_HEADER, api_key),) if api_key else ()
+        # the last GetServerInfo reply: its limits let sessions refuse oversized frames locally
+        self.info: pb.ServerInfo | None = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -140,7 +170,8 @@ class Client:
         await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
 
     async def server_info(self, timeout_s: float = 10.0) -> pb.ServerInfo:
-        return await self._unary(self.stub.GetServerInfo, pb.ServerInfoRequest(), timeout_s)
+        self.info = await self._unary(self.stub.GetServerInfo, pb.ServerInfoRequest(), timeout_s)
+        return self.info
 
     async def session_stats(self, session_id: str, timeout_s: float = 10.0) -> pb.SessionStats:
         return await self._unary(
@@ -246,8 +277,24 @@ class StreamSession:
     async def send_frame(
         self, image: np.ndarray | bytes, timestamp_s: float, *, wait: bool = False, encoding: str = "jpeg"
     ) -> FrameAck | int:
-        """Send one frame. Returns its request id, or with `wait` its FrameAck."""
+        """Send one frame. Returns its request id, or with `wait` its FrameAck.
+
+        Raises FrameTooLargeError, sending nothing, for a frame over the size limits."""
+        limits = self._client.info.limits if self._client.info is not None else None
+        if (
+            isinstance(image, np.ndarray)
+            and image.ndim == 3
+            and limits is not None
+            and limits.max_frame_pixels
+        ):
+            h, w = image.shape[:2]
+            if w * h > limits.max_frame_pixels:  # before encoding: that can take seconds
+                raise FrameTooLargeError(
+                    f"frame is {w}x{h} = {w * h} pixels, over the server's max_frame_pixels of "
+                    f"{limits.max_frame_pixels}; downscale it before sending"
+                )
         event = pb.ClientEvent(frame=frame_message(image, timestamp_s, encoding))
+        check_frame_size(event, limits)
         self.frames_sent += 1
         return await self._request(event, wait=wait)
 

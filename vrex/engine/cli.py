@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from vrex.memory import add_dtype_flag
+
+# vrex.resv.PRESETS, named here so that `vrex run --help` and its checks need no torch import
+RESV_PRESETS = ("default", "paper")
+POLICIES = ("resv", "full", "window", "topk", "rekv")
+MAX_FPS = 120.0  # SessionSettings' limits, checked before the model loads
+MAX_NEW_TOKENS = 4096
 
 
 def register(sub) -> None:
@@ -17,62 +25,97 @@ def register(sub) -> None:
         "--video", required=True, help="video file, or a sample name (bigbuckbunny.mp4, bikes.mp4, vtest.avi)"
     )
     p.add_argument("--model", help="local model folder (default: the demo model)")
-    p.add_argument("--fps", type=float, default=2.0, help="frames per second kept (default 2)")
-    p.add_argument("--policy", default="resv", choices=["resv", "full", "window", "topk", "rekv"])
-    p.add_argument("--preset", default="default", help="ReSV preset: default | paper")
+    p.add_argument(
+        "--fps", type=float, default=2.0, help=f"frames per second kept, in (0, {MAX_FPS:g}] (default 2)"
+    )
+    p.add_argument(
+        "--policy",
+        default="resv",
+        choices=POLICIES,
+        help="which history each step attends to: resv (default), full, window, topk or rekv",
+    )
+    p.add_argument("--preset", default="default", choices=RESV_PRESETS, help="ReSV preset (default: default)")
     p.add_argument("--ask", action="append", default=[], help="a question (repeatable)")
     p.add_argument(
         "--ask-at",
         action="append",
         type=float,
         default=[],
-        help="video time in seconds for the matching --ask (default: at the end)",
+        help="video time in seconds (>= 0) for the matching --ask (default: at the end)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--max-seconds", type=float, default=None, help="stop streaming after this much video")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=48,
+        help=f"longest answer in tokens, 1..{MAX_NEW_TOKENS} (default 48)",
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=None, help="stop streaming after this much video (seconds, > 0)"
+    )
     p.add_argument(
         "--device-kv-budget",
         help="device KV tier size per session, e.g. 2GiB, or 'auto': free memory once the model is loaded "
         "minus max(1 GiB, 10%% of total) (default: unbounded)",
     )
     p.add_argument("--host-kv-budget", help="host KV tier size per session (default: unbounded)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ... (default cpu)"
+    )
     add_dtype_flag(p)
     p.add_argument("--trace", help="write the retrieval trace (JSON lines) here")
     p.add_argument("--json", action="store_true", help="print one JSON object with answers and stats")
     p.set_defaults(func=_main)
 
 
-def _resolve_video(name: str) -> Path:
-    path = Path(name)
-    if path.exists():
-        return path
-    from vrex.video import sample_video
+def _check_args(args: argparse.Namespace) -> None:
+    """The checks that need no model, so a typo fails in milliseconds, not after loading it."""
+    if not args.ask:
+        raise ValueError("give at least one --ask QUESTION")
+    if any(not q.strip() for q in args.ask):
+        raise ValueError("an --ask question is empty; pass the question text, e.g. --ask 'What happens?'")
+    if args.ask_at and len(args.ask_at) != len(args.ask):
+        raise ValueError(f"{len(args.ask)} --ask but {len(args.ask_at)} --ask-at: give one time per question")
+    for at_s in args.ask_at:
+        if not math.isfinite(at_s) or at_s < 0:
+            raise ValueError(f"--ask-at must be >= 0 seconds of video, got {at_s:g}")
+    if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
+        raise ValueError(f"--fps must be in (0, {MAX_FPS:g}] frames per second, got {args.fps:g}")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    if args.max_seconds is not None and (not math.isfinite(args.max_seconds) or args.max_seconds <= 0):
+        raise ValueError(f"--max-seconds must be a positive number of seconds, got {args.max_seconds:g}")
+    if args.trace:
+        trace = Path(args.trace)
+        folder = trace.parent
+        if trace.is_dir():
+            raise ValueError(f"--trace {trace} is a directory; pass a file path, e.g. {trace / 'run.jsonl'}")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--trace {trace}: directory {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"--trace {trace}: directory {folder} is not writable; pick another path")
 
-    try:
-        return sample_video(name)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{name}: no such file, and not an installed sample video "
-            "(run scripts/fetch_assets.sh to install the samples)"
-        ) from None
+
+def _warn(message: str) -> None:
+    print(f"vrex run: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _main(args: argparse.Namespace) -> int:
-    from vrex.engine import Engine, EngineConfig, SessionSettings
     from vrex.kv import parse_bytes
-    from vrex.power import SessionEnergy, start_detected_sampler
-    from vrex.video import FileSource
+    from vrex.video import FileSource, resolve_video
 
-    if not args.ask:
-        raise ValueError("give at least one --ask QUESTION")
-    if args.ask_at and len(args.ask_at) != len(args.ask):
-        raise ValueError(f"{len(args.ask)} --ask but {len(args.ask_at)} --ask-at: give one time per question")
-    video = _resolve_video(args.video)
-    source = FileSource(video, fps=None)  # the session's sampler keeps --fps
+    _check_args(args)
+    video = resolve_video(args.video)
+    source = FileSource(video, fps=None, on_warning=_warn)  # probes now: a bad file fails here
     auto_budget = str(args.device_kv_budget or "").strip().lower() == "auto"
     budget = parse_bytes(args.device_kv_budget) if args.device_kv_budget and not auto_budget else None
     host = parse_bytes(args.host_kv_budget) if args.host_kv_budget else None
+
+    from vrex.engine import Engine, EngineConfig, SessionSettings
+    from vrex.power import SessionEnergy, start_detected_sampler
+
+    settings = SessionSettings(
+        fps=args.fps, policy=args.policy, resv_preset=args.preset, max_new_tokens=args.max_new_tokens
+    )
     engine = Engine(
         EngineConfig(
             model_dir=args.model,
@@ -100,9 +143,6 @@ def _main(args: argparse.Namespace) -> int:
     info = engine.model_info
     if info["notice"] and not args.json:
         print(f"note: {info['notice']}", file=sys.stderr)
-    settings = SessionSettings(
-        fps=args.fps, policy=args.policy, resv_preset=args.preset, max_new_tokens=args.max_new_tokens
-    )
     session = engine.open_session(settings, trace_path=args.trace)
     sampler, _ = start_detected_sampler()  # a Jetson's tegrastats/jtop; None elsewhere
     energy = SessionEnergy(sampler)

@@ -23,6 +23,7 @@ from vrex.kv import TierBudgets, TieredKVStore
 from vrex.kv.snapshot import atomic_folder, verify_manifest, write_manifest
 from vrex.models.adapters import StepInput
 from vrex.resv import SelectorConfig, make_selector
+from vrex.video import fps_slot
 
 from .config import SessionSettings
 from .retrieval import RetrievalPolicy, StepRecord
@@ -267,7 +268,9 @@ class Session:
         if self.last_frame_ts is not None:
             if timestamp_s < self.last_frame_ts:
                 return "timestamp went backwards"
-            if timestamp_s - self.last_frame_ts < 1.0 / self.settings.fps - 1e-6:
+            # one frame per 1/fps slot, as clients sample (vrex.video.FpsSampler): a minimum gap
+            # instead would drop a client's pick at 1.0 s after its pick at 0.52 s
+            if fps_slot(timestamp_s, self.settings.fps) <= fps_slot(self.last_frame_ts, self.settings.fps):
                 return "above the session's target fps"
         return None
 
@@ -457,6 +460,8 @@ class Session:
             "drop_reasons": dict(self.drop_reasons),
             "answers": self.counters["answers"],
             "history_tokens": self.history_tokens,
+            # a resuming client continues its timestamps after this (None before the first frame)
+            "last_frame_ts": self.last_frame_ts,
             "fetched_fraction_frame": float(np.mean([s["fetched_fraction"] for s in frames]))
             if frames
             else 0.0,

