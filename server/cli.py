@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.config import DURABILITY_MODES, RESV_PRESETS
+from server.config import DURABILITY_MODES
+from vrex.limits import RESV_PRESETS
 from vrex.memory import add_dtype_flag
 
 

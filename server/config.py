@@ -7,16 +7,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vrex.limits import MAX_FPS
 from vrex.memory import dtype_name
 
 MIB = 1024 * 1024
 DURABILITY_MODES = ("wal", "snapshot", "interval")
-# Names of vrex.resv.PRESETS, written out so the server's config and CLI stay torch-free
-# (a test checks they match).
-RESV_PRESETS = ("default", "paper")
-# vrex.engine.SessionSettings' fps bound (what `vrex run` takes), written out for the same
-# reason (a test checks they match).
-MAX_FPS = 120.0
 
 
 @dataclass(frozen=True)

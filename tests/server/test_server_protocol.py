@@ -98,8 +98,8 @@ async def test_sampler_drops_count_once_and_carry_their_index(serve):
 
 
 def test_server_max_fps_is_the_engines():
-    from server.config import MAX_FPS
     from vrex.engine.config import SessionSettings
+    from vrex.limits import MAX_FPS
 
     assert Limits().max_fps == MAX_FPS
     SessionSettings(fps=MAX_FPS)
@@ -108,7 +108,7 @@ def test_server_max_fps_is_the_engines():
 
 
 async def test_sessions_take_the_engines_top_fps(serve):
-    from server.config import MAX_FPS
+    from vrex.limits import MAX_FPS
 
     _, client = await serve()
     async with client.session(fps=MAX_FPS) as s:
@@ -131,7 +131,7 @@ async def test_events_before_open_and_bad_settings(serve):
 
 def test_server_preset_names_are_the_engines():
     import vrex.resv
-    from server.config import RESV_PRESETS
+    from vrex.limits import RESV_PRESETS
 
     assert sorted(RESV_PRESETS) == sorted(vrex.resv.PRESETS)
 

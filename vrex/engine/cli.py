@@ -10,13 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from vrex.limits import MAX_FPS, MAX_NEW_TOKENS, POLICIES, RESV_PRESETS
 from vrex.memory import add_dtype_flag
-
-# vrex.resv.PRESETS, named here so that `vrex run --help` and its checks need no torch import
-RESV_PRESETS = ("default", "paper")
-POLICIES = ("resv", "full", "window", "topk", "rekv")
-MAX_FPS = 120.0  # SessionSettings' limits, checked before the model loads
-MAX_NEW_TOKENS = 4096
 
 
 def register(sub) -> None:

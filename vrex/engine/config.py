@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from vrex.limits import MAX_FPS, MAX_NEW_TOKENS
 from vrex.memory import dtype_name
 from vrex.resv import POLICIES, ResvConfig, preset
 
@@ -27,12 +28,12 @@ class SessionSettings:
     resv_config: ResvConfig | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.fps <= 120.0:
-            raise ValueError(f"fps must be in (0, 120], got {self.fps}")
+        if not 0.0 < self.fps <= MAX_FPS:
+            raise ValueError(f"fps must be in (0, {MAX_FPS:g}], got {self.fps}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if not 1 <= self.max_new_tokens <= 4096:
-            raise ValueError(f"max_new_tokens must be in [1, 4096], got {self.max_new_tokens}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= 5.0:
             raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

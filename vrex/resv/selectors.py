@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from vrex.limits import POLICIES
+
 from .clusters import HCTable, cluster_scores
 from .config import DEFAULT, ResvConfig
 from .wicsum import CANDIDATE_MIN_ROWS, wicsum_select, wicsum_select_bucketed
-
-POLICIES = ("full", "window", "topk", "rekv", "resv")
 
 # exp() of float32 inputs below about -87.3 (results under the smallest normal float) takes a
 # scalar slow path on CPU, ~50x slower per element; scores that far below the row's max are
