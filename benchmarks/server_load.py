@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine
-from server.config import RESV_PRESETS
+from vrex.limits import RESV_PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 

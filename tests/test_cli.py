@@ -1,0 +1,25 @@
+"""The one `vrex` command: every area's commands register, and help works."""
+
+import pytest
+
+from vrex.cli import _REGISTRARS, build_parser, main
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for *_, commands in _REGISTRARS:
+        for command in commands:
+            assert command in out
+
+
+@pytest.mark.parametrize("command", [c for *_, commands in _REGISTRARS for c in commands])
+def test_each_command_builds_alone_and_has_help(command, capsys):
+    # only the command's own module is imported: its help must not need the others
+    parser = build_parser([command])
+    with pytest.raises(SystemExit) as done:
+        parser.parse_args([command, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: vrex " + command)
