@@ -23,3 +23,15 @@ def test_each_command_builds_alone_and_has_help(command, capsys):
         parser.parse_args([command, "--help"])
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith("usage: vrex " + command)
+
+
+def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # the plot folder would be made inside a file
+    assert (
+        main(["sim", "plot", "--system", "vrex8", "--kv-tokens", "1000", "--out", str(blocker / "plots")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("vrex: error: ") and str(blocker) in err and "Traceback" not in err

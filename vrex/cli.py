@@ -57,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"vrex: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an unwritable --out, a file where a folder should be, a full disk
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"vrex: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 
