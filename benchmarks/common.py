@@ -1,12 +1,29 @@
-"""Shared helpers for benchmark reports: a machine description and table printing."""
+"""Shared helpers for benchmark reports: tables, and the size check benchmarks run before their
+(long) work. The machine description, strict JSON and output-path checks are `vrex.host`'s
+(every command uses them)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 
-from vrex.host import machine_info as machine  # noqa: F401 - the benchmarks' name for it
+from server.config import Limits
+from vrex.host import dumps, write_text
+
+MAX_FRAME_PIXELS = Limits().max_frame_pixels
+
+
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """(width, height) from "WxH", e.g. "320x240"; a ValueError naming `flag` otherwise."""
+    parts = str(text).lower().split("x")
+    try:
+        w, h = (int(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"{flag} must be WIDTHxHEIGHT in pixels, e.g. 320x240, got {text!r}") from None
+    # the synthetic source's floor, and the server's frame limit (4K)
+    if w < 8 or h < 8 or w * h > MAX_FRAME_PIXELS:
+        raise ValueError(f"{flag} must be at least 8x8 and at most 3840x2160 pixels in area, got {text!r}")
+    return w, h
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], file=sys.stdout) -> None:
@@ -27,10 +44,9 @@ def print_table(rows: Sequence[dict], columns: Sequence[str], file=sys.stdout) -
 
 def emit(rows: list[dict], columns: Sequence[str], as_json: bool, out: str | None = None) -> None:
     """Print rows as JSON (``--json``) or as a table; optionally also save the JSON."""
-    doc = json.dumps(rows, indent=1)
+    doc = dumps(rows, indent=1)
     if out:
-        with open(out, "w") as f:
-            f.write(doc + "\n")
+        write_text(out, doc + "\n")
     if as_json:
         print(doc)
     else:

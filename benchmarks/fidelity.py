@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import random
 import sys
 import time
@@ -34,9 +35,11 @@ from pathlib import Path
 import torch
 
 import vrex.resv as resv
-from benchmarks.common import emit, machine
+from benchmarks.common import emit
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
+from vrex.host import check_output_path, dumps, machine_info
+from vrex.limits import MAX_FPS, MAX_NEW_TOKENS
 from vrex.resv import ResvConfig
 
 QUESTION = "What is the secret pass key? Answer with the number."
@@ -50,6 +53,8 @@ DEPTH_BINS = ((0.1, 0.37), (0.37, 0.63), (0.63, 0.9))
 ANSWER_STAGES = ("text", "decode")
 RAW_LOG = None  # --raw FILE: every trial as a JSON line as soon as it ends (long runs)
 VIDEO_QUESTIONS = ("What is happening in the video?", "Describe what you saw so far.")
+# The needle is ~25 tokens; the filler around it needs room for three depth bins.
+MIN_NEEDLE_HISTORY = 128
 
 
 # ------------------------------------------------------------------------------------------
@@ -451,7 +456,7 @@ def run_needle(
                 )
                 raw.append(r)
                 if RAW_LOG is not None:
-                    RAW_LOG.write(json.dumps(r) + "\n")
+                    RAW_LOG.write(dumps(r) + "\n")
                     RAW_LOG.flush()
                 if v.policy == "full":
                     full_found = r["found"]
@@ -503,8 +508,8 @@ def summarize_needle(raw: list[dict], names: list[str]) -> list[dict]:
     return rows
 
 
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if x == x]
+def _mean(xs: list[float | None]) -> float:
+    xs = [x for x in xs if x is not None and x == x]  # raw files hold null for NaN
     return sum(xs) / len(xs) if xs else float("nan")
 
 
@@ -513,10 +518,10 @@ def _mean(xs: list[float]) -> float:
 
 
 def video_steps(engine: Engine, name: str, fps: float, max_frames: int | None) -> list:
-    from vrex.video import FileSource, sample_video
+    from vrex.video import FileSource, resolve_video
 
     steps = []
-    for _, image in FileSource(sample_video(name), fps=fps):
+    for _, image in FileSource(resolve_video(name), fps=fps):
         steps.append(engine.adapter.frame_embeds(image))
         if max_frames and len(steps) >= max_frames:
             break
@@ -791,7 +796,7 @@ def run(args: argparse.Namespace, engine: Engine | None = None) -> list[dict]:
     if engine is None:
         engine = Engine(EngineConfig(model_dir=args.model))
     parts = args.part or list(PARTS)
-    trials = args.trials or (6 if quick else 50)
+    trials = args.trials if args.trials is not None else (6 if quick else 50)
     histories = args.history or ([2048] if quick else [2048, 4096, 8192])
     videos = [("bikes.mp4", 1.0, args.max_frames or (6 if quick else None))]
     if not quick:
@@ -841,7 +846,7 @@ def run(args: argparse.Namespace, engine: Engine | None = None) -> list[dict]:
             plot_budget(budget_rows, args.plot)
     if "default" in parts:
         cands = default_candidates(quick)
-        d_trials = args.default_trials or (3 if quick else 9)
+        d_trials = args.default_trials if args.default_trials is not None else (3 if quick else 9)
         d_hist = [histories[0]]
         n_rows, _ = run_needle(
             engine, cands, d_trials, d_hist, args.chunk_tokens, args.seed + 1, _log, min_depths=2
@@ -856,7 +861,7 @@ def run(args: argparse.Namespace, engine: Engine | None = None) -> list[dict]:
         _log(f"default: winner {winner}")
         rows += n_rows + v_rows + verdicts
     if rows:
-        rows[0]["machine"] = machine()
+        rows[0]["machine"] = machine_info()
     return rows
 
 
@@ -880,13 +885,53 @@ COLUMNS = (
 )
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The checks that need no model, so a typo fails in a second, not after loading it."""
+    from vrex.video import resolve_video
+
+    # None means "not given" (the default applies); 0 is a value, and a wrong one
+    for flag, value, least in (
+        ("--trials", args.trials, 1),
+        ("--default-trials", args.default_trials, 1),
+        ("--max-frames", args.max_frames, 1),
+        ("--threads", args.threads, 1),
+        ("--chunk-tokens", args.chunk_tokens, 1),
+        ("--questions", args.questions, 1),
+        ("--answer-tokens", args.answer_tokens, 1),
+    ):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if args.answer_tokens > MAX_NEW_TOKENS:
+        raise ValueError(f"--answer-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.answer_tokens}")
+    for h in args.history or ():
+        if h < MIN_NEEDLE_HISTORY:
+            raise ValueError(
+                f"--history must be >= {MIN_NEEDLE_HISTORY} tokens (room for the needle), got {h}"
+            )
+    if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
+        raise ValueError(f"--fps must be in (0, {MAX_FPS:g}] frames per second, got {args.fps:g}")
+    pick_variants([], args.variant)  # a misspelt --variant
+    check_output_path(args.out, "--out")
+    if args.merge_raw:
+        return
+    for video in args.video or ():
+        resolve_video(video)
+    parts = args.part or PARTS
+    check_output_path(args.raw, "--raw")
+    if "budget" in parts:
+        check_output_path(args.plot, "--plot")
+    if "video" in parts:
+        check_output_path(args.heatmap, "--heatmap")
+
+
 def _main(args: argparse.Namespace) -> int:
     global RAW_LOG
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.raw:
+        Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
         RAW_LOG = open(args.raw, "a")  # noqa: SIM115 - closed at exit
-    pick_variants([], args.variant)  # a misspelt --variant fails before the model loads
     if args.merge_raw:
         rows = needle_from_raw(args.merge_raw)
     else:
@@ -912,7 +957,9 @@ def register(bench_sub) -> None:
         "--chunk-tokens", type=int, default=64, help="tokens per prefilled text chunk (a frame step)"
     )
     p.add_argument(
-        "--video", action="append", help="sample video name (repeatable; default bikes, bigbuckbunny, vtest)"
+        "--video",
+        action="append",
+        help="video file or sample name (repeatable; default bikes, bigbuckbunny, vtest)",
     )
     p.add_argument("--fps", type=float, default=1.0, help="sampling rate for --video")
     p.add_argument("--max-frames", type=int, help="at most this many frames per video")

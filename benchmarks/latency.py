@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -37,10 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import emit, machine
+from benchmarks.common import emit
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
-from vrex.memory import add_dtype_flag
+from vrex.host import check_output_path, dumps, machine_info, write_text
+from vrex.limits import MAX_FPS
+from vrex.memory import add_dtype_flag, check_device
 
 POLICIES = ("full", "rekv", "topk", "resv", "resv-paper")  # resv-paper: the paper preset
 FRAME_TOKENS = 64
@@ -327,11 +330,20 @@ def run(args: argparse.Namespace, adapter=None) -> list[dict]:
     histories = args.history or ([1000, 5000] if args.quick else [1000, 5000, 10000, 20000, 40000])
     policies = args.policy or list(POLICIES)
     frames = frame_steps(adapter, args.steps)
+    # the measured steps are part of the history: a shorter one could not hold them
+    least = len(frames) * frames[0].num_tokens
+    if min(histories) < least:
+        raise ValueError(
+            f"--history must be >= {least} tokens with --steps {len(frames)} "
+            f"({frames[0].num_tokens} tokens per frame of this model), got {min(histories)}"
+        )
     recorded = None
     if args.history_source == "recorded":
         cache = args.record_cache or str(Path.home() / ".cache" / "vrex" / "latency-history")
         recorded = record_history(adapter, max(histories), cache, args.record_fps, _log)
     rows = []
+    if args.data_dir:
+        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vrex-latency-", dir=args.data_dir) as data_dir:
         for history in histories:
             for policy in policies:
@@ -359,11 +371,10 @@ def run(args: argparse.Namespace, adapter=None) -> list[dict]:
                 )
                 rows.append(row)
                 if args.raw:
-                    with open(args.raw, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    write_text(args.raw, dumps(row) + "\n", "a")
     add_speedups(rows)
     rows += targets(rows)
-    rows[0]["machine"] = machine()
+    rows[0]["machine"] = machine_info()
     return rows
 
 
@@ -387,7 +398,34 @@ COLUMNS = (
 )
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The checks that need no model, so a typo fails in a second, not after loading it."""
+    for h in args.history or ():
+        if h < 1:
+            raise ValueError(f"--history must be >= 1 token, got {h}")
+    if args.steps < 2:
+        raise ValueError(
+            f"--steps must be >= 2 (the first step is a warm-up and not reported), got {args.steps}"
+        )
+    for flag, value in (("--device-fraction", args.device_fraction), ("--host-fraction", args.host_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} must be in [0, 1] (a share of the history's KV bytes), got {value:g}")
+    if not math.isfinite(args.record_fps) or not 0 < args.record_fps <= MAX_FPS:
+        raise ValueError(
+            f"--record-fps must be in (0, {MAX_FPS:g}] frames per second, got {args.record_fps:g}"
+        )
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_output_path(args.out, "--out")
+    check_output_path(args.raw, "--raw")
+    check_output_path(args.data_dir, "--data-dir", folder=True)
+    if args.history_source == "recorded":
+        check_output_path(args.record_cache, "--record-cache", folder=True)
+    check_device(args.device)
+
+
 def _main(args: argparse.Namespace) -> int:
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)
@@ -416,7 +454,7 @@ def register(bench_sub) -> None:
         "--host-fraction", type=float, default=0.5, help="host tier budget, share of the history KV"
     )
     p.add_argument(
-        "--steps", type=int, default=3, help="frame steps measured per point (the first is warm-up)"
+        "--steps", type=int, default=3, help="frame steps per point, >= 2 (the first is a warm-up)"
     )
     p.add_argument("--data-dir", help="where the disk tier's files go (default: the temp folder)")
     p.add_argument(

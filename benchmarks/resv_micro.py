@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 import vrex.resv as resv
-from benchmarks.common import emit, machine
+from benchmarks.common import emit
+from vrex.host import check_output_path, machine_info
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,15 @@ class Stream:
     needles: list[tuple[int, int]]  # (kv head, position)
 
 
+NEEDLE_LO = 8  # needles stay out of the first tokens (the sinks)
+
+
+def min_history(shape: Shape) -> int:
+    """Shortest history `make_stream` can plant needles in: past the sinks and before the
+    recent window of two frames."""
+    return NEEDLE_LO + 2 * shape.tokens_per_frame + 1
+
+
 def make_stream(shape: Shape, history: int, rows: int, needles: int, seed: int = 0) -> Stream:
     gen = torch.Generator().manual_seed(seed)
     hkv, d, tpf = shape.num_kv_heads, shape.head_dim, shape.tokens_per_frame
@@ -77,7 +87,7 @@ def make_stream(shape: Shape, history: int, rows: int, needles: int, seed: int =
     content = keys[kv_of_head[:, None], targets] - offset.repeat_interleave(group, 0)
     query = 0.5 * content + 0.3 * torch.randn(shape.num_heads, rows, d, generator=gen)
     planted = []
-    lo = 8  # keep needles out of the sinks
+    lo = NEEDLE_LO
     hi = history - 2 * tpf  # and out of the recent window
     for i in range(needles):
         h = i % hkv
@@ -247,11 +257,25 @@ def register(bench_sub) -> None:
     p.set_defaults(func=_main)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Checked before the run: results are only written once every point is measured."""
+    widest = max((SHAPES[name] for name in args.shape or SHAPES), key=min_history)
+    least = min_history(widest)
+    for h in args.history or ():
+        if h < least:
+            raise ValueError(
+                f"--history must be >= {least} tokens for shape {widest.name} (needles sit between "
+                f"the first {NEEDLE_LO} tokens and the last two frames), got {h}"
+            )
+    check_output_path(args.out, "--out")
+
+
 def _main(args: argparse.Namespace) -> int:
+    _check_args(args)
     rows = run_benchmark(args.quick, args.shape, args.history, args.seed)
     if rows:
-        rows[0]["machine"] = machine()
+        rows[0]["machine"] = machine_info()
     if not args.json:
-        print(f"# machine: {machine()}")
+        print(f"# machine: {machine_info()}")
     emit(rows, COLUMNS, args.json, args.out)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine
-from vrex.limits import RESV_PRESETS
+from benchmarks.common import parse_size
+from vrex.host import dumps, machine_info
+from vrex.limits import MAX_FPS, MAX_NEW_TOKENS, RESV_PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,10 +41,10 @@ class LoadResult:
     frames_dropped: int
     drop_rate: float
     sustained_fps_per_stream: float
-    ack_latency_p50_ms: float
-    ack_latency_p99_ms: float
-    ttft_p50_ms: float
-    ttft_max_ms: float
+    ack_latency_p50_ms: float | None  # None: no frame was acked
+    ack_latency_p99_ms: float | None
+    ttft_p50_ms: float | None  # None: no question was asked (--ask-at past --seconds) or answered
+    ttft_max_ms: float | None
     errors: int
 
 
@@ -77,18 +79,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length (default 8)")
     p.add_argument("--sweep", action="store_true", help="double --streams from 1 until drops reach 1%%")
     p.add_argument("--max-streams", type=int, default=64, help="upper bound for --sweep")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for --server to answer before giving up (default 10)",
+    )
     p.add_argument("--api-key", default=None)
     p.add_argument("--tls-ca", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
+def _percentile(values: list[float], q: float, digits: int) -> float | None:
+    # None, not 0: "nothing measured" must not read as "instant"
+    return round(float(np.percentile(values, q)), digits) if values else None
 
 
 async def run_load(target: str, streams: int, fps: float, seconds: float, *, size=(320, 240), ask_at_s=None,
-                   max_new_tokens: int = 8, api_key=None, tls_ca=None) -> LoadResult:  # fmt: skip
-    """Drive `streams` sessions at `fps` for `seconds` against `target`."""
+                   max_new_tokens: int = 8, api_key=None, tls_ca=None,
+                   connect_timeout_s: float = 30.0) -> LoadResult:  # fmt: skip
+    """Drive `streams` sessions at `fps` for `seconds` against `target`.
+
+    Raises ValueError naming `target` when no server answers there within `connect_timeout_s`.
+    """
     from vrex.client import Client, VRexError, encode_image
     from vrex.video import SyntheticSource
 
@@ -136,7 +149,13 @@ async def run_load(target: str, streams: int, fps: float, seconds: float, *, siz
             ttft_ms.append(first)
 
     async with Client(target, api_key=api_key, tls_ca=tls_ca) as client:
-        await client.wait_ready(30)
+        try:
+            await client.wait_ready(connect_timeout_s)
+        except TimeoutError:
+            raise ValueError(
+                f"no V-Rex server answered at {target} within {connect_timeout_s:g} s; "
+                "start one with `vrex serve` or check --server"
+            ) from None
         t0 = time.monotonic()
         results = await asyncio.gather(
             *(one_stream(client, i) for i in range(streams)), return_exceptions=True
@@ -153,10 +172,10 @@ async def run_load(target: str, streams: int, fps: float, seconds: float, *, siz
         frames_dropped=totals["dropped"],
         drop_rate=round(totals["dropped"] / sent, 4),
         sustained_fps_per_stream=round(totals["accepted"] / streams / max(seconds, 1e-9), 3),
-        ack_latency_p50_ms=round(_percentile(ack_ms, 50), 2),
-        ack_latency_p99_ms=round(_percentile(ack_ms, 99), 2),
-        ttft_p50_ms=round(_percentile(ttft_ms, 50), 1),
-        ttft_max_ms=round(max(ttft_ms, default=0.0), 1),
+        ack_latency_p50_ms=_percentile(ack_ms, 50, 2),
+        ack_latency_p99_ms=_percentile(ack_ms, 99, 2),
+        ttft_p50_ms=_percentile(ttft_ms, 50, 1),
+        ttft_max_ms=_percentile(ttft_ms, 100, 1),
         errors=totals["errors"],
     )
 
@@ -176,15 +195,23 @@ class _LocalServer:
         self._log = open(Path(self._dir.name) / "server.log", "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 900
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                log = (Path(self._dir.name) / "server.log").read_text()
-                raise RuntimeError(f"the benchmark's server did not start:\n{log[-2000:]}")
-            time.sleep(0.1)
+        try:
+            while not ready.exists():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    # read the log before close() deletes its folder: it holds the server's own error
+                    log = (Path(self._dir.name) / "server.log").read_text(errors="replace")
+                    code = self.proc.poll()
+                    why = f"exited with code {code}" if code is not None else "did not start within 900 s"
+                    raise ValueError(f"the benchmark's server (vrex serve) {why}: {_server_error(log)}")
+                time.sleep(0.1)
+        except BaseException:  # the error above, or Ctrl-C while it loads: leave nothing running
+            self.close()
+            raise
         self.target = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
 
     def close(self) -> None:
+        if self._log.closed:
+            return
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -195,10 +222,40 @@ class _LocalServer:
         self._dir.cleanup()
 
 
+def _server_error(log: str) -> str:
+    """The line of a server log that says why it stopped: its `vrex: error:` line, else the last
+    line (a traceback's exception)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("vrex: error:"):
+            return line.removeprefix("vrex: error:").strip()
+    return lines[-1] if lines else "it printed nothing"
+
+
+def _check_args(args: argparse.Namespace) -> tuple[int, int]:
+    """Flag checks that need no server, so a typo fails at once; returns the frame size."""
+    size = parse_size(args.size)
+    if args.streams < 1:
+        raise ValueError(f"--streams must be >= 1, got {args.streams}")
+    if args.max_streams < 1:
+        raise ValueError(f"--max-streams must be >= 1, got {args.max_streams}")
+    if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
+        raise ValueError(f"--fps must be in (0, {MAX_FPS:g}] frames per second, got {args.fps:g}")
+    if not math.isfinite(args.seconds) or args.seconds <= 0:
+        raise ValueError(f"--seconds must be a positive number of seconds, got {args.seconds:g}")
+    if args.ask_at is not None and (not math.isfinite(args.ask_at) or args.ask_at < 0):
+        raise ValueError(f"--ask-at must be >= 0 seconds, got {args.ask_at:g}")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    if not math.isfinite(args.connect_timeout) or args.connect_timeout <= 0:
+        raise ValueError(
+            f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout:g}"
+        )
+    return size
+
+
 def run(args: argparse.Namespace) -> int:
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    if args.streams <= 0 or args.fps <= 0 or args.seconds <= 0:
-        raise ValueError("--streams, --fps and --seconds must be positive")
+    w, h = _check_args(args)
     counts = [args.streams]
     if args.sweep:
         counts, n = [], 1
@@ -221,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
                     max_new_tokens=args.max_new_tokens,
                     api_key=args.api_key,
                     tls_ca=args.tls_ca,
+                    # the local server is up once its ready file exists; a remote one may not be
+                    connect_timeout_s=args.connect_timeout if args.server else 30.0,
                 )  # fmt: skip
             )
             results.append(result)
@@ -232,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
         if local is not None:
             local.close()
     held = [r.streams for r in results if r.drop_rate < 0.01 and not r.errors]
-    host = machine()
+    host = machine_info()
     report = {
         "benchmark": "server_load",
         "target": args.server or "local",
@@ -245,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": host,
     }
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(dumps(report, indent=2))
     else:
         print(
             f"most streams held at {args.fps:g} fps with < 1% drops: {report['max_streams_under_1pct_drops']}"
@@ -253,12 +312,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ms(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f} ms"
+
+
 def _line(r: LoadResult) -> str:
     return (
         f"streams={r.streams} fps={r.fps:g}: sent {r.frames_sent} accepted {r.frames_accepted} "
         f"dropped {r.frames_dropped} ({r.drop_rate:.1%}), {r.sustained_fps_per_stream:.2f} fps/stream, "
-        f"ack p50 {r.ack_latency_p50_ms:.1f} ms p99 {r.ack_latency_p99_ms:.1f} ms, "
-        f"TTFT p50 {r.ttft_p50_ms:.0f} ms, errors {r.errors}"
+        f"ack p50 {_ms(r.ack_latency_p50_ms, 1)} p99 {_ms(r.ack_latency_p99_ms, 1)}, "
+        f"TTFT p50 {_ms(r.ttft_p50_ms, 0)}, errors {r.errors}"
     )
 
 

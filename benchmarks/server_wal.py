@@ -13,7 +13,6 @@ reports the replay time per frame.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -21,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine
+from benchmarks.common import parse_size
+from vrex.host import check_output_path, dumps, machine_info
 
 
 def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +46,26 @@ def _dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _check_args(args: argparse.Namespace) -> tuple[list[int], tuple[int, int]]:
+    """Flag checks that need no model: the history points and the frame size."""
+    if args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    try:
+        at = sorted({int(v) for v in args.at.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"--at must be comma-separated frame counts, e.g. 3,6,12, got {args.at!r}") from None
+    if not at or at[0] < 1 or at[-1] > args.frames:
+        raise ValueError(f"every --at value must be in 1..--frames ({args.frames}), got {args.at!r}")
+    size = parse_size(args.size)
+    check_output_path(args.data_dir, "--data-dir", folder=True)
+    return at, size
+
+
 def run(args: argparse.Namespace) -> int:
+    at, (w, h) = _check_args(args)
+    from vrex.memory import check_device
+
+    check_device(args.device)
     from server import wal
     from server.config import Limits
     from server.images import decode_frame
@@ -55,14 +74,11 @@ def run(args: argparse.Namespace) -> int:
     from vrex.engine import Engine, EngineConfig, SessionSettings
     from vrex.video import SyntheticSource
 
-    at = sorted({int(v) for v in args.at.split(",") if v.strip()})
-    if args.frames <= 0 or not at or at[0] <= 0 or at[-1] > args.frames:
-        raise ValueError("--frames must be positive and every --at value in [1, --frames]")
-    w, h = (int(v) for v in args.size.lower().split("x"))
     tmp = None
     if args.data_dir is None:
         tmp = tempfile.TemporaryDirectory()
     root = Path(args.data_dir or tmp.name)
+    root.mkdir(parents=True, exist_ok=True)
     try:
         engine = Engine(EngineConfig(model_dir=args.model, device=args.device, data_dir=str(root)))
         session = engine.open_session(SessionSettings(fps=1.0))
@@ -127,10 +143,10 @@ def run(args: argparse.Namespace) -> int:
         "snapshot_mib_per_s": round(last["snapshot_bytes"] / 2**20 / (last["snapshot_ms"] / 1e3), 1),
         "replay_ms_per_frame": round(replay_ms / max(1, len(contents.records)), 1),
         "replay_history_matches": same,
-        "machine": machine(),
+        "machine": machine_info(),
     }
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(dumps(report, indent=2))
     else:
         for p in points:
             print(

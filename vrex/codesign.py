@@ -21,7 +21,7 @@ the same offload.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import tempfile
 from collections import Counter
@@ -47,17 +47,10 @@ def record_trace(
 ) -> dict[str, Any]:
     """Stream `video` through a ReSV session, ask the questions at the end; write the trace."""
     from vrex.engine import Engine, EngineConfig, SessionSettings
-    from vrex.video import FileSource, sample_video
+    from vrex.video import FileSource, resolve_video
 
-    path = Path(video)
-    if not path.exists():
-        try:
-            path = sample_video(str(video))
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{video}: no such file, and not an installed sample video "
-                "(run scripts/fetch_assets.sh to install the samples)"
-            ) from None
+    path = resolve_video(video)
+    Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
     engine = Engine(
         EngineConfig(
             model_dir=model,
@@ -280,11 +273,52 @@ def format_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cmd(args: argparse.Namespace) -> int:
+def _byte_flag(value: str | None, flag: str) -> int | None:
     from vrex.kv import parse_bytes
 
-    budget = parse_bytes(args.device_kv_budget) if args.device_kv_budget else None
-    host = parse_bytes(args.host_kv_budget) if args.host_kv_budget else None
+    if not value:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
+def _check_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """The checks that need no model, so a typo fails at once, not after streaming the video;
+    returns the two KV budgets in bytes."""
+    from sim.api import resolve_system
+    from vrex.host import check_output_path
+    from vrex.limits import MAX_FPS, MAX_NEW_TOKENS
+    from vrex.video import resolve_video
+
+    resolve_video(args.video)
+    if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
+        raise ValueError(f"--fps must be in (0, {MAX_FPS:g}] frames per second, got {args.fps:g}")
+    # a negative or zero limit streams no frame, and the simulator then has nothing to replay
+    if args.max_seconds is not None and (not math.isfinite(args.max_seconds) or args.max_seconds <= 0):
+        raise ValueError(f"--max-seconds must be a positive number of seconds, got {args.max_seconds:g}")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    if any(not q.strip() for q in args.ask):
+        raise ValueError("an --ask question is empty; pass the question text, e.g. --ask 'What happens?'")
+    budgets = (
+        _byte_flag(args.device_kv_budget, "--device-kv-budget"),
+        _byte_flag(args.host_kv_budget, "--host-kv-budget"),
+    )
+    if resolve_system(args.system).kind != "vrex":
+        raise ValueError(f"--system {args.system!r} is a GPU baseline; give a V-Rex system (vrex8, vrex48)")
+    resolve_system(args.baseline)
+    check_output_path(args.trace, "--trace")
+    return budgets
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from vrex.host import dumps
+    from vrex.memory import check_device
+
+    budget, host = _check_args(args)
+    check_device(args.device)
     rep = run_codesign(
         args.video,
         trace=args.trace,
@@ -302,7 +336,7 @@ def _cmd(args: argparse.Namespace) -> int:
         baseline_policy=args.baseline_policy,
     )
     if args.json:
-        print(json.dumps(rep, indent=1, default=float))
+        print(dumps(rep, indent=1, default=float))
         return 0
     notice = rep["run"]["model"].get("notice")
     if notice:
@@ -314,20 +348,21 @@ def _cmd(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `vrex codesign` to the `vrex` command line."""
     from sim.config import POLICIES
+    from vrex.limits import RESV_PRESETS
 
     p = subparsers.add_parser(
         "codesign",
         help="stream a video with ReSV, record the trace, simulate it on V-Rex8 and AGX Orin + FlexGen",
     )
     p.add_argument(
-        "--video", required=True, help="video file, or a sample name (bikes.mp4, bigbuckbunny.mp4)"
+        "--video", required=True, help="video file, or a sample name (bikes.mp4, bigbuckbunny.mp4, vtest.avi)"
     )
     p.add_argument("--model", help="local model folder (default: the demo model)")
     p.add_argument("--fps", type=float, default=1.0, help="frames per second kept (default 1)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop streaming after this much video")
     p.add_argument("--ask", action="append", default=[], help="question asked at the end (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--preset", default="default", help="ReSV preset: default | paper")
+    p.add_argument("--preset", default="default", choices=RESV_PRESETS, help="ReSV preset (default: default)")
     p.add_argument(
         "--device-kv-budget",
         help="device KV tier per session, e.g. 4MiB (default: unbounded, nothing offloaded)",

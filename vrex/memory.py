@@ -82,11 +82,16 @@ def check_device(device: str) -> str:
     return str(dev)
 
 
-def is_unified_memory(device: str | object | None = "auto") -> bool:
-    """True on Jetson/Tegra (one DRAM pool for CPU and GPU) and on integrated CUDA GPUs."""
+def is_tegra() -> bool:
+    """A Jetson (Tegra SoC): its L4T release file, or a tegra device tree (containers may lack the file)."""
     if TEGRA_RELEASE_FILE.exists():
         return True
-    if DEVICE_TREE_COMPATIBLE.exists() and b"nvidia,tegra" in DEVICE_TREE_COMPATIBLE.read_bytes():
+    return DEVICE_TREE_COMPATIBLE.exists() and b"nvidia,tegra" in DEVICE_TREE_COMPATIBLE.read_bytes()
+
+
+def is_unified_memory(device: str | object | None = "auto") -> bool:
+    """True on Jetson/Tegra (one DRAM pool for CPU and GPU) and on integrated CUDA GPUs."""
+    if is_tegra():
         return True
     name = resolve_device(device)
     if name.startswith("cuda"):

@@ -647,12 +647,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.set_defaults(func=_cmd_sample)
 
 
+NOT_JETSON_NOTE = (
+    "not a Jetson (no /etc/nv_tegra_release or tegra device tree): power mode and rails are unavailable"
+)
+
+
+def platform_line(mode: dict | None) -> str:
+    """What this machine is, for `vrex power`: a Jetson and its L4T release, or plainly not one."""
+    from vrex.memory import is_tegra
+
+    if not is_tegra() and mode is None:
+        return NOT_JETSON_NOTE
+    mode = mode or {}
+    details = ", ".join(v for v in (mode.get("model"), mode.get("l4t") and f"L4T {mode['l4t']}") if v)
+    return f"Jetson ({details})" if details else "Jetson"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from vrex import memory
 
     sampler = detect_sampler()
+    mode = power_mode_info()
     report = {
-        "power_mode": power_mode_info(),
+        "platform": platform_line(mode),
+        "power_mode": mode,
         "power_sampler": sampler.source if sampler else None,
         "unified_memory": memory.is_unified_memory(),
         "device_kv_budget_auto_bytes": memory.device_kv_budget_auto(),
@@ -663,13 +681,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         for key, value in report.items():
+            if key == "power_mode" and value is None:
+                continue  # the platform line says why there is none
             print(f"{key}: {value}")
     return 0
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    if args.seconds <= 0:
-        raise ValueError(f"--seconds must be positive, got {args.seconds}")
+    if not math.isfinite(args.seconds) or args.seconds <= 0:
+        raise ValueError(f"--seconds must be a positive number of seconds, got {args.seconds:g}")
+    if args.interval_ms < 1:  # checked here too: off a Jetson no sampler would check it
+        raise ValueError(f"--interval-ms must be >= 1 millisecond, got {args.interval_ms}")
     sampler = detect_sampler(interval_ms=args.interval_ms)
     if sampler is None:
         report = no_sampler_report()
@@ -682,7 +704,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif report.average_power_mw is None:
-        print(f"average power: unknown ({report.note})")
+        note = report.note
+        if sampler is None and platform_line(power_mode_info()) == NOT_JETSON_NOTE:
+            note += f"; {NOT_JETSON_NOTE}"
+        print(f"average power: unknown ({note})")
     else:
         print(f"average power: {report.average_power_mw:.0f} mW over {args.seconds} s ({report.note})")
     return 0

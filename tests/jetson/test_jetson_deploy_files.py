@@ -2,8 +2,9 @@
 one, and the image then lacks what it needs at run time)."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import collections
 import itertools
-import json
 import time
 from collections.abc import Callable
 
@@ -25,9 +24,9 @@ from .engine import Engine
 
 
 def _frames(video: str, count: int) -> list[tuple[float, object]]:
-    from vrex.video import FileSource, sample_video
+    from vrex.video import FileSource, resolve_video
 
-    frames = list(itertools.islice(iter(FileSource(sample_video(video))), count))
+    frames = list(itertools.islice(iter(FileSource(resolve_video(video))), count))
     if len(frames) < count:
         raise ValueError(f"{video} has only {len(frames)} frames; ask for fewer")
     return frames
@@ -170,11 +169,17 @@ def batch_throughput(
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=["phases", "batch"])
     parser.add_argument("--policy", default="resv", choices=["resv", "full", "window", "topk", "rekv"])
-    parser.add_argument("--video", default="bikes.mp4")
-    parser.add_argument("--warm-frames", type=int, default=None)
-    parser.add_argument("--frames", type=int, default=8, help="frames (phases) or rounds (batch) measured")
-    parser.add_argument("--sessions", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--video", default="bikes.mp4", help="video file, or a sample name (bikes.mp4, vtest.avi, ...)"
+    )
+    parser.add_argument(
+        "--warm-frames", type=int, default=None, help="frames streamed before measuring (default 25 / 6)"
+    )
+    parser.add_argument(
+        "--frames", type=int, default=8, help="frames (phases) or rounds (batch) measured (default 8)"
+    )
+    parser.add_argument("--sessions", type=int, default=4, help="concurrent sessions of batch (default 4)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--model", help="local model folder (default: the demo model)")
     parser.add_argument("--json", action="store_true")
 
@@ -192,7 +197,24 @@ def main(argv: list[str] | None = None) -> int:
     return _run(parser.parse_args(argv))
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The checks that need no model, so a typo fails at once, not after loading it."""
+    from vrex.video import resolve_video
+
+    # the means divide by --frames; torch refuses 0 threads
+    for flag, value, least in (
+        ("--frames", args.frames, 1),
+        ("--threads", args.threads, 1),
+        ("--sessions", args.sessions, 1),
+        ("--warm-frames", args.warm_frames, 0),
+    ):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    resolve_video(args.video)
+
+
 def _run(args: argparse.Namespace) -> int:
+    _check_args(args)
     torch.set_num_threads(args.threads)
     engine = Engine(EngineConfig(model_dir=args.model))
     if args.what == "phases":
@@ -210,11 +232,11 @@ def _run(args: argparse.Namespace) -> int:
             warm_frames=warm,
             rounds=args.frames,
         )
-    from vrex.host import machine_info
+    from vrex.host import dumps, machine_info
 
     report["machine"] = machine_info()
     if args.json:
-        print(json.dumps(report))
+        print(dumps(report))
     else:
         for key, value in report.items():
             print(f"{key:28s} {value}")

@@ -27,12 +27,37 @@ class KVBenchConfig:
     seed: int = 0
 
 
+def small_device_tokens(config: KVBenchConfig) -> int:
+    """Tokens per KV head the host and disk runs keep on the device: one block per token of an
+    append, plus one (an append may open a block per token), as `_build` sizes that tier."""
+    return (config.append_tokens + 1) * config.block_tokens
+
+
+def min_history_tokens(config: KVBenchConfig) -> int:
+    """Shortest history whose host and disk rows fetch mostly from their own tier: four times
+    what the small device tier holds (70-95% of their bytes then come from the lower tier;
+    at twice, 45-80%), and at least 256 tokens (fewer selected clusters make the shares noisy)."""
+    return max(4 * small_device_tokens(config), 256)
+
+
+def check_config(config: KVBenchConfig) -> None:
+    """ValueError when the run would time the device tier in the host and disk rows."""
+    least = min_history_tokens(config)
+    if config.history_tokens < least:
+        raise ValueError(
+            f"--tokens must be >= {least} with --append-tokens {config.append_tokens} and --block-tokens "
+            f"{config.block_tokens}: the host and disk runs keep {small_device_tokens(config)} tokens per "
+            "KV head on the device, so a shorter history would time the device tier in their rows; "
+            "raise --tokens or lower --append-tokens / --block-tokens"
+        )
+
+
 def _build(config: KVBenchConfig, tier: str, disk_dir: str) -> TieredKVStore:
     dtype = getattr(torch, config.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_bytes = config.block_tokens * 2 * config.head_dim * itemsize
     # The smallest device tier that holds one append, so nearly everything lands in the lower tier.
-    small_device = block_bytes * config.num_kv_heads * (config.append_tokens + 1)
+    small_device = block_bytes * config.num_kv_heads * (config.append_tokens + 1)  # small_device_tokens
     budgets = {
         "device": TierBudgets(disk_dir=disk_dir),
         "host": TierBudgets(device_bytes=small_device, disk_dir=disk_dir),
@@ -64,8 +89,9 @@ def measure_fetch_throughput(config: KVBenchConfig = KVBenchConfig()) -> dict:
     (best of `repeats` calls).
 
     Disk numbers are usually page-cache reads (the files were just written), i.e. an upper bound
-    on a cold SSD.
+    on a cold SSD. Raises ValueError when the history is too short for that (`check_config`).
     """
+    check_config(config)
     results = {"config": asdict(config), "tiers": {}}
     gen = torch.Generator().manual_seed(config.seed + 1)
     for tier in TIER_NAMES:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from vrex.kv.bench import KVBenchConfig, measure_fetch_throughput
+from vrex.kv.bench import KVBenchConfig, check_config, measure_fetch_throughput, min_history_tokens
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("kv-bench", help="fetch throughput of the tiered KV store, per tier")
     defaults = KVBenchConfig()
     parser.add_argument(
-        "--tokens", type=int, default=defaults.history_tokens, help="history tokens per KV head"
+        "--tokens",
+        type=int,
+        default=defaults.history_tokens,
+        help="history tokens per KV head; at least 4 x (append tokens + 1) x block tokens "
+        f"({min_history_tokens(defaults)} by default), so the host and disk rows time their own tier",
     )
     parser.add_argument("--kv-heads", type=int, default=defaults.num_kv_heads)
     parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
@@ -31,9 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_kv_bench(args: argparse.Namespace) -> int:
     for name in ("tokens", "kv_heads", "head_dim", "block_tokens", "append_tokens", "repeats"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.fraction <= 1:
-        raise SystemExit("--fraction must be in (0, 1]")
+        raise ValueError(f"--fraction must be in (0, 1], got {args.fraction:g}")
+    from vrex.memory import check_device
+
+    device = check_device(args.device)  # a friendly message for cuda on a CPU-only torch
     config = KVBenchConfig(
         history_tokens=args.tokens,
         num_kv_heads=args.kv_heads,
@@ -43,14 +49,15 @@ def run_kv_bench(args: argparse.Namespace) -> int:
         append_tokens=args.append_tokens,
         repeats=args.repeats,
         dtype=args.dtype,
-        device=args.device,
+        device=device,
     )
+    check_config(config)
     results = measure_fetch_throughput(config)
     if args.json:
-        from vrex.host import machine_info
+        from vrex.host import dumps, machine_info
 
         results = {**results, "machine": machine_info()}
-        print(json.dumps(results, indent=1))
+        print(dumps(results, indent=1))
         return 0
     print(f"{'tier':<8}{'fetch ms':>10}{'MB/fetch':>10}{'from tier':>11}{'GB/s':>8}")
     for tier, row in results["tiers"].items():

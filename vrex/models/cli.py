@@ -9,14 +9,13 @@ from pathlib import Path
 
 
 def _prepare_demo(args: argparse.Namespace) -> int:
+    from vrex.host import check_output_path
     from vrex.models.demo import DEMO_NOTICE, MARKER_FILE, ensure_demo_model
 
+    # errors raise (ValueError): the CLI prints them on stderr, so stdout stays clean for --json
+    check_output_path(args.cache_dir, "--cache-dir", folder=True)
     started = time.perf_counter()
-    try:
-        folder = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
-    except ValueError as err:
-        print(f"error: {err}")
-        return 2
+    folder = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
     marker = json.loads((folder / MARKER_FILE).read_text())
     report = {
         "path": str(folder),
@@ -40,11 +39,7 @@ def _info(args: argparse.Namespace) -> int:
     from vrex.models.demo import DEMO_NOTICE, is_demo_model
 
     started = time.perf_counter()
-    try:
-        adapter = load_model(args.model)
-    except ValueError as err:
-        print(f"error: {err}")
-        return 2
+    adapter = load_model(args.model)  # a ValueError reaches the CLI, which prints it on stderr
     report = {
         "path": str(adapter.path),
         "family": adapter.family,
