@@ -887,10 +887,11 @@ COLUMNS = (
 
 def _check_args(args: argparse.Namespace) -> None:
     """The checks that need no model, so a typo fails in a second, not after loading it."""
+    from vrex.host import check_at_least
     from vrex.video import resolve_video
 
     # None means "not given" (the default applies); 0 is a value, and a wrong one
-    for flag, value, least in (
+    check_at_least(
         ("--trials", args.trials, 1),
         ("--default-trials", args.default_trials, 1),
         ("--max-frames", args.max_frames, 1),
@@ -898,9 +899,7 @@ def _check_args(args: argparse.Namespace) -> None:
         ("--chunk-tokens", args.chunk_tokens, 1),
         ("--questions", args.questions, 1),
         ("--answer-tokens", args.answer_tokens, 1),
-    ):
-        if value is not None and value < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    )
     if args.answer_tokens > MAX_NEW_TOKENS:
         raise ValueError(f"--answer-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.answer_tokens}")
     for h in args.history or ():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.server
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +64,25 @@ def mjpeg_camera():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def _write_noise_clip(path: Path, seconds: int = 8, fps: int = 10) -> bytes:
+    """An H.264 mp4 of noise frames with its index first (as streamed files are); its bytes."""
+    av = pytest.importorskip("av")
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("h264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(seconds * fps):
+            image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def write_clip() -> Callable[..., bytes]:
+    """`write_clip(path, seconds=8, fps=10)`: a small real video to damage or stream (needs PyAV)."""
+    return _write_noise_clip

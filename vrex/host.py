@@ -139,3 +139,11 @@ def write_text(path: str | os.PathLike, text: str, mode: str = "w") -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, mode) as f:
         f.write(text)
+
+
+def check_at_least(*checks: tuple[str, float | None, float]) -> None:
+    """(flag, value, least) triples: a ValueError naming the first flag below its least value.
+    None means the flag was not given (its default applies), so it passes."""
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")

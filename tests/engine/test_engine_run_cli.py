@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,22 +22,6 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded before the flags were checked")
 
     monkeypatch.setattr(vrex.engine, "Engine", refuse)
-
-
-def write_clip(path: Path, seconds: int = 8, fps: int = 10) -> bytes:
-    """An H.264 mp4 of noise frames with its index first (as streamed files are); its bytes."""
-    av = pytest.importorskip("av")
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
-        s = container.add_stream("h264", rate=fps)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for _ in range(seconds * fps):
-            image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-            for packet in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in s.encode():
-            container.mux(packet)
-    return path.read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -118,7 +101,7 @@ def smolvlm_dir(tmp_path_factory):
     return tiny_random("smolvlm", folder=tmp_path_factory.mktemp("smolvlm"))
 
 
-def test_damaged_videos_still_get_their_answers(smolvlm_dir, tmp_path, capsys):
+def test_damaged_videos_still_get_their_answers(smolvlm_dir, tmp_path, capsys, write_clip):
     data = write_clip(tmp_path / "clip.mp4")
     middle = len(data) // 2
     (tmp_path / "corrupt.mp4").write_bytes(

