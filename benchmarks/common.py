@@ -7,10 +7,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from server.config import Limits
 from vrex.host import dumps, write_text
-
-MAX_FRAME_PIXELS = Limits().max_frame_pixels
+from vrex.limits import MAX_FRAME_PIXELS
 
 
 def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
@@ -22,7 +20,9 @@ def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
         raise ValueError(f"{flag} must be WIDTHxHEIGHT in pixels, e.g. 320x240, got {text!r}") from None
     # the synthetic source's floor, and the server's frame limit (4K)
     if w < 8 or h < 8 or w * h > MAX_FRAME_PIXELS:
-        raise ValueError(f"{flag} must be at least 8x8 and at most 3840x2160 pixels in area, got {text!r}")
+        raise ValueError(
+            f"{flag} must be at least 8x8 and at most {MAX_FRAME_PIXELS} pixels in area, got {text!r}"
+        )
     return w, h
 
 

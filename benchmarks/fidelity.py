@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import random
 import sys
 import time
@@ -39,7 +38,7 @@ from benchmarks.common import emit
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
 from vrex.host import check_output_path, dumps, machine_info
-from vrex.limits import MAX_FPS, MAX_NEW_TOKENS
+from vrex.limits import check_fps, check_max_new_tokens
 from vrex.resv import ResvConfig
 
 QUESTION = "What is the secret pass key? Answer with the number."
@@ -898,17 +897,14 @@ def _check_args(args: argparse.Namespace) -> None:
         ("--threads", args.threads, 1),
         ("--chunk-tokens", args.chunk_tokens, 1),
         ("--questions", args.questions, 1),
-        ("--answer-tokens", args.answer_tokens, 1),
     )
-    if args.answer_tokens > MAX_NEW_TOKENS:
-        raise ValueError(f"--answer-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.answer_tokens}")
+    check_max_new_tokens("--answer-tokens", args.answer_tokens)
     for h in args.history or ():
         if h < MIN_NEEDLE_HISTORY:
             raise ValueError(
                 f"--history must be >= {MIN_NEEDLE_HISTORY} tokens (room for the needle), got {h}"
             )
-    if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
-        raise ValueError(f"--fps must be in (0, {MAX_FPS:g}] frames per second, got {args.fps:g}")
+    check_fps("--fps", args.fps)
     pick_variants([], args.variant)  # a misspelt --variant
     check_output_path(args.out, "--out")
     if args.merge_raw:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -42,7 +41,7 @@ from benchmarks.common import emit
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
 from vrex.host import check_output_path, dumps, machine_info, write_text
-from vrex.limits import MAX_FPS
+from vrex.limits import check_fps
 from vrex.memory import add_dtype_flag, check_device
 
 POLICIES = ("full", "rekv", "topk", "resv", "resv-paper")  # resv-paper: the paper preset
@@ -410,10 +409,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--device-fraction", args.device_fraction), ("--host-fraction", args.host_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{flag} must be in [0, 1] (a share of the history's KV bytes), got {value:g}")
-    if not math.isfinite(args.record_fps) or not 0 < args.record_fps <= MAX_FPS:
-        raise ValueError(
-            f"--record-fps must be in (0, {MAX_FPS:g}] frames per second, got {args.record_fps:g}"
-        )
+    check_fps("--record-fps", args.record_fps)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     check_output_path(args.out, "--out")

@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.common import parse_size
 from vrex.host import dumps, machine_info
-from vrex.limits import MAX_FPS, MAX_NEW_TOKENS, RESV_PRESETS
+from vrex.limits import RESV_PRESETS, check_fps, check_max_new_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ async def run_load(target: str, streams: int, fps: float, seconds: float, *, siz
     async with Client(target, api_key=api_key, tls_ca=tls_ca) as client:
         try:
             await client.wait_ready(connect_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise ValueError(
                 f"no V-Rex server answered at {target} within {connect_timeout_s:g} s; "
                 "start one with `vrex serve` or check --server"
@@ -239,14 +239,12 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError(f"--streams must be >= 1, got {args.streams}")
     if args.max_streams < 1:
         raise ValueError(f"--max-streams must be >= 1, got {args.max_streams}")
-    if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
-        raise ValueError(f"--fps must be in (0, {MAX_FPS:g}] frames per second, got {args.fps:g}")
+    check_fps("--fps", args.fps)
     if not math.isfinite(args.seconds) or args.seconds <= 0:
         raise ValueError(f"--seconds must be a positive number of seconds, got {args.seconds:g}")
     if args.ask_at is not None and (not math.isfinite(args.ask_at) or args.ask_at < 0):
         raise ValueError(f"--ask-at must be >= 0 seconds, got {args.ask_at:g}")
-    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
-        raise ValueError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    check_max_new_tokens("--max-new-tokens", args.max_new_tokens)
     if not math.isfinite(args.connect_timeout) or args.connect_timeout <= 0:
         raise ValueError(
             f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout:g}"

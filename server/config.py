@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vrex.limits import MAX_FPS
+from vrex.limits import MAX_FPS, MAX_FRAME_PIXELS
 from vrex.memory import dtype_name
 
 MIB = 1024 * 1024
@@ -19,7 +19,7 @@ class Limits:
     """Per-request limits; a request over one gets INVALID_ARGUMENT and the session goes on."""
 
     max_frame_bytes: int = 8 * MIB  # encoded or raw payload of one frame
-    max_frame_pixels: int = 3840 * 2160  # width * height (4K)
+    max_frame_pixels: int = MAX_FRAME_PIXELS  # width * height (4K)
     max_question_chars: int = 2000
     max_new_tokens: int = 512
     # Transport cap: larger messages are refused by gRPC itself and end the call, so it sits

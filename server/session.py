@@ -42,7 +42,7 @@ DEFAULT_POLICY = "resv"
 DEFAULT_MAX_NEW_TOKENS = 64
 # Who dropped a frame. The engine's drops (its reason text varies) are in its frames_dropped;
 # the server's own are counted in LiveSession.frames_dropped_backpressure.
-DROP_SAMPLER = "sampler"
+DROP_ENGINE = "engine"  # over the fps, timestamps going back, behind real time
 DROP_BACKPRESSURE = "backpressure"
 DROP_SHUTDOWN = "shutdown"
 
@@ -354,7 +354,7 @@ class StreamHandler:
         index = int(result.frame_index)
         if index < 0:  # an engine that does not number its dropped frames
             index = self.servicer.backend.next_frame_index(live.engine_session)
-        await self._ack_dropped(item, DROP_SAMPLER, result.dropped_reason or DROP_SAMPLER, index)
+        await self._ack_dropped(item, DROP_ENGINE, result.dropped_reason or DROP_ENGINE, index)
 
     async def _ack_dropped(self, item: _FrameItem, kind: str, reason: str, frame_index: int) -> None:
         live = self.live

@@ -48,7 +48,7 @@ from sim.tech import load_entries, tech_for
 
 SAMPLERS = ("grid", "random", "lhs")
 EXECUTORS = ("local", "dask", "ray")
-CACHE_SCHEMA = "vrex.sweep/1"
+CACHE_SCHEMA = "vrex.sweep/2"  # 2: per-stream energies at batch > 1, infeasible points
 DEFAULT_OBJECTIVES = {"fps": "max", "energy_per_frame_j": "min", "area_mm2": "min"}
 # what evaluate() returns per point, with the direction that is better
 METRICS = {

@@ -289,17 +289,15 @@ def _check_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
     returns the two KV budgets in bytes."""
     from sim.api import resolve_system
     from vrex.host import check_output_path
-    from vrex.limits import MAX_FPS, MAX_NEW_TOKENS
+    from vrex.limits import check_fps, check_max_new_tokens
     from vrex.video import resolve_video
 
     resolve_video(args.video)
-    if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
-        raise ValueError(f"--fps must be in (0, {MAX_FPS:g}] frames per second, got {args.fps:g}")
+    check_fps("--fps", args.fps)
     # a negative or zero limit streams no frame, and the simulator then has nothing to replay
     if args.max_seconds is not None and (not math.isfinite(args.max_seconds) or args.max_seconds <= 0):
         raise ValueError(f"--max-seconds must be a positive number of seconds, got {args.max_seconds:g}")
-    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
-        raise ValueError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    check_max_new_tokens("--max-new-tokens", args.max_new_tokens)
     if any(not q.strip() for q in args.ask):
         raise ValueError("an --ask question is empty; pass the question text, e.g. --ask 'What happens?'")
     budgets = (

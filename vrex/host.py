@@ -61,7 +61,7 @@ def package_commit(root: Path = PACKAGE_ROOT) -> str:
         )
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    lines = done.stdout.split()
+    lines = done.stdout.splitlines()  # a checkout path may hold spaces
     if done.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root.resolve():
         return ""
     return lines[1]

@@ -1,7 +1,22 @@
 """Names and bounds of session settings, torch-free: the server and the command lines check
 them before (or without) importing the engine, which loads torch."""
 
+import math
+
 POLICIES = ("full", "window", "topk", "rekv", "resv")  # KV selection policies a session can use
 RESV_PRESETS = ("default", "paper")  # vrex.resv.PRESETS (a test checks they match)
 MAX_FPS = 120.0  # frames per second a session keeps at most
 MAX_NEW_TOKENS = 4096  # longest answer a session may ask for
+MAX_FRAME_PIXELS = 3840 * 2160  # the server's default frame limit (4K)
+
+
+def check_fps(flag: str, fps: float) -> None:
+    """A ValueError naming `flag` unless `fps` is in (0, MAX_FPS]."""
+    if not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
+        raise ValueError(f"{flag} must be in (0, {MAX_FPS:g}] frames per second, got {fps:g}")
+
+
+def check_max_new_tokens(flag: str, tokens: int) -> None:
+    """A ValueError naming `flag` unless `tokens` is in 1..MAX_NEW_TOKENS."""
+    if not 1 <= tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"{flag} must be in 1..{MAX_NEW_TOKENS}, got {tokens}")

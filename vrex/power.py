@@ -688,6 +688,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from vrex.memory import is_tegra
+
     if not math.isfinite(args.seconds) or args.seconds <= 0:
         raise ValueError(f"--seconds must be a positive number of seconds, got {args.seconds:g}")
     if args.interval_ms < 1:  # checked here too: off a Jetson no sampler would check it
@@ -705,7 +707,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     elif report.average_power_mw is None:
         note = report.note
-        if sampler is None and platform_line(power_mode_info()) == NOT_JETSON_NOTE:
+        if sampler is None and not is_tegra():
             note += f"; {NOT_JETSON_NOTE}"
         print(f"average power: unknown ({note})")
     else:

@@ -110,6 +110,7 @@ class TraceWriter:
     def __init__(self, path: str | os.PathLike, header: dict):
         validate_header(header)
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f: IO[str] | None = open(self.path, "w")
         self._write(header)
         self.steps = 0

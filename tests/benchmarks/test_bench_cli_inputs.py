@@ -315,4 +315,7 @@ def test_machine_commit_is_the_packages_wherever_it_runs(tmp_path, monkeypatch):
     other = tmp_path / "other"
     (other / "site").mkdir(parents=True)
     subprocess.run(["git", "init", "-q", str(other)], check=True)
+    # with a commit, so that HEAD resolves and only the toplevel comparison can say ""
+    ident = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", *ident, "-C", str(other), "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     assert host.package_commit(other / "site") == ""

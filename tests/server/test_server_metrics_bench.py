@@ -40,7 +40,7 @@ async def test_prometheus_metrics_endpoint(start_server):
             )
     assert "vrex_sessions_live 1.0" in text
     assert 'vrex_frames_total{outcome="accepted"} 1.0' in text
-    assert 'vrex_frames_total{outcome="dropped_sampler"} 1.0' in text
+    assert 'vrex_frames_total{outcome="dropped_engine"} 1.0' in text
     assert "vrex_frame_ack_latency_seconds_count 2.0" in text
     assert "vrex_answer_first_token_seconds_count 1.0" in text
     assert 'vrex_kv_bytes{tier="device"}' in text

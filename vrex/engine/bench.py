@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from vrex.limits import POLICIES
+
 from .config import EngineConfig, SessionSettings
 from .engine import Engine
 
@@ -168,7 +170,7 @@ def batch_throughput(
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=["phases", "batch"])
-    parser.add_argument("--policy", default="resv", choices=["resv", "full", "window", "topk", "rekv"])
+    parser.add_argument("--policy", default="resv", choices=POLICIES)
     parser.add_argument(
         "--video", default="bikes.mp4", help="video file, or a sample name (bikes.mp4, vtest.avi, ...)"
     )

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
-from vrex.limits import MAX_FPS, MAX_NEW_TOKENS, POLICIES, RESV_PRESETS
+from vrex.host import check_output_path
+from vrex.limits import MAX_FPS, MAX_NEW_TOKENS, POLICIES, RESV_PRESETS, check_fps, check_max_new_tokens
 from vrex.memory import add_dtype_flag
 
 
@@ -73,21 +72,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for at_s in args.ask_at:
         if not math.isfinite(at_s) or at_s < 0:
             raise ValueError(f"--ask-at must be >= 0 seconds of video, got {at_s:g}")
-    if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
-        raise ValueError(f"--fps must be in (0, {MAX_FPS:g}] frames per second, got {args.fps:g}")
-    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
-        raise ValueError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    check_fps("--fps", args.fps)
+    check_max_new_tokens("--max-new-tokens", args.max_new_tokens)
     if args.max_seconds is not None and (not math.isfinite(args.max_seconds) or args.max_seconds <= 0):
         raise ValueError(f"--max-seconds must be a positive number of seconds, got {args.max_seconds:g}")
-    if args.trace:
-        trace = Path(args.trace)
-        folder = trace.parent
-        if trace.is_dir():
-            raise ValueError(f"--trace {trace} is a directory; pass a file path, e.g. {trace / 'run.jsonl'}")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--trace {trace}: directory {folder} does not exist; create it first")
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"--trace {trace}: directory {folder} is not writable; pick another path")
+    check_output_path(args.trace, "--trace")
 
 
 def _warn(message: str) -> None:

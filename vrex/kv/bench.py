@@ -55,9 +55,9 @@ def check_config(config: KVBenchConfig) -> None:
 def _build(config: KVBenchConfig, tier: str, disk_dir: str) -> TieredKVStore:
     dtype = getattr(torch, config.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    block_bytes = config.block_tokens * 2 * config.head_dim * itemsize
+    token_bytes = 2 * config.head_dim * itemsize
     # The smallest device tier that holds one append, so nearly everything lands in the lower tier.
-    small_device = block_bytes * config.num_kv_heads * (config.append_tokens + 1)  # small_device_tokens
+    small_device = small_device_tokens(config) * config.num_kv_heads * token_bytes
     budgets = {
         "device": TierBudgets(disk_dir=disk_dir),
         "host": TierBudgets(device_bytes=small_device, disk_dir=disk_dir),
