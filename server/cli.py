@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from server.config import DURABILITY_MODES
-from vrex.limits import RESV_PRESETS
+from vrex.limits import RESV_PRESETS, check_fps
 from vrex.memory import add_dtype_flag
 
 
@@ -373,8 +373,7 @@ def _check_stream_args(args: argparse.Namespace) -> None:
     """Local checks of the flags, before anything is opened or sent."""
     import math
 
-    if not math.isfinite(args.fps) or args.fps <= 0:
-        raise ValueError(f"--fps must be a positive number of frames per second, got {args.fps}")
+    check_fps("--fps", args.fps)
     if args.duration is not None and (not math.isfinite(args.duration) or args.duration <= 0):
         raise ValueError(f"--duration must be a positive number of seconds, got {args.duration}")
     if not math.isfinite(args.speed) or args.speed < 0:
