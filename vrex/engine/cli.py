@@ -89,7 +89,9 @@ def _main(args: argparse.Namespace) -> int:
 
     _check_args(args)
     video = resolve_video(args.video)
-    source = FileSource(video, fps=None, on_warning=_warn)  # probes now: a bad file fails here
+    # sampled here as `vrex stream` samples (the session's sampler agrees slot for slot), so
+    # "dropped" counts frames the session refused, not the file's frames between picks
+    source = FileSource(video, fps=args.fps, on_warning=_warn)  # probes now: a bad file fails here
     auto_budget = str(args.device_kv_budget or "").strip().lower() == "auto"
     budget = parse_bytes(args.device_kv_budget) if args.device_kv_budget and not auto_budget else None
     host = parse_bytes(args.host_kv_budget) if args.host_kv_budget else None
