@@ -61,7 +61,7 @@ def record_trace(
     )
     settings = SessionSettings(fps=fps, policy="resv", resv_preset=preset, max_new_tokens=max_new_tokens)
     session = engine.open_session(settings, trace_path=str(trace_path))
-    source = FileSource(path, fps=None)  # the session's sampler keeps `fps`
+    source = FileSource(path, fps=fps)  # sampled as the session samples: it keeps every pick
     answers = []
     try:
         for ts, image in source:
