@@ -64,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=1.0, help="frames per second per stream (default 1)")
     p.add_argument(
         "--resv-preset",
+        "--preset",  # the name `vrex run` uses
         choices=RESV_PRESETS,
         default="default",
         help="ReSV preset of the local server's sessions (ignored with --server)",

@@ -60,6 +60,7 @@ def _register_serve(subparsers) -> None:
     )
     p.add_argument(
         "--resv-preset",
+        "--preset",  # the name `vrex run` uses
         choices=RESV_PRESETS,
         default="default",
         help="ReSV settings of every session: 'default' keeps needles the paper's settings lose, "

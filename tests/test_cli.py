@@ -35,3 +35,17 @@ def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("vrex: error: ") and str(blocker) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, dest",
+    [
+        (["run", "--video", "x.mp4", "--ask", "q"], "preset"),
+        (["codesign", "--video", "x.mp4"], "preset"),
+        (["serve"], "resv_preset"),
+    ],
+)
+def test_the_resv_preset_takes_either_name(argv, dest):
+    parser = build_parser(argv[:1])
+    for flag in ("--preset", "--resv-preset"):
+        assert getattr(parser.parse_args([*argv, flag, "paper"]), dest) == "paper"

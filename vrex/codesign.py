@@ -360,7 +360,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="stop streaming after this much video")
     p.add_argument("--ask", action="append", default=[], help="question asked at the end (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--preset", default="default", choices=RESV_PRESETS, help="ReSV preset (default: default)")
+    p.add_argument(
+        "--preset",
+        "--resv-preset",
+        default="default",
+        choices=RESV_PRESETS,
+        help="ReSV preset (default: default)",
+    )
     p.add_argument(
         "--device-kv-budget",
         help="device KV tier per session, e.g. 4MiB (default: unbounded, nothing offloaded)",

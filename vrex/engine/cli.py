@@ -28,7 +28,13 @@ def register(sub) -> None:
         choices=POLICIES,
         help="which history each step attends to: resv (default), full, window, topk or rekv",
     )
-    p.add_argument("--preset", default="default", choices=RESV_PRESETS, help="ReSV preset (default: default)")
+    p.add_argument(
+        "--preset",
+        "--resv-preset",
+        default="default",
+        choices=RESV_PRESETS,
+        help="ReSV preset (default: default)",
+    )
     p.add_argument("--ask", action="append", default=[], help="a question (repeatable)")
     p.add_argument(
         "--ask-at",
