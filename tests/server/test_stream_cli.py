@@ -145,6 +145,18 @@ async def test_stream_takes_sample_names_like_run(serve, capsys, monkeypatch, tm
     assert rc == 2 and "video file not found" in err and "fetch_assets" not in err
 
 
+async def test_a_file_streamed_at_its_fps_loses_no_frame(serve, capsys, tmp_path, write_clip):
+    # a 25 fps file at 2 fps: the client keeps 0.0, 0.52, 1.0, 1.52 s, ... (the first frame of
+    # each 0.5 s slot); the session must keep them all (a 0.5 s minimum gap would drop 1.0 s)
+    write_clip(tmp_path / "clip.mp4", seconds=4, fps=25)
+    server, _ = await serve()
+    flags = ("--video", str(tmp_path / "clip.mp4"), "--fps", "2", "--speed", "8")
+    rc, lines, err = await stream(capsys, f"127.0.0.1:{server.port}", *flags)
+    summary = lines[-1]
+    assert rc == 0, err
+    assert summary["frames_sent"] == 8 and summary["frames_accepted"] == 8 and summary["frames_dropped"] == 0
+
+
 async def test_damaged_videos_still_get_their_answers(serve, capsys, tmp_path, write_clip):
     data = bytearray(write_clip(tmp_path / "clip.mp4"))
     middle = len(data) // 2
