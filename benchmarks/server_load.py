@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.common import parse_size
 from vrex.host import dumps, machine_info
-from vrex.limits import RESV_PRESETS, check_fps, check_max_new_tokens
+from vrex.limits import add_preset_flag, check_fps, check_max_new_tokens, check_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,11 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="device for the server started here")
     p.add_argument("--streams", type=int, default=4, help="concurrent streams (default 4)")
     p.add_argument("--fps", type=float, default=1.0, help="frames per second per stream (default 1)")
-    p.add_argument(
+    add_preset_flag(
+        p,
         "--resv-preset",
         "--preset",  # the name `vrex run` uses
-        choices=RESV_PRESETS,
-        default="default",
         help="ReSV preset of the local server's sessions (ignored with --server)",
     )
     p.add_argument("--seconds", type=float, default=20.0, help="streaming time (default 20)")
@@ -241,15 +240,11 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
     if args.max_streams < 1:
         raise ValueError(f"--max-streams must be >= 1, got {args.max_streams}")
     check_fps("--fps", args.fps)
-    if not math.isfinite(args.seconds) or args.seconds <= 0:
-        raise ValueError(f"--seconds must be a positive number of seconds, got {args.seconds:g}")
+    check_seconds("--seconds", args.seconds)
     if args.ask_at is not None and (not math.isfinite(args.ask_at) or args.ask_at < 0):
         raise ValueError(f"--ask-at must be >= 0 seconds, got {args.ask_at:g}")
     check_max_new_tokens("--max-new-tokens", args.max_new_tokens)
-    if not math.isfinite(args.connect_timeout) or args.connect_timeout <= 0:
-        raise ValueError(
-            f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout:g}"
-        )
+    check_seconds("--connect-timeout", args.connect_timeout)
     return size
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from server.config import DURABILITY_MODES
-from vrex.limits import RESV_PRESETS, check_fps
+from vrex.limits import add_preset_flag, check_fps, check_questions, check_seconds
 from vrex.memory import add_dtype_flag
 
 
@@ -58,11 +58,10 @@ def _register_serve(subparsers) -> None:
         "loaded, minus max(1 GiB, 10%% of total), divided by --max-sessions (logged at start-up); "
         "default: unbounded",
     )
-    p.add_argument(
+    add_preset_flag(
+        p,
         "--resv-preset",
         "--preset",  # the name `vrex run` uses
-        choices=RESV_PRESETS,
-        default="default",
         help="ReSV settings of every session: 'default' keeps needles the paper's settings lose, "
         "'paper' selects ~5x cheaper on a CPU and loses them (BENCHMARKS.md)",
     )
@@ -375,23 +374,17 @@ def _check_stream_args(args: argparse.Namespace) -> None:
     import math
 
     check_fps("--fps", args.fps)
-    if args.duration is not None and (not math.isfinite(args.duration) or args.duration <= 0):
-        raise ValueError(f"--duration must be a positive number of seconds, got {args.duration}")
+    check_seconds("--duration", args.duration)
     if not math.isfinite(args.speed) or args.speed < 0:
         raise ValueError(f"--speed must be >= 0 (0 = as fast as possible), got {args.speed}")
-    if not math.isfinite(args.connect_timeout) or args.connect_timeout <= 0:
-        raise ValueError(
-            f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}"
-        )
+    check_seconds("--connect-timeout", args.connect_timeout)
     if args.max_new_tokens < 0:
         raise ValueError(
             f"--max-new-tokens must be >= 0 (0 = the server's default), got {args.max_new_tokens}"
         )
     if len(args.ask_at) > len(args.ask):
         raise ValueError("more --ask-at than --ask; give one --ask TEXT per --ask-at SECONDS")
-    for text in args.ask:
-        if not text.strip():
-            raise ValueError("an --ask question is empty; pass the question text, e.g. --ask 'What happens?'")
+    check_questions(args.ask)
     for at_s in args.ask_at:
         if not math.isfinite(at_s) or at_s < 0:
             raise ValueError(f"--ask-at must be >= 0 seconds of stream time, got {at_s}")

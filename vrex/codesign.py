@@ -21,7 +21,6 @@ the same offload.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from collections import Counter
@@ -289,17 +288,15 @@ def _check_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
     returns the two KV budgets in bytes."""
     from sim.api import resolve_system
     from vrex.host import check_output_path
-    from vrex.limits import check_fps, check_max_new_tokens
+    from vrex.limits import check_fps, check_max_new_tokens, check_questions, check_seconds
     from vrex.video import resolve_video
 
     resolve_video(args.video)
     check_fps("--fps", args.fps)
     # a negative or zero limit streams no frame, and the simulator then has nothing to replay
-    if args.max_seconds is not None and (not math.isfinite(args.max_seconds) or args.max_seconds <= 0):
-        raise ValueError(f"--max-seconds must be a positive number of seconds, got {args.max_seconds:g}")
+    check_seconds("--max-seconds", args.max_seconds)
     check_max_new_tokens("--max-new-tokens", args.max_new_tokens)
-    if any(not q.strip() for q in args.ask):
-        raise ValueError("an --ask question is empty; pass the question text, e.g. --ask 'What happens?'")
+    check_questions(args.ask)
     budgets = (
         _byte_flag(args.device_kv_budget, "--device-kv-budget"),
         _byte_flag(args.host_kv_budget, "--host-kv-budget"),
@@ -346,7 +343,7 @@ def _cmd(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `vrex codesign` to the `vrex` command line."""
     from sim.config import POLICIES
-    from vrex.limits import RESV_PRESETS
+    from vrex.limits import add_preset_flag
 
     p = subparsers.add_parser(
         "codesign",
@@ -360,13 +357,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="stop streaming after this much video")
     p.add_argument("--ask", action="append", default=[], help="question asked at the end (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument(
-        "--preset",
-        "--resv-preset",
-        default="default",
-        choices=RESV_PRESETS,
-        help="ReSV preset (default: default)",
-    )
+    add_preset_flag(p, "--preset", "--resv-preset")
     p.add_argument(
         "--device-kv-budget",
         help="device KV tier per session, e.g. 4MiB (default: unbounded, nothing offloaded)",

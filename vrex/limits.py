@@ -20,3 +20,20 @@ def check_max_new_tokens(flag: str, tokens: int) -> None:
     """A ValueError naming `flag` unless `tokens` is in 1..MAX_NEW_TOKENS."""
     if not 1 <= tokens <= MAX_NEW_TOKENS:
         raise ValueError(f"{flag} must be in 1..{MAX_NEW_TOKENS}, got {tokens}")
+
+
+def check_seconds(flag: str, seconds: float | None) -> None:
+    """A ValueError naming `flag` unless `seconds` is a positive finite duration (None: not given)."""
+    if seconds is not None and (not math.isfinite(seconds) or seconds <= 0):
+        raise ValueError(f"{flag} must be a positive number of seconds, got {seconds:g}")
+
+
+def check_questions(questions: list[str]) -> None:
+    """A ValueError when an --ask question is empty or only whitespace."""
+    if any(not q.strip() for q in questions):
+        raise ValueError("an --ask question is empty; pass the question text, e.g. --ask 'What happens?'")
+
+
+def add_preset_flag(parser, *names: str, help: str = "ReSV preset (default: default)") -> None:
+    """The ReSV preset flag under both spellings, `names` first (the first gives the dest)."""
+    parser.add_argument(*names, default="default", choices=RESV_PRESETS, help=help)

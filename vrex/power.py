@@ -688,10 +688,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from vrex.limits import check_seconds
     from vrex.memory import is_tegra
 
-    if not math.isfinite(args.seconds) or args.seconds <= 0:
-        raise ValueError(f"--seconds must be a positive number of seconds, got {args.seconds:g}")
+    check_seconds("--seconds", args.seconds)
     if args.interval_ms < 1:  # checked here too: off a Jetson no sampler would check it
         raise ValueError(f"--interval-ms must be >= 1 millisecond, got {args.interval_ms}")
     sampler = detect_sampler(interval_ms=args.interval_ms)

@@ -70,9 +70,10 @@ def test_a_missing_path_is_not_called_an_unknown_sample(no_model, tmp_path, caps
 
 def test_the_flags_limits_are_the_engines():
     from vrex.engine import SessionSettings
+    from vrex.limits import RESV_PRESETS  # what run's --preset offers (limits.add_preset_flag)
     from vrex.resv import POLICIES, PRESETS
 
-    assert set(run_cli.RESV_PRESETS) == set(PRESETS) and set(run_cli.POLICIES) == set(POLICIES)
+    assert set(RESV_PRESETS) == set(PRESETS) and set(run_cli.POLICIES) == set(POLICIES)
     SessionSettings(fps=run_cli.MAX_FPS, max_new_tokens=run_cli.MAX_NEW_TOKENS)
     with pytest.raises(ValueError):
         SessionSettings(fps=run_cli.MAX_FPS * 1.01)

@@ -9,7 +9,16 @@ import sys
 import time
 
 from vrex.host import check_output_path
-from vrex.limits import MAX_FPS, MAX_NEW_TOKENS, POLICIES, RESV_PRESETS, check_fps, check_max_new_tokens
+from vrex.limits import (
+    MAX_FPS,
+    MAX_NEW_TOKENS,
+    POLICIES,
+    add_preset_flag,
+    check_fps,
+    check_max_new_tokens,
+    check_questions,
+    check_seconds,
+)
 from vrex.memory import add_dtype_flag
 
 
@@ -28,13 +37,7 @@ def register(sub) -> None:
         choices=POLICIES,
         help="which history each step attends to: resv (default), full, window, topk or rekv",
     )
-    p.add_argument(
-        "--preset",
-        "--resv-preset",
-        default="default",
-        choices=RESV_PRESETS,
-        help="ReSV preset (default: default)",
-    )
+    add_preset_flag(p, "--preset", "--resv-preset")
     p.add_argument("--ask", action="append", default=[], help="a question (repeatable)")
     p.add_argument(
         "--ask-at",
@@ -71,8 +74,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """The checks that need no model, so a typo fails in milliseconds, not after loading it."""
     if not args.ask:
         raise ValueError("give at least one --ask QUESTION")
-    if any(not q.strip() for q in args.ask):
-        raise ValueError("an --ask question is empty; pass the question text, e.g. --ask 'What happens?'")
+    check_questions(args.ask)
     if args.ask_at and len(args.ask_at) != len(args.ask):
         raise ValueError(f"{len(args.ask)} --ask but {len(args.ask_at)} --ask-at: give one time per question")
     for at_s in args.ask_at:
@@ -80,8 +82,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--ask-at must be >= 0 seconds of video, got {at_s:g}")
     check_fps("--fps", args.fps)
     check_max_new_tokens("--max-new-tokens", args.max_new_tokens)
-    if args.max_seconds is not None and (not math.isfinite(args.max_seconds) or args.max_seconds <= 0):
-        raise ValueError(f"--max-seconds must be a positive number of seconds, got {args.max_seconds:g}")
+    check_seconds("--max-seconds", args.max_seconds)
     check_output_path(args.trace, "--trace")
 
 
