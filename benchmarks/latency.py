@@ -206,12 +206,13 @@ def measure(
     seed: int,
     data_dir: str,
     recorded: RecordedStream | None = None,
+    block_tokens: int = EngineConfig.block_tokens,
 ) -> dict:
     budget = kv_bytes(adapter, history)
     # A step may open a new page (block) per token per KV head in one layer (ReSV singletons):
     # the device tier must hold that much at once, whatever the fraction says.
     step_tokens = max(max(f.num_tokens for f in frames), adapter.prompt_prefix().num_tokens)
-    block_bytes = EngineConfig().block_tokens * 2 * adapter.head_dim * adapter.dtype.itemsize
+    block_bytes = block_tokens * 2 * adapter.head_dim * adapter.dtype.itemsize
     device_bytes = max(int(device_fraction * budget), 2 * step_tokens * adapter.num_kv_heads * block_bytes)
     host_bytes = max(int(host_fraction * budget), 1)
     config = EngineConfig(
@@ -219,6 +220,7 @@ def measure(
         device_kv_budget_bytes=device_bytes,
         host_kv_budget_bytes=host_bytes,
         data_dir=data_dir,
+        block_tokens=block_tokens,
     )
     engine = Engine(config, adapter=adapter)
     name, preset = (policy.split("-", 1) + ["default"])[:2]
@@ -248,6 +250,7 @@ def measure(
         row = {
             "policy": policy,
             "history_tokens": session.history_tokens,
+            "block_tokens": block_tokens,
             "history_kv_bytes": kv_bytes(adapter, session.history_tokens),
             "budget_bytes_device": device_bytes,
             "budget_bytes_host": host_bytes,
@@ -275,19 +278,22 @@ def measure(
 
 
 def add_speedups(rows: list[dict]) -> None:
-    by = {(r["policy"], r["history_tokens"] // 1000): r for r in rows}
+    by = {(r["policy"], r["history_tokens"] // 1000, r["block_tokens"]): r for r in rows}
     for r in rows:
         h = r["history_tokens"] // 1000
         for ref in ("full", "rekv"):
-            other = by.get((ref, h))
+            other = by.get((ref, h, r["block_tokens"]))
             if other and r["step_ms"]:
                 r[f"speedup_vs_{ref}"] = other["step_ms"] / r["step_ms"]
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """Issue 4's latency targets at the longest history measured."""
+    """Issue 4's latency targets at the longest history measured (with the first --block-tokens)."""
     longest = max(r["history_tokens"] for r in rows)
-    at = {r["policy"]: r for r in rows if r["history_tokens"] == longest}
+    first_blocks = rows[0]["block_tokens"]
+    at = {
+        r["policy"]: r for r in rows if r["history_tokens"] == longest and r["block_tokens"] == first_blocks
+    }
     out = []
     resv = at.get("resv")
     if resv is None:
@@ -346,40 +352,51 @@ def run(args: argparse.Namespace, adapter=None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="vrex-latency-", dir=args.data_dir) as data_dir:
         for history in histories:
             for policy in policies:
-                row = measure(
-                    adapter,
-                    policy,
-                    history,
-                    frames,
-                    args.device_fraction,
-                    args.host_fraction,
-                    args.seed,
-                    data_dir,
-                    recorded,
-                )
-                row["history_source"] = args.history_source
-                row["device"] = str(adapter.device)
-                row["dtype"] = str(adapter.dtype).replace("torch.", "")
-                row["model_shape"] = (
-                    f"{adapter.num_layers}L x {adapter.num_kv_heads} KV heads x d{adapter.head_dim}"
-                )
-                _log(
-                    f"latency H={history} {policy}: step {row['step_ms']:.0f} ms select {row['select_ms']:.0f} "
-                    f"fetch {row['fetch_ms']:.0f} attn {row['attention_ms']:.0f} frac {row['fetched_fraction']:.3f} "
-                    f"(fill {row['fill_s']:.0f}s)"
-                )
-                rows.append(row)
-                if args.raw:
-                    write_text(args.raw, dumps(row) + "\n", "a")
+                for block_tokens in args.block_tokens or [EngineConfig.block_tokens]:
+                    rows.append(
+                        _measure_logged(
+                            args, adapter, policy, history, frames, data_dir, recorded, block_tokens
+                        )
+                    )
     add_speedups(rows)
     rows += targets(rows)
     rows[0]["machine"] = machine_info()
     return rows
 
 
+def _measure_logged(args, adapter, policy, history, frames, data_dir, recorded, block_tokens) -> dict:
+    row = measure(
+        adapter,
+        policy,
+        history,
+        frames,
+        args.device_fraction,
+        args.host_fraction,
+        args.seed,
+        data_dir,
+        recorded,
+        block_tokens,
+    )
+    row["history_source"] = args.history_source
+    row["device"] = str(adapter.device)
+    row["dtype"] = str(adapter.dtype).replace("torch.", "")
+    row["model_shape"] = f"{adapter.num_layers}L x {adapter.num_kv_heads} KV heads x d{adapter.head_dim}"
+    resident = sum(row[f"peak_resident_bytes_{t}"] for t in ("device", "host", "disk"))
+    _log(
+        f"latency H={history} {policy} blocks of {block_tokens}: step {row['step_ms']:.0f} ms "
+        f"select {row['select_ms']:.0f} fetch {row['fetch_ms']:.0f} attn {row['attention_ms']:.0f} "
+        f"store {row['store_ms']:.0f} frac {row['fetched_fraction']:.3f} resident {resident / 1e9:.2f} GB "
+        f"(fill {row['fill_s']:.0f}s)"
+    )
+    if args.raw:
+        write_text(args.raw, dumps(row) + "\n", "a")
+    return row
+
+
 COLUMNS = (
     "policy",
     "history_tokens",
+    "block_tokens",
     "step_ms",
     "select_ms",
     "fetch_ms",
@@ -410,6 +427,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{flag} must be in [0, 1] (a share of the history's KV bytes), got {value:g}")
     check_fps("--record-fps", args.record_fps)
+    for b in args.block_tokens or ():
+        if b < 1:
+            raise ValueError(f"--block-tokens must be >= 1, got {b}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     check_output_path(args.out, "--out")
@@ -464,6 +484,12 @@ def register(bench_sub) -> None:
     )
     p.add_argument("--record-fps", type=float, default=6.0, help="video sampling rate of the recording")
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument(
+        "--block-tokens",
+        type=int,
+        action="append",
+        help=f"tokens per KV block (repeatable, to compare sizes in one run; default {EngineConfig.block_tokens})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", help="append every measured point to this JSON-lines file as it ends")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")

@@ -246,6 +246,7 @@ def test_resv_runs_at_its_minimum_history():
         (["--host-fraction", "1.5"], "--host-fraction must be in [0, 1]"),
         (["--threads", "0"], "--threads must be >= 1"),
         (["--record-fps", "0"], "--record-fps"),
+        (["--block-tokens", "8", "--block-tokens", "0"], "--block-tokens must be >= 1"),
     ],
 )
 def test_latency_flags_are_checked_before_the_model_loads(capsys, monkeypatch, flags, needle):

@@ -6,6 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vrex.kv import DEVICE, DISK, HOST, TierBudgets, TieredKVStore
+from vrex.kv import store as store_module
+from vrex.kv.arena import MemoryArena
 
 torch.set_num_threads(1)
 
@@ -104,6 +106,64 @@ def test_cluster_pages_are_contiguous():
     assert block[7] != block[0] and offset[7] == 0
     assert block[1] == block[3] and block[1] != block[0] and block[5] not in (block[0], block[1], block[7])
     assert store.stats()["num_blocks"] == 4
+
+
+def test_full_tier_frees_a_32nd_beyond_the_append_oldest_first(tmp_path):
+    # 64 device blocks of one token; 64 singleton clusters fill the tier. The next new cluster
+    # needs one block: the tier frees 1 + 64 // 32 = 3, the three oldest, so the scan for the
+    # oldest blocks runs once per 3 appends here rather than at each.
+    store = TieredKVStore(
+        1, 1, 2, budgets=TierBudgets(device_bytes=64 * 16, disk_dir=tmp_path), block_tokens=1
+    )
+    keys = torch.arange(67 * 2, dtype=torch.float32).view(1, 67, 2)
+    for t in range(64):
+        store.append(0, keys[:, t : t + 1], -keys[:, t : t + 1], torch.tensor([[t]]))
+    assert store.stats()["resident_blocks_device"] == 64
+    store.append(0, keys[:, 64:65], -keys[:, 64:65], torch.tensor([[64]]))
+    tiers = store.tier_of(0)[0].tolist()
+    assert tiers[:3] == [HOST] * 3 and tiers[3:] == [DEVICE] * 62
+    assert store.stats()["evicted_bytes_device_to_host"] == 3 * store.block_bytes
+    # the two spare blocks take the next two appends without moving anything
+    for t in (65, 66):
+        store.append(0, keys[:, t : t + 1], -keys[:, t : t + 1], torch.tensor([[t]]))
+    assert store.stats()["evicted_bytes_device_to_host"] == 3 * store.block_bytes
+    got = store.fetch(0, [torch.arange(67)])
+    assert torch.equal(got.keys, keys) and torch.equal(got.values, -keys)
+
+
+def test_eviction_slack_is_capped_in_bytes(tmp_path, monkeypatch):
+    # the slack never exceeds _EVICT_SLACK_MAX_BYTES, whatever 1/32 of the tier is
+    monkeypatch.setattr(store_module, "_EVICT_SLACK_MAX_BYTES", 16)  # one 1-token block
+    store = TieredKVStore(
+        1, 1, 2, budgets=TierBudgets(device_bytes=64 * 16, disk_dir=tmp_path), block_tokens=1
+    )
+    keys = torch.arange(65 * 2, dtype=torch.float32).view(1, 65, 2)
+    for t in range(65):
+        store.append(0, keys[:, t : t + 1], -keys[:, t : t + 1], torch.tensor([[t]]))
+    assert store.stats()["evicted_bytes_device_to_host"] == 2 * store.block_bytes
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 9)), min_size=1, max_size=30), st.booleans())
+def test_arena_hands_out_the_lowest_free_slots(ops, bounded):
+    # The arena keeps a free list instead of scanning `owner`; it must give what the scan would.
+    arena = MemoryArena(1, 2, torch.float32, torch.device("cpu"), 40 if bounded else None)
+    next_id = 0
+    for release, count in ops:
+        used = torch.nonzero(arena.owner >= 0).flatten()
+        if release and used.numel():
+            arena.release(used[torch.randperm(used.numel())[:count]])
+            continue
+        free = arena.num_free()
+        count = count if free is None else min(count, free)
+        if count == 0:
+            continue
+        grown = torch.cat([arena.owner, torch.full((max(0, 16 + next_id),), -1)])  # room to grow
+        expect = torch.nonzero(grown < 0).flatten()[:count]
+        got = arena.allocate(torch.arange(next_id, next_id + count))
+        assert got.tolist() == expect.tolist()
+        next_id += count
+    assert arena.num_used == int((arena.owner >= 0).sum())
 
 
 def test_oldest_cluster_moves_first_and_active_cluster_stays():
@@ -459,8 +519,6 @@ def test_store_works_across_inference_mode_boundaries():
 
 
 def test_memory_arena_growth_and_preallocation():
-    from vrex.kv.arena import MemoryArena
-
     growing = MemoryArena(2, 3, torch.float32, torch.device("cpu"), max_blocks=100)
     growing.allocate(torch.arange(5))
     assert growing.capacity == 16 and growing.used_prefix() == 5

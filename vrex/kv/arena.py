@@ -39,7 +39,8 @@ class MemoryArena:
     The tensor grows by doubling up to `max_blocks` (the tier budget), so the memory it holds
     never exceeds the budget. With `preallocate` a bounded arena takes its whole budget at the
     first allocation instead (as vLLM does on the GPU): growing would briefly hold old and new
-    tensors together, over the budget. `owner[slot]` is the global block id there, -1 when free.
+    tensors together, over the budget. `owner[slot]` is the global block id there, -1 when free;
+    the free slots are also kept as a sorted list, so an allocation does not scan the arena.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class MemoryArena:
         self.data = self._empty(0)
         self.owner = torch.empty(0, dtype=torch.int64)
         self.num_used = 0
+        self._free: torch.Tensor | None = torch.empty(0, dtype=torch.int64)  # None: rebuild from owner
 
     def _empty(self, num_blocks: int) -> torch.Tensor:
         shape = (num_blocks, 2, self.block_tokens, self.head_dim)
@@ -99,6 +101,8 @@ class MemoryArena:
         self.data = data
         owner = torch.full((new_capacity,), -1, dtype=torch.int64)
         owner[: self.owner.numel()] = self.owner
+        if self._free is not None:
+            self._free = torch.cat([self._free, torch.arange(self.owner.numel(), new_capacity)])
         self.owner = owner
 
     def allocate(self, block_ids: torch.Tensor) -> torch.Tensor:
@@ -107,7 +111,9 @@ class MemoryArena:
         if count == 0:
             return torch.empty(0, dtype=torch.int64)
         self._grow(self.num_used + count)
-        free = torch.nonzero(self.owner < 0).flatten()[:count]
+        if self._free is None:
+            self._free = torch.nonzero(self.owner < 0).flatten()
+        free, self._free = self._free[:count], self._free[count:]
         assert free.numel() == count, "arena out of free slots"
         self.owner[free] = block_ids
         self.num_used += count
@@ -116,6 +122,16 @@ class MemoryArena:
     def release(self, slots: torch.Tensor) -> None:
         self.owner[slots] = -1
         self.num_used -= slots.numel()
+        if self._free is not None:
+            self._free = torch.sort(torch.cat([self._free, slots])).values
+
+    def load(self, data: torch.Tensor, owner: torch.Tensor, num_used: int) -> None:
+        """Take the first `data.shape[0]` blocks and the slot owners of a saved arena."""
+        self.data = self._empty(owner.numel())
+        self.data[: data.shape[0]].copy_(data)
+        self.owner = owner
+        self.num_used = num_used
+        self._free = None
 
     def used_prefix(self) -> int:
         """One past the highest used slot (what a snapshot has to keep)."""

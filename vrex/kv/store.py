@@ -16,7 +16,8 @@ bookkeeping lives in CPU LongTensors, never one Python object per token or clust
 
 so a fetch is one vectorised gather per tier. When a tier is full, the blocks of the clusters
 appended to least recently move down a tier, whole blocks at a time (oldest blocks of a cluster
-first); the blocks being written in the current append never move.
+first), up to 1/32 of the tier more than the append needs so the next appends find room
+without another scan; the blocks being written in the current append never move.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ DEVICE, HOST, DISK = 0, 1, 2
 TIER_NAMES = ("device", "host", "disk")
 SNAPSHOT_FORMAT = "vrex.kv.store/1"
 _MAX_CLUSTER_ID = 2**32
+# A full tier frees 1/32 of itself beyond what the append needs, at most 64 MiB: the cap keeps
+# the one append that pays for the move (and the disk write below it) from stalling a stream.
+_EVICT_SLACK_DIVISOR = 32
+_EVICT_SLACK_MAX_BYTES = 64 << 20
 _DTYPES = {
     str(dt).removeprefix("torch."): dt for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 }
@@ -488,18 +493,23 @@ class TieredKVStore:
     # ------------------------------------------------------------------ eviction
 
     def _make_room(self, tier: int, count: int, protected: torch.Tensor) -> None:
-        """Move the least recently appended blocks out of `tier` until `count` blocks are free."""
-        free = self._arenas[tier].num_free()
+        """Move the least recently appended blocks out of `tier` until `count` blocks are free,
+        plus the slack above: finding the oldest blocks scans the whole tier, so it is done once
+        per slack rather than at every append (with 2-token blocks the per-append scan was half
+        the time of an append)."""
+        arena = self._arenas[tier]
+        free = arena.num_free()
         if free is None or free >= count:
             return
-        arena = self._arenas[tier]
         candidate = arena.owner >= 0
         if protected.numel():
             candidate[self._blk_slot.t[protected]] = False  # protected blocks are all on this tier
         blocks = arena.owner[candidate]
         # Oldest cluster (by its last append) first; inside a cluster, its oldest block first.
         age = self._cl_stamp.t[self._blk_cluster.t[blocks]] * 2**32 + blocks
-        pick = torch.topk(age, count - free, largest=False, sorted=True).indices
+        slack = min(arena.max_blocks // _EVICT_SLACK_DIVISOR, _EVICT_SLACK_MAX_BYTES // self.block_bytes)
+        evict = min(count - free + slack, blocks.numel())
+        pick = torch.topk(age, evict, largest=False, sorted=True).indices
         self._move_down(blocks[pick], tier)
 
     def _move_down(self, victims: torch.Tensor, tier: int) -> None:
@@ -926,10 +936,7 @@ class TieredKVStore:
             owner = tables[f"{name}_owner"]
             bits = np.fromfile(folder / f"{name}_arena.bin", dtype=_int_np(dtype))
             data = from_numpy_bits(bits, dtype).view(-1, 2, bt, d)
-            arena.data = arena._empty(owner.numel())
-            arena.data[: data.shape[0]].copy_(data)
-            arena.owner = owner
-            arena.num_used = int(meta["arena_used"][t])
+            arena.load(data, owner, int(meta["arena_used"][t]))
         for layer, used in enumerate(meta["disk_used"]):
             if used:
                 bits = np.fromfile(folder / f"disk_layer{layer:03d}.bin", dtype=_int_np(dtype))
