@@ -183,13 +183,13 @@ def test_latency_rows_have_phases_tiers_and_targets(engine, tmp_path, source):
         raw=None,
         model=None,
         device="cpu",
-        block_tokens=[4, 1] if source == "recorded" else None,
+        block_tokens=[8, 4] if source == "recorded" else None,
     )
     rows = latency.run(args, adapter=engine.adapter)
     first = rows[0]["block_tokens"]
-    assert first == (4 if source == "recorded" else EngineConfig.block_tokens)
+    assert first == (8 if source == "recorded" else EngineConfig.block_tokens)
     if source == "recorded":  # block sizes side by side: each row compared within its own size
-        small = {r["policy"]: r for r in rows if r.get("block_tokens") == 1}
+        small = {r["policy"]: r for r in rows if r.get("block_tokens") == 4}
         assert set(small) == {"full", "resv"}
         assert small["resv"]["speedup_vs_full"] == small["full"]["step_ms"] / small["resv"]["step_ms"]
     points = {r["policy"]: r for r in rows if "step_ms" in r and r["block_tokens"] == first}
