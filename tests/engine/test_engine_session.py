@@ -109,7 +109,7 @@ def test_long_stream_stays_under_device_budget_and_retrieves_exactly(smolvlm_dir
 
 def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
     engine = Engine(
-        EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path), device_kv_budget_bytes=300_000)
+        EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path), device_kv_budget_bytes=70_000)
     )
     custom = resv.DEFAULT.replace(frame_ratio=0.5, decode_ratio=0.8, mass="retrievable")
     s = engine.open_session(SessionSettings(policy="resv", fps=1, resv_config=custom))
@@ -117,6 +117,9 @@ def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
     frames = _frames(8, seed=3)
     for i, f in enumerate(frames[:6]):
         s.add_frame(f, float(i))
+    # the snapshot must hold pages below the device tier and ReSV clusters closed by their move
+    moved = s.store.stats()["evicted_bytes_device_to_host"]
+    assert moved > 0 and s.store.stats()["resident_tokens_host"] > 0
     s.snapshot()
     sid = s.id
     engine.close_session(sid)
@@ -130,6 +133,8 @@ def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
     for i, f in enumerate(frames[6:], start=6):
         ra, rb = a.add_frame(f, float(i)), b.add_frame(f, float(i))
         assert ra.accepted and rb.accepted and ra.history_tokens == rb.history_tokens
+    for restored in (a, b):  # both kept moving pages down after the restore
+        assert restored.store.stats()["evicted_bytes_device_to_host"] > moved
     la, _, _ = a._step(engine.adapter.question_input("q"), "text", last_only=False)
     lb, _, _ = b._step(engine.adapter.question_input("q"), "text", last_only=False)
     assert torch.equal(la, lb)

@@ -144,21 +144,32 @@ def test_eviction_slack_is_capped_in_bytes(tmp_path, monkeypatch):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(1, 9)), min_size=1, max_size=30), st.booleans())
-def test_arena_hands_out_the_lowest_free_slots(ops, bounded):
-    # The arena keeps a free list instead of scanning `owner`; it must give what the scan would.
+@given(st.data(), st.booleans())
+def test_arena_hands_out_the_lowest_free_slots(data, bounded):
+    # The arena keeps a free list instead of scanning `owner`; it must give what the scan would,
+    # also after `load` (a restored arena rebuilds the list from `owner`).
     arena = MemoryArena(1, 2, torch.float32, torch.device("cpu"), 40 if bounded else None)
     next_id = 0
-    for release, count in ops:
-        used = torch.nonzero(arena.owner >= 0).flatten()
-        if release and used.numel():
-            arena.release(used[torch.randperm(used.numel())[:count]])
+    for _ in range(data.draw(st.integers(1, 30), label="ops")):
+        op = data.draw(st.sampled_from(["allocate", "release", "load"]), label="op")
+        used = torch.nonzero(arena.owner >= 0).flatten().tolist()
+        if op == "release" and used:
+            gone = data.draw(st.lists(st.sampled_from(used), min_size=1, unique=True), label="slots")
+            arena.release(torch.tensor(gone))
+            continue
+        if op == "load":  # a saved arena whose occupancy differs from this one's free list
+            owner = arena.owner.clone()
+            if used:
+                drop = data.draw(st.lists(st.sampled_from(used), unique=True), label="dropped")
+                owner[drop] = -1
+            arena.load(arena.data.clone(), owner, int((owner >= 0).sum()))
             continue
         free = arena.num_free()
+        count = data.draw(st.integers(1, 9), label="count")
         count = count if free is None else min(count, free)
         if count == 0:
             continue
-        grown = torch.cat([arena.owner, torch.full((max(0, 16 + next_id),), -1)])  # room to grow
+        grown = torch.cat([arena.owner, torch.full((16 + next_id,), -1)])  # room to grow
         expect = torch.nonzero(grown < 0).flatten()[:count]
         got = arena.allocate(torch.arange(next_id, next_id + count))
         assert got.tolist() == expect.tolist()

@@ -69,7 +69,8 @@ class EngineConfig:
     max_sessions: int = 8
     max_question_tokens: int = 512
     # pages are per cluster and ReSV's are near-singletons: 2-token blocks hold a 40K history in
-    # 2.2x fewer bytes than 8-token ones for ~2% more step time (BENCHMARKS.md, "Block size")
+    # 2.2x fewer bytes than 8-token ones for ~90 ms (2% of a step) more store time per step
+    # (BENCHMARKS.md, "Block size")
     block_tokens: int = 2
     batch_frames: bool = True  # prefill concurrent sessions' frames in one forward
     max_batch_rows: int = 8  # sessions per batched forward
