@@ -259,6 +259,9 @@ def measure(
             "fetch_ms": med("fetch_ms"),
             "attention_ms": med("attention_ms"),
             "store_ms": med("store_ms"),
+            # the slowest measured step: a step that moves pages down a tier pays for the move
+            "step_ms_max": max(s["latency_ms"] for s in rows),
+            "store_ms_max": max(s["store_ms"] for s in rows),
             "mlp_and_rest_ms": med("mlp_and_rest_ms"),
             "fetched_fraction": med("fetched_fraction"),
             "bytes_device_per_step": med("bytes_device"),
@@ -403,6 +406,7 @@ COLUMNS = (
     "attention_ms",
     "store_ms",
     "mlp_and_rest_ms",
+    "step_ms_max",
     "fetched_fraction",
     "bytes_host_per_step",
     "bytes_disk_per_step",

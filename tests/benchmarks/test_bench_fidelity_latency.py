@@ -207,6 +207,7 @@ def test_latency_rows_have_phases_tiers_and_targets(engine, tmp_path, source):
     for r in points.values():
         phases = sum(r[k] for k in ("select_ms", "fetch_ms", "attention_ms", "store_ms", "mlp_and_rest_ms"))
         assert phases == pytest.approx(r["step_ms"], rel=0.05)
+        assert r["step_ms_max"] >= r["step_ms"] and r["store_ms_max"] >= r["store_ms"]
     assert {r["target"] for r in rows if "target" in r} >= {"resv selection <= 10% of the step"}
 
 
