@@ -40,7 +40,7 @@ import torch
 from benchmarks.common import emit
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
-from vrex.host import check_output_path, dumps, machine_info, write_text
+from vrex.host import check_at_least, check_output_path, dumps, machine_info, write_text
 from vrex.limits import check_fps
 from vrex.memory import add_dtype_flag, check_device
 
@@ -431,11 +431,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{flag} must be in [0, 1] (a share of the history's KV bytes), got {value:g}")
     check_fps("--record-fps", args.record_fps)
-    for b in args.block_tokens or ():
-        if b < 1:
-            raise ValueError(f"--block-tokens must be >= 1, got {b}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_at_least(
+        *(("--block-tokens", b, 1) for b in args.block_tokens or ()), ("--threads", args.threads, 1)
+    )
     check_output_path(args.out, "--out")
     check_output_path(args.raw, "--raw")
     check_output_path(args.data_dir, "--data-dir", folder=True)
