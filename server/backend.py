@@ -75,6 +75,10 @@ class Backend:
         return getattr(self.module, "CapacityError", MemoryError)
 
     @property
+    def snapshot_error(self) -> type[BaseException] | tuple:
+        return getattr(self.module, "SnapshotError", ())
+
+    @property
     def model_info(self) -> dict:
         return dict(self.engine.model_info)
 
@@ -106,6 +110,11 @@ class Backend:
         """The per-session device KV budget the engine uses (after `auto` was resolved)."""
         return getattr(getattr(self.engine, "config", None), "device_kv_budget_bytes", None)
 
+    @property
+    def max_question_tokens(self) -> int | None:
+        """The longest question the engine takes, in the model's tokens."""
+        return getattr(getattr(self.engine, "config", None), "max_question_tokens", None)
+
     def next_frame_index(self, session: Any) -> int:
         """The index the engine gives the session's next frame: it numbers every frame it takes,
         kept or dropped by its sampler."""
@@ -126,6 +135,10 @@ class Backend:
         """Prefill a logged question and its answer tokens again; False when already held."""
         return bool(await self.on_model_thread(session.replay_answer, question, token_ids, answer_index))
 
+    def num_answers(self, session: Any) -> int:
+        """Answers in the session's history, including those that ended in an error."""
+        return int(session.stats().get("answers", 0))
+
     def answer_history(self, session: Any) -> tuple[list[int], int]:
         """(token ids the last answer put into the history, its answer index) for the log."""
         raw = getattr(session, "last_answer_stats", None)
@@ -137,8 +150,7 @@ class Backend:
                 "the engine does not report the answer's history tokens (history_token_ids); "
                 "it is too old for --durability wal: update vrex or use --durability snapshot"
             )
-        num_answers = int(session.stats().get("answers", 0))
-        return [int(t) for t in ids], num_answers - 1
+        return [int(t) for t in ids], self.num_answers(session) - 1
 
     async def close_session(self, session: Any) -> None:
         closer = getattr(self.engine, "close_session", None)
@@ -160,6 +172,8 @@ class Backend:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, (
                 f"server is at capacity ({exc}); close another session or retry later"
             )
+        if isinstance(exc, self.snapshot_error):  # before ValueError, which it is
+            return grpc.StatusCode.DATA_LOSS, f"{exc}; this session cannot be restored: open a new session"
         if isinstance(exc, KeyError):
             return grpc.StatusCode.NOT_FOUND, f"no such session {exc}; open a new session instead"
         if isinstance(exc, ValueError):

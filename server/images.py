@@ -80,11 +80,16 @@ def _decode_encoded(data: bytes, limits: Limits) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise FrameError(f"image has too many pixels ({exc}); downscale it before sending") from exc
+        raise FrameError(
+            f"image has too many pixels for a frame (the server takes at most {limits.max_frame_pixels:,}); "
+            "downscale it before sending"
+        ) from exc
     except Exception as exc:  # PIL raises several types for unknown data
         fmt = _sniff(data)
         if fmt is not None:
-            raise FrameError(f"{fmt} image is corrupt or truncated ({exc}); re-encode the frame") from exc
+            # PIL's own words name a BytesIO object at some address: say what it could not read
+            reason = "cannot read its header" if isinstance(exc, Image.UnidentifiedImageError) else str(exc)
+            raise FrameError(f"{fmt} image is corrupt or truncated ({reason}); re-encode the frame") from exc
         raise FrameError(
             "frame.encoded is not a JPEG, PNG or WebP image "
             f"(starts with {data[:8].hex()}); send one of those formats or a raw RGB frame"

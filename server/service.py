@@ -407,6 +407,7 @@ class VRexServicer(pb_grpc.VRexServicer):
                 max_new_tokens=limits.max_new_tokens,
                 max_message_bytes=limits.max_message_bytes,
                 device_kv_budget_bytes=self.backend.device_kv_budget_bytes or 0,
+                max_question_tokens=self.backend.max_question_tokens or 0,
             ),
             version=_version(),
             grpc_version=grpc.__version__,
@@ -561,19 +562,37 @@ def add_servicer(servicer: VRexServicer, server: grpc.aio.Server) -> None:
         ("ResumeSession", pb.ResumeSessionRequest, pb.SessionInfo),
     ):
         handlers[name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=request_type.FromString,
+            _refusing_malformed(getattr(servicer, name)),
+            request_deserializer=_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def parse_client_event(data: bytes) -> pb.ClientEvent | MalformedEvent:
-    try:
-        return pb.ClientEvent.FromString(data)
-    except Exception as exc:  # DecodeError, and anything else a hostile message may cause
-        return MalformedEvent(len(data), str(exc) or type(exc).__name__)
+def _parser(message_type):
+    """A deserializer that hands a message that does not parse to the handler as a
+    MalformedEvent (gRPC itself would end the call with UNKNOWN)."""
+
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # DecodeError, and anything else a hostile message may cause
+            return MalformedEvent(data, str(exc) or type(exc).__name__, message_type.DESCRIPTOR.name)
+
+    return parse
+
+
+parse_client_event = _parser(pb.ClientEvent)
+
+
+def _refusing_malformed(method):
+    async def call(request, context):
+        if isinstance(request, MalformedEvent):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+        return await method(request, context)
+
+    return call
 
 
 async def create_server(

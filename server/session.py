@@ -32,6 +32,7 @@ from server.images import FrameError, check_frame_size, decode_frame
 from server.logs import log_event
 from server.wal import WriteAheadLog
 from vrex.api import vrex_pb2 as pb
+from vrex.limits import sampling_error
 
 if TYPE_CHECKING:
     from server.service import VRexServicer
@@ -128,10 +129,9 @@ def _check_sampling(
         raise RequestError(
             bad, f"{where}.max_new_tokens is {max_new_tokens}, over the server limit of {limit}"
         )
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise RequestError(bad, f"{where}.temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise RequestError(bad, f"{where}.top_p must be in (0, 1], got {top_p}")
+    problem = sampling_error(temperature, top_p)
+    if problem:
+        raise RequestError(bad, f"{where}.{problem}")
     if len(stop) > 16 or any(len(s) == 0 or len(s) > 64 for s in stop):
         raise RequestError(bad, f"{where}.stop takes at most 16 non-empty strings of at most 64 characters")
 
@@ -155,13 +155,34 @@ class _CloseItem:
 
 
 class MalformedEvent:
-    """Stands in for a client message that did not parse as a vrex.v1.ClientEvent."""
+    """Stands in for a client message that did not parse (a ClientEvent, or a unary request)."""
 
-    request_id = 0
-
-    def __init__(self, num_bytes: int, reason: str):
-        self.num_bytes = num_bytes
+    def __init__(self, data: bytes, reason: str, type_name: str = "ClientEvent"):
+        self.num_bytes = len(data)
         self.reason = reason
+        self.type_name = type_name
+        # field 1 (request_id, a varint) is written first: the error can still answer it
+        self.request_id = _leading_varint_field1(data)
+
+    def message(self) -> str:
+        what = f"a {self.num_bytes}-byte message is not a valid vrex.v1.{self.type_name}"
+        if "utf-8" in self.reason.lower():
+            return f"{what}: a text field is not valid UTF-8; encode strings as UTF-8"
+        return (
+            f"{what} ({self.reason[:200]}); check that the client uses the vrex/v1/vrex.proto of this server"
+        )
+
+
+def _leading_varint_field1(data: bytes) -> int:
+    """The value of field 1 if the message starts with it as a varint, else 0."""
+    if not data or data[0] != 0x08:
+        return 0
+    value = 0
+    for i, byte in enumerate(data[1:11]):
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value
+    return 0
 
 
 _END = object()  # outbound sentinel: the call is over
@@ -180,7 +201,10 @@ class StreamHandler:
         self.wake = asyncio.Event()
         self.input_done = False  # the client half-closed, sent Close, or the reader failed
         self.shutting_down = False
+        # frames must not go back in time: the newest timestamp queued, and the newest of the
+        # frames that decoded (a frame that fails is forgotten, so it holds no later frame back)
         self.last_timestamp_s: float | None = None
+        self.decoded_timestamp_s: float | None = None
         self.peer = context.peer() if hasattr(context, "peer") else "?"
 
     # ------------------------------------------------------------------ lifecycle
@@ -250,11 +274,7 @@ class StreamHandler:
     async def _on_event(self, event: pb.ClientEvent | MalformedEvent) -> bool:
         """Handle one client event; True when no further events are read."""
         if isinstance(event, MalformedEvent):
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"a {event.num_bytes}-byte message is not a valid vrex.v1.ClientEvent ({event.reason[:200]}); "
-                "check that the client uses the vrex/v1/vrex.proto of this server",
-            )
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, event.message())
         kind = event.WhichOneof("event")
         rid = event.request_id
         if kind is None:
@@ -298,6 +318,10 @@ class StreamHandler:
         self.live = live
         stats = live.stats()
         info = self.servicer.backend.model_info
+        last_ts = stats.get("last_frame_ts")
+        # a resumed stream continues the session's clock (its frames are refused, with the
+        # reason, if they start over)
+        self.last_timestamp_s = self.decoded_timestamp_s = None if last_ts is None else float(last_ts)
         await self._emit(
             pb.ServerEvent(
                 request_id=rid,
@@ -309,6 +333,7 @@ class StreamHandler:
                     history_tokens=int(stats.get("history_tokens", 0)),
                     model_name=str(info.get("name", "")),
                     is_demo_model=bool(info.get("is_demo", False)),
+                    last_frame_timestamp_s=self.last_timestamp_s,
                 ),
             )
         )
@@ -323,7 +348,8 @@ class StreamHandler:
         if self.last_timestamp_s is not None and ts < self.last_timestamp_s:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"timestamp_s went back from {self.last_timestamp_s} to {ts}; timestamps must not decrease",
+                f"timestamp_s went back from {self.last_timestamp_s} to {ts}; timestamps must not "
+                "decrease, also across a resume (continue after SessionOpened.last_frame_timestamp_s)",
             )
         self.last_timestamp_s = ts
         self.work.append(_FrameItem(rid, frame, time.monotonic()))
@@ -474,6 +500,25 @@ class StreamHandler:
             pb.ServerEvent(request_id=rid, closed=pb.SessionClosed(session_id=live.id, resumable=resumable))
         )
 
+    def _forget_failed_timestamp(self) -> None:
+        """The frame just failed: later frames need only not go back from the others."""
+        queued = [i.frame.timestamp_s for i in self.work if isinstance(i, _FrameItem)]
+        known = [t for t in (self.decoded_timestamp_s, *queued) if t is not None]
+        self.last_timestamp_s = max(known, default=None)
+
+    async def _make_answer_durable(self, request_id: int, live: LiveSession, question: str) -> None:
+        try:
+            await self.servicer.make_answer_durable(live, question)
+        except Exception as exc:
+            log_event("wal_error", logging.ERROR, session=live.id, error=repr(exc))
+            await self._emit(
+                error_event(
+                    request_id,
+                    grpc.StatusCode.INTERNAL,
+                    f"the answer could not be logged ({exc}); it may be lost if the server crashes",
+                )
+            )
+
     async def _process_frame(self, item: _FrameItem) -> None:
         live = self.live
         assert live is not None
@@ -481,8 +526,11 @@ class StreamHandler:
             image = await asyncio.to_thread(decode_frame, item.frame, self.config.limits)
         except FrameError as exc:
             self.servicer.metrics.frame_error()
+            self._forget_failed_timestamp()
             await self._emit(error_event(item.request_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
             return
+        before = self.decoded_timestamp_s
+        self.decoded_timestamp_s = item.frame.timestamp_s
         try:
             t0_s = live.energy.clock()
             result = await live.engine_session.submit_frame(image, item.frame.timestamp_s)
@@ -490,6 +538,8 @@ class StreamHandler:
         except Exception as exc:
             code, message = self.servicer.backend.status_of(exc)
             log_event("frame_error", logging.WARNING, session=live.id, code=code.name, error=repr(exc))
+            self.decoded_timestamp_s = before
+            self._forget_failed_timestamp()
             await self._emit(error_event(item.request_id, code, message))
             return
         if not result.accepted:
@@ -537,6 +587,7 @@ class StreamHandler:
         )
         start = time.monotonic()
         start_power_s = live.energy.clock()
+        answers_before = self.servicer.backend.num_answers(live.engine_session)
         ttft_ms = 0.0
         parts: list[str] = []
         try:
@@ -557,22 +608,18 @@ class StreamHandler:
         except Exception as exc:
             code, message = self.servicer.backend.status_of(exc)
             log_event("answer_error", logging.WARNING, session=live.id, code=code.name, error=repr(exc))
+            # an answer that failed after its question was prefilled still closed its turn in
+            # the history (what it generated stays): log it like any other, so a replay matches
+            if self.servicer.backend.num_answers(live.engine_session) > answers_before:
+                live.energy.record("answer", start_power_s, live.energy.clock())
+                live.dirty = True
+                await self._make_answer_durable(item.request_id, live, q.text)
             await self._emit(error_event(item.request_id, code, message))
             return
         total_ms = (time.monotonic() - start) * 1000
         live.energy.record("answer", start_power_s, live.energy.clock())
         live.dirty = True  # the question and answer are in the history now
-        try:  # durable before answer_done
-            await self.servicer.make_answer_durable(live, q.text)
-        except Exception as exc:
-            log_event("wal_error", logging.ERROR, session=live.id, error=repr(exc))
-            await self._emit(
-                error_event(
-                    item.request_id,
-                    grpc.StatusCode.INTERNAL,
-                    f"the answer could not be logged ({exc}); it may be lost if the server crashes",
-                )
-            )
+        await self._make_answer_durable(item.request_id, live, q.text)  # before answer_done
         self.servicer.charge_energy(live)
         stats = answer_stats(live.engine_session)
         num_tokens = int(stats.pop("num_tokens", len(parts)))

@@ -312,6 +312,8 @@ class StreamSession:
         stop: tuple[str, ...] = (),
     ) -> AsyncIterator[str]:
         """Ask a question; yields the answer's text deltas. `last_answer` has the stats after."""
+        if not 0 <= max_new_tokens < 2**32:
+            raise ValueError(f"max_new_tokens must be >= 0 (0 = the session's default), got {max_new_tokens}")
         q = pb.Question(text=text, max_new_tokens=max_new_tokens, stop=list(stop))
         if temperature is not None:
             q.temperature = temperature

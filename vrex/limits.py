@@ -8,6 +8,7 @@ RESV_PRESETS = ("default", "paper")  # vrex.resv.PRESETS (a test checks they mat
 MAX_FPS = 120.0  # frames per second a session keeps at most
 MAX_NEW_TOKENS = 4096  # longest answer a session may ask for
 MAX_FRAME_PIXELS = 3840 * 2160  # the server's default frame limit (4K)
+MAX_TEMPERATURE = 5.0  # sampling temperature a session or question may ask for (0 = greedy)
 
 
 def check_fps(flag: str, fps: float) -> None:
@@ -20,6 +21,15 @@ def check_max_new_tokens(flag: str, tokens: int) -> None:
     """A ValueError naming `flag` unless `tokens` is in 1..MAX_NEW_TOKENS."""
     if not 1 <= tokens <= MAX_NEW_TOKENS:
         raise ValueError(f"{flag} must be in 1..{MAX_NEW_TOKENS}, got {tokens}")
+
+
+def sampling_error(temperature: float, top_p: float) -> str | None:
+    """What is wrong with a temperature / top_p pair (field names bare), or None."""
+    if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+        return f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {temperature:g}"
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        return f"top_p must be in (0, 1], got {top_p:g}"
+    return None
 
 
 def check_seconds(flag: str, seconds: float | None) -> None:

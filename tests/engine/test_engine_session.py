@@ -206,6 +206,90 @@ def test_ask_streams_multi_turn_and_trace_validates(smolvlm_dir, tmp_path):
         validate_step(bad)
 
 
+@pytest.mark.parametrize("how", ["cancelled", "error"])
+def test_an_answer_cut_short_closes_its_turn(smolvlm_dir, monkeypatch, how):
+    """An answer that stops early (the caller stops reading, or sampling fails) leaves the
+    history as a finished answer of the tokens it fed back would: the next step is the same."""
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    settings = SessionSettings(policy="resv", fps=1, max_new_tokens=32, temperature=1.0)
+    frames = _frames(2, seed=3)
+
+    def opened():
+        s = engine.open_session(settings)
+        for i, f in enumerate(frames):
+            assert s.add_frame(f, float(i)).accepted
+        return s
+
+    cut = opened()
+    if how == "cancelled":
+        it = cut.generate("what?")
+        deltas = [next(it) for _ in range(3)]
+        it.close()  # the tokens before the last delta's were fed back; its own was not
+        stop_at = deltas[-1].index + 1
+    else:
+        from vrex.engine import session as session_mod
+
+        calls = {"n": 0}
+        real = session_mod._sample
+
+        def failing(*args):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise RuntimeError("sampler broke")
+            return real(*args)
+
+        monkeypatch.setattr(session_mod, "_sample", failing)
+        with pytest.raises(RuntimeError, match="sampler broke"):
+            list(cut.generate("what?"))
+        monkeypatch.setattr(session_mod, "_sample", real)
+        stop_at = 5
+    assert cut.answers[-1].finish_reason == how
+    assert len(cut.answers[-1].history_token_ids) == stop_at - 1
+    assert cut.stats()["answers"] == 1
+
+    whole = opened()
+    list(whole.generate("what?", max_new_tokens=stop_at))
+    assert whole.answers[-1].history_token_ids == cut.answers[-1].history_token_ids
+    assert cut.history_tokens == whole.history_tokens
+    q = engine.adapter.question_input("and then?")
+    got, _, _ = cut._step(q, "text", last_only=False)
+    want, _, _ = whole._step(q, "text", last_only=False)
+    assert torch.equal(got, want)
+
+
+def test_ask_closed_early_closes_the_turn_on_the_model_thread(smolvlm_dir):
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=32, temperature=1.0))
+
+    async def go():
+        assert (await s.submit_frame(_frames(1)[0], 0.0)).accepted
+        stream = s.ask("what?")
+        await stream.__anext__()
+        await stream.aclose()  # what a server does when its client disconnects
+        return [d async for d in s.ask("and then?", max_new_tokens=2)]
+
+    asyncio.run(go())
+    assert [a.finish_reason for a in s.answers][0] == "cancelled"
+    assert s.stats()["answers"] == 2
+
+
+def test_sampling_settings_are_checked_and_tiny_temperatures_sample(smolvlm_dir):
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    s = engine.open_session(SessionSettings(fps=1, max_new_tokens=3))
+    before = s.history_tokens
+    for bad in ({"temperature": 6.0}, {"temperature": float("nan")}, {"top_p": 0.0}):
+        with pytest.raises(ValueError, match="temperature|top_p"):
+            list(s.generate("what?", **bad))
+    assert s.history_tokens == before and s.stats()["answers"] == 0  # nothing was prefilled
+    with pytest.raises(ValueError, match=r"temperature must be in \[0, 5\]"):
+        SessionSettings(temperature=10)
+    # a temperature this small divided logits into inf - inf = nan before; now it is greedy
+    list(s.generate("what?", temperature=0.0))
+    s2 = engine.open_session(SessionSettings(fps=1, max_new_tokens=3))
+    list(s2.generate("what?", temperature=1e-40))
+    assert s2.answers[-1].history_token_ids == s.answers[-1].history_token_ids
+
+
 def test_bad_input_errors(smolvlm_dir, tmp_path):
     with pytest.raises(ValueError, match="policy"):
         SessionSettings(policy="nope")

@@ -26,6 +26,10 @@ class CapacityError(RuntimeError):
     """Too many sessions, or the KV budget is spent."""
 
 
+class SnapshotError(ValueError):
+    """A snapshot on disk is unreadable (vrex.engine's name for it)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_dir: Path | str | None = None
@@ -135,11 +139,19 @@ class Session:
             await asyncio.sleep(token_s)
             emitted += 1
             yield Delta(text=word if i == 0 else " " + word, token_id=1000 + i)
+            if "FAIL_MIDWAY" in question and emitted == 2:
+                # like vrex.engine: the turn is closed with what was generated, then the error
+                self._close_turn(question, emitted, "error")
+                raise RuntimeError("the model failed mid-answer")
+        self._close_turn(question, emitted, "length" if emitted < len(words) else "stop")
+
+    def _close_turn(self, question: str, emitted: int, finish_reason: str) -> None:
+        s = self._state
         s.questions += 1
         s.history_tokens += len(question.split()) + emitted
         self.last_answer_stats = {
             "num_tokens": emitted,
-            "finish_reason": "length" if emitted < len(words) else "stop",
+            "finish_reason": finish_reason,
             "fetched_fraction_text": 0.25,
             "history_token_ids": [1000 + i for i in range(emitted)],
         }
@@ -232,7 +244,11 @@ class Engine:
         if not path.exists():
             raise KeyError(session_id)
         self._check_capacity()
-        session = Session(self, session_id, _State(**json.loads(path.read_text())))
+        try:
+            state = _State(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise SnapshotError(f"snapshot {path} is corrupted ({exc})") from None
+        session = Session(self, session_id, state)
         self._live[session_id] = session
         return session
 

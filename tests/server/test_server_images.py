@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -57,6 +58,20 @@ def test_raw_rgb_round_trip_and_size_mismatch():
 def test_bad_images_are_rejected_with_a_fix(frame, match):
     with pytest.raises(FrameError, match=match):
         decode_frame(frame, Limits())
+
+
+def test_unreadable_headers_and_bombs_get_the_servers_words():
+    with pytest.raises(
+        FrameError, match=r"JPEG image is corrupt or truncated \(cannot read its header\)"
+    ) as info:
+        decode_frame(pb.Frame(encoded=b"\xff\xd8\xff"), Limits())
+    assert "0x" not in str(info.value)  # no BytesIO address
+    # a PNG header that claims 100000 x 100000 pixels: PIL refuses it before our own check
+    png = _encode(IMAGE, "PNG")
+    ihdr = b"IHDR" + (100000).to_bytes(4, "big") * 2 + png[24:29]
+    bomb = png[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + png[33:]
+    with pytest.raises(FrameError, match="at most 8,294,400"):
+        decode_frame(pb.Frame(encoded=bomb), Limits())
 
 
 def test_pixel_limit_checked_before_decoding():

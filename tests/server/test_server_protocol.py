@@ -49,6 +49,11 @@ async def test_per_request_errors_do_not_end_the_stream(serve):
             (s.send_frame(b"x" * 20_000, 0.0, wait=True), "INVALID_ARGUMENT", "over the limit"),
             (s.ask_text("x" * 51), "INVALID_ARGUMENT", "shorten"),
             (s.ask_text("ok", top_p=2.0), "INVALID_ARGUMENT", "top_p"),
+            (
+                s.ask_text("ok", temperature=10.0),
+                "INVALID_ARGUMENT",
+                "question.temperature must be in [0, 5]",
+            ),
             (s.ask_text("ok", max_new_tokens=10**6), "INVALID_ARGUMENT", "max_new_tokens"),
             (s.send_raw_event(pb.ClientEvent(), wait=True), "INVALID_ARGUMENT", "empty"),
             (
@@ -65,8 +70,22 @@ async def test_per_request_errors_do_not_end_the_stream(serve):
         assert ack.accepted
         with pytest.raises(VRexError, match="timestamps must not decrease"):
             await s.send_frame(image(), 0.5, wait=True)
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):  # refused before sending
+            await s.ask_text("hi", max_new_tokens=-1)
         answer = await s.ask_text("still there?")
         assert "1 frames" in answer.text
+
+
+async def test_a_frame_that_fails_does_not_hold_later_frames_to_its_timestamp(serve):
+    _, client = await serve()
+    async with client.session(fps=1.0) as s:
+        assert not s.opened.HasField("last_frame_timestamp_s")  # no frame yet
+        assert (await s.send_frame(image(0), 0.0, wait=True)).accepted
+        with pytest.raises(VRexError, match="corrupt"):
+            await s.send_frame(b"\x89PNG but broken", 100.0, wait=True)
+        assert (await s.send_frame(image(1), 1.0, wait=True)).accepted
+        with pytest.raises(VRexError, match="must not decrease"):  # the kept frame still counts
+            await s.send_frame(image(2), 0.5, wait=True)
 
 
 @pytest.mark.parametrize("bad_s", [float("inf"), float("-inf"), float("nan")])
@@ -151,6 +170,7 @@ async def test_unary_info_stats_and_not_found(serve):
     info = await client.server_info()
     assert info.model_name == "fake-test-engine" and info.is_demo_model
     assert info.limits.max_sessions == 3 and info.limits.max_question_chars == Limits().max_question_chars
+    assert info.limits.max_question_tokens == 0  # the test double does not report one
     assert "jpeg" in info.image_formats and not info.auth_required
     for call in (client.session_stats("nosuchsession"), client.resume_session("nosuchsession")):
         with pytest.raises(VRexError) as e:
@@ -257,6 +277,9 @@ async def test_resume_after_disconnect_with_data_dir(serve, tmp_path):
     async with client.session(resume_session_id=s.session_id) as again:
         assert again.opened.resumed is False  # live already, via ResumeSession
         assert again.opened.frames_accepted == 3 and again.opened.settings.fps == 1.0
+        assert again.opened.last_frame_timestamp_s == 2.0
+        with pytest.raises(VRexError, match="across a resume"):  # not silently dropped
+            await again.send_frame(image(8), 0.0, wait=True)
         ack = await again.send_frame(image(9), 5.0, wait=True)
         assert ack.frame_index == 3
         with pytest.raises(VRexError, match="attached to another stream"):
@@ -265,6 +288,16 @@ async def test_resume_after_disconnect_with_data_dir(serve, tmp_path):
                 await other.start()
             finally:
                 other.cancel()
+
+
+async def test_a_corrupt_snapshot_is_data_loss_not_a_bad_request(serve, tmp_path):
+    server, client = await serve(data_dir=tmp_path / "data")
+    async with client.session(fps=1.0) as s:
+        assert (await s.send_frame(image(0), 0.0, wait=True)).accepted
+    (tmp_path / "data" / s.session_id / "state.json").write_text("{not json")
+    with pytest.raises(VRexError) as info:
+        await client.resume_session(s.session_id)
+    assert info.value.code == "DATA_LOSS" and "open a new session" in info.value.message
 
 
 async def test_periodic_snapshot_mode_flushes_when_idle(serve, tmp_path):
@@ -295,9 +328,20 @@ async def test_unparseable_message_is_a_per_request_error(serve):
             error.error.code_name == "INVALID_ARGUMENT"
             and "not a valid vrex.v1.ClientEvent" in error.error.message
         )
+        # a question whose text is not UTF-8: the error still answers its request id
+        good = pb.ClientEvent(request_id=39, question=pb.Question(text="cafe")).SerializeToString()
+        await call.write(good.replace(b"cafe", b"caf\xe9"))
+        error = pb.ServerEvent.FromString(await call.read())
+        assert error.request_id == 39 and "not valid UTF-8" in error.error.message, error
         frame = pb.Frame(raw=pb.RawImage(rgb=bytes(12), width=2, height=2), timestamp_s=0.0)
         await call.write(pb.ClientEvent(request_id=2, frame=frame).SerializeToString())
         ack = pb.ServerEvent.FromString(await call.read())
         assert ack.request_id == 2 and ack.frame_ack.accepted  # the same stream goes on
         call.cancel()
         assert (await s.send_frame(image(), 0.0, wait=True)).accepted
+    for method in ("GetServerInfo", "GetSessionStats", "ResumeSession"):
+        unary = client.channel.unary_unary(f"/vrex.v1.VRex/{method}")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await unary(b"\xff\xff\xff")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value)
+        assert "is not a valid vrex.v1." in info.value.details()

@@ -130,6 +130,25 @@ async def test_acks_go_to_the_log_and_snapshots_empty_it(serve, tmp_path):
     assert wal.read_log(path).records == []  # closing snapshots and empties the log
 
 
+async def test_an_answer_that_fails_midway_is_logged_with_what_it_generated(serve, tmp_path):
+    """The engine closes a failed answer's turn with its tokens in the history, so the log must
+    hold them too, or a replay after a crash would differ from the session that went on."""
+    from vrex.client import VRexError
+
+    data = tmp_path / "data"
+    server, client = await serve(data_dir=data, snapshot_every_frames=100, snapshot_interval_s=0)
+    async with client.session(fps=1.0) as s:
+        path = wal.wal_path(data, s.session_id)
+        assert (await s.send_frame(image(0), 0.0, wait=True)).accepted
+        with pytest.raises(VRexError, match="failed mid-answer"):
+            await s.ask_text("FAIL_MIDWAY please", max_new_tokens=8)
+        answers = [r.meta for r in wal.read_log(path).records if r.kind == "answer"]
+        assert answers == [{"answer_index": 0, "question": "FAIL_MIDWAY please", "token_ids": [1000, 1001]}]
+        answer = await s.ask_text("and now?", max_new_tokens=3)  # the session goes on
+        assert answer.num_tokens == 3
+        assert [r.meta["answer_index"] for r in wal.read_log(path).records if r.kind == "answer"] == [0, 1]
+
+
 async def test_replay_skips_what_the_snapshot_holds(serve, tmp_path):
     """A crash after a snapshot but before the log was emptied: replay must not double records."""
     data = tmp_path / "data"

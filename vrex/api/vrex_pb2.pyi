@@ -101,7 +101,7 @@ class ServerEvent(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., frame_ack: _Optional[_Union[FrameAck, _Mapping]] = ..., answer_delta: _Optional[_Union[AnswerDelta, _Mapping]] = ..., answer_done: _Optional[_Union[AnswerDone, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "settings", "resumed", "frames_accepted", "history_tokens", "model_name", "is_demo_model")
+    __slots__ = ("session_id", "settings", "resumed", "frames_accepted", "history_tokens", "model_name", "is_demo_model", "last_frame_timestamp_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class SessionOpened(_message.Message):
     HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     IS_DEMO_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAST_FRAME_TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     settings: SessionSettings
     resumed: bool
@@ -116,7 +117,8 @@ class SessionOpened(_message.Message):
     history_tokens: int
     model_name: str
     is_demo_model: bool
-    def __init__(self, session_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., resumed: _Optional[bool] = ..., frames_accepted: _Optional[int] = ..., history_tokens: _Optional[int] = ..., model_name: _Optional[str] = ..., is_demo_model: _Optional[bool] = ...) -> None: ...
+    last_frame_timestamp_s: float
+    def __init__(self, session_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., resumed: _Optional[bool] = ..., frames_accepted: _Optional[int] = ..., history_tokens: _Optional[int] = ..., model_name: _Optional[str] = ..., is_demo_model: _Optional[bool] = ..., last_frame_timestamp_s: _Optional[float] = ...) -> None: ...
 
 class FrameAck(_message.Message):
     __slots__ = ("accepted", "dropped_reason", "frame_index", "timestamp_s", "history_tokens", "fetched_fraction", "latency_ms", "ack_latency_ms", "frames_accepted", "frames_dropped")
@@ -198,7 +200,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_frame_bytes", "max_frame_pixels", "max_question_chars", "max_new_tokens", "max_message_bytes", "device_kv_budget_bytes")
+    __slots__ = ("max_sessions", "max_frame_bytes", "max_frame_pixels", "max_question_chars", "max_new_tokens", "max_message_bytes", "device_kv_budget_bytes", "max_question_tokens")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +208,7 @@ class Limits(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUESTION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_frame_bytes: int
     max_frame_pixels: int
@@ -213,7 +216,8 @@ class Limits(_message.Message):
     max_new_tokens: int
     max_message_bytes: int
     device_kv_budget_bytes: int
-    def __init__(self, max_sessions: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., max_frame_pixels: _Optional[int] = ..., max_question_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device_kv_budget_bytes: _Optional[int] = ...) -> None: ...
+    max_question_tokens: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., max_frame_pixels: _Optional[int] = ..., max_question_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device_kv_budget_bytes: _Optional[int] = ..., max_question_tokens: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("model_name", "is_demo_model", "model_notice", "num_layers", "visual_tokens_per_frame", "limits", "version", "grpc_version", "auth_required", "live_sessions", "snapshots_enabled", "image_formats")

@@ -1,6 +1,8 @@
 """Streaming sessions over one model: frame sampling, iterative prefill with retrieval,
 questions and streamed answers, stats, traces and snapshots."""
 
+from vrex.kv.snapshot import SnapshotError
+
 from .config import EngineConfig, SessionSettings
 from .engine import CapacityError, Engine
 from .retrieval import RetrievalPolicy, StepRecord, light_attention
@@ -15,6 +17,7 @@ __all__ = [
     "RetrievalPolicy",
     "Session",
     "SessionSettings",
+    "SnapshotError",
     "StepRecord",
     "TokenDelta",
     "light_attention",

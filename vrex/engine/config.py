@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from vrex.limits import MAX_FPS, MAX_NEW_TOKENS
+from vrex.limits import MAX_FPS, MAX_NEW_TOKENS, sampling_error
 from vrex.memory import dtype_name
 from vrex.resv import POLICIES, ResvConfig, preset
 
@@ -34,10 +34,9 @@ class SessionSettings:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {self.max_new_tokens}")
-        if not 0.0 <= self.temperature <= 5.0:
-            raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        problem = sampling_error(self.temperature, self.top_p)
+        if problem:
+            raise ValueError(problem)
         preset(self.resv_preset)  # raises for an unknown name
         object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.resv_config, dict):  # read back from a snapshot

@@ -21,6 +21,7 @@ import torch
 
 from vrex.kv import TierBudgets, TieredKVStore
 from vrex.kv.snapshot import atomic_folder, verify_manifest, write_manifest
+from vrex.limits import sampling_error
 from vrex.models.adapters import StepInput
 from vrex.resv import SelectorConfig, make_selector
 from vrex.video import fps_slot
@@ -334,7 +335,10 @@ class Session:
         temperature = s.temperature if temperature is None else temperature
         top_p = s.top_p if top_p is None else top_p
         stop = tuple(s.stop if stop is None else stop)
-        q_ids = self.adapter.tokenize(question)
+        problem = sampling_error(temperature, top_p)
+        if problem:
+            raise ValueError(problem)
+        q_ids = self.adapter.tokenize_user(question)
         if len(q_ids) > self.engine.config.max_question_tokens:
             raise ValueError(
                 f"question has {len(q_ids)} tokens; the limit is "
@@ -350,38 +354,49 @@ class Session:
         ids: list[int] = []
         emitted = ""
         decode_fractions = []
+        # The question is in the history now: however the answer ends (done, an error, or the
+        # caller stops reading), its turn is closed below, or the next question would continue
+        # this half-finished one. What was fed back (history_token_ids) stays, and is counted.
         finish = "length"
-        for i in range(max_new):
-            token = _sample(logits[0, -1], temperature, top_p, gen)
-            if token in eos:
-                finish = "stop"
-                break
-            ids.append(token)
-            text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
-            hit = next((st for st in stop if st and st in text), None)
-            if hit is not None:
-                text = text[: text.index(hit)]
-                finish = "stop"
-            if not text.endswith("\ufffd") and len(text) > len(emitted):
-                delta, emitted = text[len(emitted) :], text
-                if stats.tokens == 0:
-                    stats.time_to_first_token_ms = (time.perf_counter() - t0) * 1e3
-                stats.tokens = len(ids)
-                yield TokenDelta(delta, token, i)
-            if hit is not None:
-                break
-            if i + 1 < max_new:
-                logits, rec, _ = self._step(self.adapter.token_input(token), "decode")
-                stats.history_token_ids.append(token)
-                decode_fractions.append(rec.fetched_fraction())
-        stats.tokens = len(ids)
-        stats.text = emitted
-        stats.finish_reason = finish
-        stats.fetched_fraction_decode = float(np.mean(decode_fractions)) if decode_fractions else 0.0
-        self._step(self.adapter.next_turn_input(), "text")
-        stats.total_ms = (time.perf_counter() - t0) * 1e3
-        self.answers.append(stats)
-        self.counters["answers"] += 1
+        try:
+            for i in range(max_new):
+                token = _sample(logits[0, -1], temperature, top_p, gen)
+                if token in eos:
+                    finish = "stop"
+                    break
+                ids.append(token)
+                text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
+                hit = next((st for st in stop if st and st in text), None)
+                if hit is not None:
+                    text = text[: text.index(hit)]
+                    finish = "stop"
+                if not text.endswith("\ufffd") and len(text) > len(emitted):
+                    delta, emitted = text[len(emitted) :], text
+                    if stats.tokens == 0:
+                        stats.time_to_first_token_ms = (time.perf_counter() - t0) * 1e3
+                    stats.tokens = len(ids)
+                    yield TokenDelta(delta, token, i)
+                if hit is not None:
+                    break
+                if i + 1 < max_new:
+                    logits, rec, _ = self._step(self.adapter.token_input(token), "decode")
+                    stats.history_token_ids.append(token)
+                    decode_fractions.append(rec.fetched_fraction())
+        except GeneratorExit:
+            finish = "cancelled"
+            raise
+        except BaseException:
+            finish = "error"
+            raise
+        finally:
+            stats.tokens = len(ids)
+            stats.text = emitted
+            stats.finish_reason = finish
+            stats.fetched_fraction_decode = float(np.mean(decode_fractions)) if decode_fractions else 0.0
+            self._step(self.adapter.next_turn_input(), "text")
+            stats.total_ms = (time.perf_counter() - t0) * 1e3
+            self.answers.append(stats)
+            self.counters["answers"] += 1
 
     # -- replay from a write-ahead log (server/wal.py) ----------------------------------------------
     def replay_frame(self, image: np.ndarray, timestamp_s: float, frame_index: int) -> bool:
@@ -436,15 +451,20 @@ class Session:
         if self._busy:
             raise RuntimeError("the session is busy with another frame or answer; retry when it is done")
         self._busy = True
+        it = self.generate(question, **options)
         try:
-            it = self.generate(question, **options)
             while True:
                 delta = await self.engine.run(next, it, None)
                 if delta is None:
                     break
                 yield delta
         finally:
-            self._busy = False
+            try:
+                # a caller that stops early (a disconnect) still gets the turn closed, on the
+                # model thread, after any step in flight there
+                await self.engine.run(it.close)
+            finally:
+                self._busy = False
 
     # -- stats ------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -555,7 +575,9 @@ class Session:
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, -1)
+    # shifted first: a tiny temperature then sends the others to -inf, not inf - inf = nan
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max()) / temperature, -1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p

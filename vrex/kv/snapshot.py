@@ -77,8 +77,8 @@ def verify_manifest(folder: str | os.PathLike, format_name: str | None = None) -
             raise SnapshotError(f"snapshot {folder} is incomplete: {rel} is missing")
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise SnapshotError(
-                f"snapshot {folder} is corrupted: checksum of {rel} does not match the manifest; "
-                "restore from another snapshot"
+                f"snapshot {folder} is corrupted: checksum of {rel} does not match the manifest "
+                "(the file changed after the snapshot was written)"
             )
     return manifest
 

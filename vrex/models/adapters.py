@@ -292,6 +292,12 @@ class ModelAdapter:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
+    def tokenize_user(self, text: str) -> Tensor:
+        """Token ids of a user's text: chat control tokens written in it stay plain text, so
+        a question cannot end its own turn or speak as the assistant."""
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
     def text_embeds(self, text: str, kind: str = "text") -> StepInput:
         """A step of plain text tokens."""
         token_ids = self.tokenize(text)
@@ -307,7 +313,8 @@ class ModelAdapter:
         """The question, the end of the user turn and the assistant header."""
         if not question.strip():
             raise ValueError("question is empty")
-        return self.text_embeds(question + self._chat.pieces(None)[1], kind="question")
+        ids = torch.cat([self.tokenize_user(question), self.tokenize(self._chat.pieces(None)[1])])
+        return self._ids_step(ids, "question")
 
     def next_turn_input(self) -> StepInput:
         """After an answer (its end-of-turn token not fed): close the answer, open the next user turn."""
