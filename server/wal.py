@@ -30,6 +30,8 @@ never acknowledged (acks follow the fsync), and it is cut off when the log is ne
 Answers in flight: an answer's record is appended after its last token is generated and before
 `answer_done` is sent. An answer cut off by a crash has no record, so after the restart the
 history is as it was before that question; the client never got `answer_done` and asks again.
+An answer that fails after its question was prefilled closed its turn in the engine (its tokens
+stay in the history), so it is logged too, before the error is sent.
 """
 
 from __future__ import annotations
