@@ -27,7 +27,7 @@ def test_gemm_cycles_closed_form():
     system = load_system("vrex8")
     env = simpy.Environment()
     counters = Counters()
-    lxe = Lxe(env, system, None, Dre(env, system, None, counters), counters)
+    lxe = Lxe(env, system, None, Dre(env, system, None, None, counters), counters)
     acc = system.accel
     # 10 rows, K=4096, N=4096 over 8 cores: each core 512 columns = 8 tree groups, 64 passes.
     ideal = 10 * 8 * 64
@@ -61,6 +61,19 @@ def test_at_or_above_roofline_bound_and_breakdowns_sum(name, kv, batch):
         assert sum(stage["latency_breakdown_ms"].values()) == pytest.approx(stage["latency_ms"], rel=1e-9)
         assert sum(stage["energy_breakdown_mj"].values()) == pytest.approx(stage["energy_mj"], rel=1e-9)
         assert all(v >= 0 for v in stage["energy_breakdown_mj"].values())
+
+
+@pytest.mark.parametrize("stage", ["frame", "text"])
+@pytest.mark.parametrize("kv", [10000, 40000])
+def test_at_or_above_roofline_bound_at_full_efficiency(stage, kv):
+    """With no slack from the efficiencies, the bound is tight: every DRAM byte it counts
+    (the fetched KV landing in DRAM included) must have taken DRAM time."""
+    system = apply_overrides(
+        load_system("vrex8"), {"memory.dram_efficiency": 1.0, "memory.link_efficiency": 1.0}
+    )
+    res = simulate(system, {"kv_tokens": kv, "stage": stage})
+    for st in res["stages"].values():
+        assert st["latency_ms"] >= st["roofline_bound_ms"] * (1 - 1e-9)
 
 
 def test_gpu_breakdown_sums_to_total():
