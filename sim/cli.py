@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sim.config import BUILTIN_SYSTEMS, POLICIES, override_many, read_yaml_mapping, with_hf_model
+from sim.config import BUILTIN_SYSTEMS, POLICIES, override_many, read_yaml_mapping, validate, with_hf_model
 from sim.tech import CORNERS
 
 RUN_METRICS = (
@@ -59,6 +59,7 @@ def _system(args: argparse.Namespace):
     if args.config:
         base = with_hf_model(base, data.pop("hf_config", None), Path(args.config).parent)
         base = override_many(base, data, prefix=f"{args.config}: ")
+        validate(base, prefix=f"{args.config}: ")
     base = with_hf_model(base, args.hf_config)
     return resolve_system(base, list(args.set), args.tech_corner)
 
@@ -144,9 +145,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         "stage": args.stage,
         "policy": args.policy,
         "trace": args.trace,
+        "frames": args.frames,
+        "question_tokens": args.question_tokens,
+        "answer_tokens": args.answer_tokens,
     }
     if args.trace:
         from sim.trace_replay import read_trace, trace_policy
+
+        if not Path(args.trace).is_file():
+            what = "is a folder" if Path(args.trace).is_dir() else "does not exist"
+            raise ValueError(
+                f"--trace {args.trace} {what}; give a vrex.trace/1 JSON-lines file (vrex serve --trace-dir)"
+            )
 
         traced = read_trace(args.trace)[0]
         if args.policy and args.policy != trace_policy(traced):
@@ -155,6 +165,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "a replay costs what the trace selected; drop --policy"
             )
     stage = {"frame": "frame", "text": "decode", "e2e": "e2e"}[args.stage]
+    if args.trace and stage == "decode":
+        from sim.trace_replay import steps_from_trace
+
+        # text = the answer's decode steps; a trace of only question prefills reports those
+        traced = steps_from_trace(args.trace, system)
+        if not traced["decode"] and traced["text"]:
+            stage = "text"
     if all_corners:
         return _run_all_corners(args, system, scenario, stage)
     res, report = _run_report(system, scenario, stage)
@@ -173,6 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"  energy breakdown ({stage}, mJ): "
         + ", ".join(f"{k} {v:.1f}" for k, v in report["energy_breakdown_mj"].items())
     )
+    lines += [f"  note: {note}" for note in res.get("notes", [])]
     ev = res["events_per_s"] or 0
     lines.append(
         f"  events {res['events']}  sim_wall_s {res['sim_wall_s']:.3f}  events/s {ev:,.0f}  hash {res['config_hash']}"
@@ -187,16 +205,16 @@ def cmd_area(args: argparse.Namespace) -> int:
     rep = area(_system(args))
     lines = [
         f"{rep['system']}: {rep['num_cores']} cores, {_tech_label(rep)}",
-        f"  {'component':10s} {'area_mm2':>10s} {'power_mw':>10s}",
+        f"  {'':10s} {'per core':>21s}   {'per chip':>21s}",
+        f"  {'component':10s} {'area_mm2':>10s} {'power_mw':>10s}   {'area_mm2':>10s} {'power_mw':>10s}",
     ]
-    for name, v in rep["per_core"].items():
-        lines.append(f"  {name:10s} {v['area_mm2']:10.4f} {v['power_mw']:10.2f}")
-    lines.append(
-        f"  {'core':10s} {rep['core_total']['area_mm2']:10.4f} {rep['core_total']['power_mw']:10.2f}"
-    )
-    lines.append(
-        f"  {'chip':10s} {rep['chip_total']['area_mm2']:10.3f} {rep['chip_total']['power_mw']:10.1f}"
-    )
+    rows = [(name, v, rep["per_chip"][name]) for name, v in rep["per_core"].items()]
+    rows.append(("total", rep["core_total"], rep["chip_total"]))
+    for name, core, chip in rows:
+        lines.append(
+            f"  {name:10s} {core['area_mm2']:10.4f} {core['power_mw']:10.2f}   "
+            f"{chip['area_mm2']:10.3f} {chip['power_mw']:10.1f}"
+        )
     lines.append(
         f"  DRE share: area {rep['dre_share']['area_fraction'] * 100:.2f}%, power {rep['dre_share']['power_fraction'] * 100:.2f}%"
     )
@@ -293,6 +311,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--batch", type=int, default=1)
     run.add_argument("--stage", choices=("frame", "text", "e2e"), default="frame")
     run.add_argument("--policy", choices=POLICIES, default=None, help="retrieval policy (default resv)")
+    scenario = run.add_argument_group("e2e scenario (default: the paper's average COIN question)")
+    scenario.add_argument("--frames", type=int, default=None, help="frames streamed (default 26)")
+    scenario.add_argument("--question-tokens", type=int, default=None, help="question length (default 25)")
+    scenario.add_argument("--answer-tokens", type=int, default=None, help="answer length (default 39)")
     run.add_argument(
         "--trace",
         metavar="FILE",
@@ -353,7 +375,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plot.add_argument("--kv-tokens", default="1000,5000,10000,20000,40000")
     plot.add_argument("--batch", type=int, default=None, help="default 1 (the paper's roofline: 4)")
     plot.add_argument("--layer", type=int, default=16, help="layer of the bandwidth-over-time plot")
-    plot.add_argument("--out", default="docs/sim")
+    plot.add_argument("--out", default="sim-plots", help="folder for the PNGs (default sim-plots)")
     plot.set_defaults(func=cmd_plot)
 
     from sim.sweep_cli import add_sweep_parser  # `vrex sim sweep` (design-space exploration)

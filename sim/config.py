@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ class ModelConfig:
         return params * self.dtype_bytes
 
 
+FITTED_MAX_HISTORY_TOKENS = 80_000  # longest history of the paper's figures (Fig. 4b)
+
+
 @dataclass(frozen=True)
 class ResvConfig:
     """Synthetic ReSV statistics used when no trace is given (see sim/workload.py).
@@ -81,6 +85,7 @@ class ResvConfig:
     the paper's Table II gives the average ratios. Frames: growth_exponent < 1 says
     selection grows slower than history (calibrated to Fig. 13's latencies); text steps:
     text_growth_exponent = 1 keeps Table II's ratio at every history (see workload.py).
+    Fitted to the paper's 1K-80K histories (FITTED_MAX_HISTORY_TOKENS); a run beyond says so.
     """
 
     frame_ratio: float = 0.327  # Table II ReSV average, frame stage
@@ -381,27 +386,32 @@ def _walk(obj: Any, prefix: str = ""):
             yield path, value
 
 
-def validate(obj: Any) -> None:
-    """Raise ValueError naming the first field outside its allowed range."""
+def validate(obj: Any, prefix: str = "") -> None:
+    """Raise ValueError naming the first field outside its allowed range (after `prefix`,
+    e.g. the file that set it)."""
     for path, value in _walk(obj):
         allowed = RANGES.get(path)
         if allowed is None or value is None:
             continue
         if isinstance(allowed[0], str):
             if value not in allowed:
-                raise ValueError(f"{path}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+                raise ValueError(
+                    f"{prefix}{path}={value!r} is not allowed; choose one of {', '.join(allowed)}"
+                )
             continue
         low, high = allowed
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}{path}={value} must be a finite number in [{low}, {high}]")
         if not (low <= value <= high):
-            raise ValueError(f"{path}={value} is out of range; allowed range is [{low}, {high}]")
+            raise ValueError(f"{prefix}{path}={value} is out of range; allowed range is [{low}, {high}]")
     if isinstance(obj, SystemConfig):
         m, r = obj.model, obj.resv
         if m.num_heads % m.num_kv_heads:
             raise ValueError(
-                f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}"
+                f"{prefix}model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}"
             )
         if r.layer_ratio_min > r.layer_ratio_max:
-            raise ValueError("resv.layer_ratio_min must be <= resv.layer_ratio_max")
+            raise ValueError(f"{prefix}resv.layer_ratio_min must be <= resv.layer_ratio_max")
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -452,21 +462,40 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_system(name_or_path: str, overrides: dict[str, Any] | list[str] | None = None) -> SystemConfig:
-    """Load a built-in system by name or a YAML file; a YAML file may say `base: vrex8` and
-    `hf_config: path/to/config.json` (the model; `model:` fields still override it)."""
+def load_system(
+    name_or_path: str,
+    overrides: dict[str, Any] | list[str] | None = None,
+    *,
+    relative_to: Path | None = None,
+    _chain: tuple[Path, ...] = (),
+) -> SystemConfig:
+    """Load a built-in system by name or a YAML file; a YAML file may say `base: vrex8` (or a
+    file beside it) and `hf_config: path/to/config.json` (the model; `model:` fields still
+    override it)."""
     path = Path(name_or_path)
     if name_or_path in BUILTIN_SYSTEMS:
         path = SYSTEMS_DIR / f"{name_or_path}.yaml"
+    elif relative_to is not None and not path.is_absolute() and (relative_to / path).exists():
+        path = relative_to / path  # a base named by a YAML file is found beside it
     elif not path.exists():
         raise ValueError(
             f"unknown system {name_or_path!r}: use one of {', '.join(BUILTIN_SYSTEMS)} or a YAML file path"
         )
+    path = path.resolve()
+    if path in _chain:
+        names = " -> ".join(p.name for p in (*_chain, path))
+        raise ValueError(
+            f"`base:` files name each other in a loop ({names}); end the chain at a built-in system"
+        )
     data = read_yaml_mapping(path, "config fields")
     base = data.pop("base", None)
-    system = load_system(base) if base else SystemConfig()
+    system = (
+        load_system(str(base), relative_to=path.parent, _chain=(*_chain, path)) if base else SystemConfig()
+    )
     system = with_hf_model(system, data.pop("hf_config", None), path.parent)
-    system = override_many(system, data, prefix=f"{path.name}: ")
+    prefix = f"{path.name}: "
+    system = override_many(system, data, prefix=prefix)
+    validate(system, prefix)
     system = apply_overrides(system, overrides)
     validate(system)
     return system

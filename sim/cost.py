@@ -83,13 +83,18 @@ def area_power_report(system: SystemConfig, tech: dict[str, float]) -> dict:
         "tech_corner": system.tech_corner,
         "tech_pinned": pinned(system),
         "per_core": {k: {"area_mm2": area[k], "power_mw": power[k]} for k in COMPONENTS},
+        "per_chip": {k: {"area_mm2": area[k] * cores, "power_mw": power[k] * cores} for k in COMPONENTS},
         "core_total": {"area_mm2": core_area, "power_mw": core_power},
         "chip_total": {"area_mm2": core_area * cores, "power_mw": core_power * cores},
         "dre_share": {
-            "area_fraction": sum(area[k] for k in DRE_COMPONENTS) / core_area,
-            "power_fraction": sum(power[k] for k in DRE_COMPONENTS) / core_power,
+            "area_fraction": _share(sum(area[k] for k in DRE_COMPONENTS), core_area),
+            "power_fraction": _share(sum(power[k] for k in DRE_COMPONENTS), core_power),
         },
     }
+
+
+def _share(part: float, total: float) -> float:
+    return part / total if total else 0.0  # a technology table of zeros is allowed (a what-if)
 
 
 def power_ceiling_w(system: SystemConfig, tech: dict[str, float]) -> float:

@@ -155,7 +155,7 @@ def plot_roofline(
 
 
 def make_all(
-    out: str | Path = "docs/sim",
+    out: str | Path = "sim-plots",
     system: SystemConfig | str | None = None,
     baseline: SystemConfig | str = "agx-orin",
     kv_tokens=KV_SWEEP,

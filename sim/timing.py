@@ -111,9 +111,9 @@ class Dre:
         env.process(self._run())
 
     def submit(self, step: Step, layer: int):
+        """A layer's selection job; the caller waits (yield) until the DRE can queue it."""
         job = _Job(step, layer, self.env.event(), self.env.event())
-        self.jobs.put(job)
-        return job
+        return job, self.jobs.put(job)
 
     def cycles(self, step: Step, layer: int) -> tuple[int, int, int]:
         """(hcu_cycles, wtu_cycles, vpe_sort_cycles) of one layer's selection, closed form."""
@@ -406,7 +406,8 @@ class Lxe:
                     yield from self.op(
                         "kv_predict", self.flat_cycles(score_macs), device_key_bytes, f"score L{target}"
                     )
-                jobs[target] = self.dre.submit(step, target)
+                jobs[target], queued = self.dre.submit(step, target)
+                yield from self.wait("kv_predict", queued)  # the DRE's job queue is bounded
             yield from self.wait("kv_predict", jobs[layer].selected)
         # 3) attention: device-resident part overlaps the fetch, then the fetched part
         selected = step.selected_tokens[layer]

@@ -102,15 +102,21 @@ def _step(record: dict, system: SystemConfig, batch: int, predict_stages: list[s
     )
 
 
-def steps_from_trace(path: str | Path, system: SystemConfig, batch: int = 1) -> dict[str, list[Step]]:
-    """Steps grouped by stage ('frame', 'text', 'decode') for simulate()."""
+def steps_from_trace(
+    path: str | Path, system: SystemConfig, batch: int = 1, e2e: bool = False
+) -> dict[str, list[Step]]:
+    """Steps grouped by stage ('frame', 'text', 'decode') for simulate(); with `e2e`, also
+    every step in the trace's order as 'e2e' (the whole recorded stream, end to end)."""
     header, records = read_trace(path)
     system = system_for_trace(system, header)
     spec = policy_table().get(header.get("policy", "resv"), policy_table()["resv"])
     predict_stages = spec.get("predict_stages", [])
     grouped: dict[str, list[Step]] = {"frame": [], "text": [], "decode": []}
-    for record in records:
-        grouped[record["stage"]].append(_step(record, system, batch, predict_stages))
-    if not any(grouped.values()):
+    ordered = [_step(record, system, batch, predict_stages) for record in records]
+    for step in ordered:
+        grouped[step.stage].append(step)
+    if not ordered:
         raise ValueError(f"{path}: the trace has a header but no step lines; record at least one step")
+    if e2e:
+        grouped["e2e"] = ordered
     return grouped

@@ -112,7 +112,12 @@ def resv_selected_tokens(history: int, stage: str, resv: ResvConfig) -> float:
     else:
         ratio, exponent = resv.text_ratio, resv.text_growth_exponent
     h_ref = resv.reference_history_tokens
-    return min(float(history), ratio * h_ref * (history / h_ref) ** exponent)
+    selected = min(float(history), ratio * h_ref * (history / h_ref) ** exponent)
+    if stage != "frame":
+        # one query row needs no more than a frame's union of rows; the text exponent, fitted
+        # to 1K-80K histories, would say otherwise past ~170K
+        selected = min(selected, resv_selected_tokens(history, "frame", resv))
+    return selected
 
 
 def make_step(
@@ -171,7 +176,7 @@ def build_steps(system: SystemConfig, scenario: Scenario) -> dict[str, list[Step
     if scenario.trace:
         from sim.trace_replay import steps_from_trace
 
-        return steps_from_trace(scenario.trace, system, scenario.batch)
+        return steps_from_trace(scenario.trace, system, scenario.batch, e2e=scenario.stage == "e2e")
     model: ModelConfig = system.model
     h, b, pol = scenario.kv_tokens, scenario.batch, scenario.policy
     steps = {

@@ -58,6 +58,14 @@ def test_trace_replay_reports_the_trace_not_the_scenario(tmp_path, capsys):
     frames_only.write_text("\n".join([lines[0]] + [x for x in lines[1:] if '"stage": "frame"' in x]) + "\n")
     assert vrex_main(["sim", "run", "--trace", str(frames_only), "--stage", "text"]) == 2
     assert "no decode steps" in capsys.readouterr().err
+    question_only = tmp_path / "question.jsonl"
+    question_only.write_text("\n".join([lines[0]] + [x for x in lines[1:] if '"stage": "text"' in x]) + "\n")
+    assert vrex_main(["sim", "run", "--trace", str(question_only), "--stage", "text", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["latency_breakdown_ms"]["ffn"] > 0
+    # e2e: every traced step in order, frames, question and answer together
+    assert vrex_main(["sim", "run", "--trace", str(TRACE), "--stage", "e2e", "--json"]) == 0
+    e2e = json.loads(capsys.readouterr().out)
+    assert e2e["e2e_latency_ms"] > e2e["frame_latency_ms"] + e2e["tpot_ms"]
     header_only = tmp_path / "empty.jsonl"
     header_only.write_text(lines[0] + "\n")
     assert vrex_main(["sim", "run", "--trace", str(header_only)]) == 2
@@ -68,6 +76,22 @@ def test_trace_replay_reports_the_trace_not_the_scenario(tmp_path, capsys):
     )
     assert vrex_main(["sim", "run", "--trace", str(bad)]) == 2
     assert "selected_clusters exceeds clusters" in capsys.readouterr().err
+
+
+def test_e2e_scenario_flags(capsys):
+    runs = {}
+    for frames in (26, 52):
+        assert (
+            vrex_main(
+                ["sim", "run", "--stage", "e2e", "--frames", str(frames), "--kv-tokens", "5000", "--json"]
+            )
+            == 0
+        )
+        runs[frames] = json.loads(capsys.readouterr().out)
+    assert runs[52]["scenario"]["frames"] == 52
+    assert runs[52]["e2e_latency_ms"] > runs[26]["e2e_latency_ms"] + 20 * runs[26]["frame_latency_ms"]
+    assert vrex_main(["sim", "run", "--stage", "e2e", "--answer-tokens", "-1"]) == 2
+    assert "answer_tokens" in capsys.readouterr().err
 
 
 def test_a_point_that_does_not_fit_in_dram_is_an_error(capsys):

@@ -40,6 +40,8 @@ def test_cli_style_overrides_coerce_types():
         ("tech.dpe_mac_energy_pj=-1", ["tech.dpe_mac_energy_pj", "range"]),
         ("tech.ssd_active_w=fast", ["tech.ssd_active_w", "number"]),
         ("tech.flux_capacitor_pj=1", ["tech.flux_capacitor_pj", "lpddr5_energy_pj_per_bit"]),
+        ("tech.lpddr5_energy_pj_per_bit=inf", ["tech.lpddr5_energy_pj_per_bit", "finite"]),
+        ("memory.dram_bandwidth_gbps=nan", ["memory.dram_bandwidth_gbps"]),
     ],
 )
 def test_bad_configuration_names_field_and_range(item, words):
@@ -56,8 +58,20 @@ def test_yaml_file_with_base(tmp_path):
     assert s.name == "mine" and s.accel.num_cores == 4 and s.memory.dram_type == "lpddr5"
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: vrex8\nmemory:\n  dram_efficiency: 3\n")
-    with pytest.raises(ValueError, match="memory.dram_efficiency"):
+    with pytest.raises(ValueError, match="bad.yaml: memory.dram_efficiency"):  # names the file
         load_system(str(bad))
+
+
+def test_yaml_base_chains_resolve_beside_the_file_and_loops_are_errors(tmp_path, monkeypatch):
+    (tmp_path / "parent.yaml").write_text("base: vrex48\nname: parent\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nname: child\n")
+    monkeypatch.chdir("/")  # the base is found beside the file, not in the working directory
+    s = load_system(str(tmp_path / "child.yaml"))
+    assert s.name == "child" and s.accel.num_cores == 48
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match=r"loop \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_system(str(tmp_path / "a.yaml"))
 
 
 def test_scenario_validation():

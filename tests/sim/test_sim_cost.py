@@ -53,6 +53,11 @@ def test_area_scales_with_units_and_gpu_is_rejected():
     assert area("vrex48")["chip_total"]["area_mm2"] == pytest.approx(48 * base["core_total"]["area_mm2"])
     with pytest.raises(ValueError, match="GPU"):
         area("agx-orin")
+    for name, core in base["per_core"].items():  # per chip: per core x cores
+        assert area("vrex48")["per_chip"][name]["area_mm2"] == pytest.approx(48 * core["area_mm2"])
+    # every area and leakage entry at zero (allowed: a what-if) gives zero shares, not a crash
+    zeros = [f"tech.{name}=0" for name in load_entries() if "area" in name or "leakage" in name]
+    assert area("vrex8", overrides=zeros)["dre_share"]["area_fraction"] == 0.0
 
 
 def test_tech_corners_bracket_energy():

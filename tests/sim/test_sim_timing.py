@@ -76,6 +76,17 @@ def test_at_or_above_roofline_bound_at_full_efficiency(stage, kv):
         assert st["latency_ms"] >= st["roofline_bound_ms"] * (1 - 1e-9)
 
 
+def test_beyond_the_fitted_histories_a_run_says_so_and_text_stays_below_frames():
+    near = simulate("vrex8", {"kv_tokens": 40000})
+    assert near["notes"] == []
+    far = simulate("vrex8", {"kv_tokens": 400000})
+    assert "beyond the 80000" in far["notes"][0]
+    # one decode row never selects more than a frame's rows (the text model's linear growth
+    # passed the frame model near 170K tokens)
+    sel = {st: simulate("vrex8", {"kv_tokens": 1_000_000, "stage": st}) for st in ("frame", "text")}
+    assert sel["text"]["tpot_ms"] < sel["frame"]["frame_latency_ms"]
+
+
 def test_gpu_breakdown_sums_to_total():
     res = simulate("agx-orin", {"kv_tokens": 20000, "policy": "infinigen_p"})
     frame = res["stages"]["frame"]
