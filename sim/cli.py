@@ -89,9 +89,12 @@ def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
 
 def _kv_list(text: str) -> list[int]:
     try:
-        values = [int(float(v)) for v in text.split(",") if v.strip()]
+        numbers = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--kv-tokens expects comma-separated integers, got {text!r}") from None
+        numbers = [0.5]  # not numbers: the same message as fractions
+    if not all(v.is_integer() for v in numbers):
+        raise ValueError(f"--kv-tokens expects comma-separated whole numbers of tokens, got {text!r}")
+    values = [int(v) for v in numbers]
     if not values:
         raise ValueError(f"--kv-tokens needs at least one value, got {text!r}")
     if min(values) < 0:

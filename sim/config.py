@@ -488,6 +488,8 @@ def load_system(
             f"`base:` files name each other in a loop ({names}); end the chain at a built-in system"
         )
     data = read_yaml_mapping(path, "config fields")
+    if name_or_path not in BUILTIN_SYSTEMS:
+        data.setdefault("name", path.stem)  # a file's system is named after it unless it says
     base = data.pop("base", None)
     system = (
         load_system(str(base), relative_to=path.parent, _chain=(*_chain, path)) if base else SystemConfig()
