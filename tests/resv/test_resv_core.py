@@ -421,6 +421,95 @@ def test_selector_bad_arguments():
         resv.ResvConfig(hamming_threshold=0)
 
 
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("n_bits", 32.5, "n_bits must be a whole number"),
+        ("n_bits", True, "n_bits must be a whole number"),
+        ("n_bits", 4, "hamming_threshold must be in [1, n_bits + 1 = 5]"),
+        ("hamming_threshold", 2.5, "hamming_threshold must be a whole number"),
+        ("max_cluster_tokens", float("nan"), "max_cluster_tokens must be a whole number"),
+        ("similarity_floor", "0.9", "similarity_floor must be a number"),
+        ("frame_ratio", None, "frame_ratio must be a number"),
+        ("num_buckets", 10**9, "num_buckets must be in [1, 65536]"),
+        ("seed", 2**70, "seed must be in"),
+    ],
+)
+def test_resv_config_names_the_field_and_its_range(field, value, words):
+    with pytest.raises(ValueError) as err:
+        resv.ResvConfig(**{field: value})
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("policy", resv.POLICIES)
+def test_a_refused_observe_changes_nothing(policy):
+    sel = resv.make_selector(2, 4, 2, 16, policy)
+    before = sel.state_dict()
+    for layer, keys in ((-1, torch.randn(2, 7, 16)), (5, torch.randn(2, 7, 16)), (0, torch.randn(7, 2, 16))):
+        with pytest.raises(ValueError, match="layer|keys"):
+            sel.observe(layer, keys)
+    after = sel.state_dict()
+    assert after["steps"] == before["steps"] == [0, 0]
+    if "keys" in after:
+        assert all(k.shape[1] == 0 for k in after["keys"])
+    assert sel.observe(0, torch.randn(2, 0, 16)).shape == (2, 0)  # an empty step is fine
+
+
+@pytest.mark.parametrize("policy", resv.POLICIES)
+def test_select_argument_errors_name_the_argument(policy):
+    sel = resv.make_selector(1, 4, 2, 16, policy)
+    sel.observe(0, torch.randn(2, 10, 16))
+    with pytest.raises(ValueError, match=r"query must be \[4, Tq, 16\]"):
+        sel.select(0, torch.randn(4, 1, 19), 10, 0.25)
+    with pytest.raises(ValueError, match="history_len must be >= 0"):
+        sel.select(0, torch.randn(4, 1, 16), -1, 0.25)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        sel.select(0, torch.randn(4, 1, 16), 10, 0.25, "bogus")
+    if policy in ("topk", "rekv", "resv"):
+        with pytest.raises(ValueError, match="history"):
+            sel.select(0, torch.randn(4, 1, 16), 11, 0.25)
+    assert sel.select(0, torch.randn(4, 0, 16), 10, 0.25).token_mask.shape == (2, 10)  # no query rows
+
+
+def test_make_selector_takes_a_resv_config_and_presets_by_name():
+    assert resv.make_selector(1, 4, 2, 16, resv.PAPER).resv == resv.PAPER
+    assert resv.make_selector(1, 4, 2, 16, None).resv == resv.DEFAULT
+    assert resv.SelectorConfig(resv="paper").resv == resv.PAPER
+    with pytest.raises(ValueError, match="config must be"):
+        resv.make_selector(1, 4, 2, 16, 3)
+    with pytest.raises(ValueError, match="num_kv_heads must be a whole number >= 1"):
+        resv.make_selector(1, 4, 0, 16)
+
+
+def test_state_of_another_config_or_policy_is_refused():
+    paper = resv.make_selector(1, 4, 2, 16, resv.PAPER)
+    paper.observe(0, torch.randn(2, 5, 16))
+    state = paper.state_dict()
+    with pytest.raises(ValueError, match="hyperplanes"):
+        resv.make_selector(1, 4, 2, 16, resv.PAPER.replace(n_bits=16, hamming_threshold=3)).load_state_dict(
+            state
+        )
+    with pytest.raises(ValueError, match="key bounds"):
+        resv.make_selector(1, 4, 2, 16, resv.PAPER.replace(estimator="bound")).load_state_dict(state)
+    with pytest.raises(ValueError, match="another policy"):
+        resv.make_selector(1, 4, 2, 16, "topk").load_state_dict(state)
+    with pytest.raises(ValueError, match="layers"):
+        resv.make_selector(2, 4, 2, 16, resv.PAPER).load_state_dict(state)
+
+
+def test_a_long_step_is_clustered_in_chunks():
+    from vrex.resv.clusters import MAX_STEP_TOKENS
+
+    keys = torch.randn(2, MAX_STEP_TOKENS + 5, 16)
+    whole = resv.HCTable(2, 16, resv.DEFAULT, 0)
+    ids = whole.add(keys).cluster_ids
+    chunked = resv.HCTable(2, 16, resv.DEFAULT, 0)
+    chunked.add(keys[:, :MAX_STEP_TOKENS])
+    chunked.add(keys[:, MAX_STEP_TOKENS:])
+    assert ids.shape == (2, MAX_STEP_TOKENS + 5) and whole.num_tokens == MAX_STEP_TOKENS + 5
+    assert torch.equal(whole.member_of.view, chunked.member_of.view)  # the same as two steps
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cpu_and_cuda_agree():
     steps = _stream(6, 3, 10, 16, seed=7)

@@ -59,6 +59,11 @@ class _Rows:
         return self.view
 
 
+# Longest step clustered in one piece: its [T, T] comparisons take ~4 bytes x T^2 per group
+# and tensor (~70 MB per group at 2,048 tokens)
+MAX_STEP_TOKENS = 2048
+
+
 @dataclass
 class StepClusters:
     """Result of clustering one step: the cluster of every new token, per KV head."""
@@ -161,10 +166,23 @@ class HCTable:
         return keys.reshape(self.groups, self.heads_per_group, t, d).transpose(1, 2)
 
     def add(self, keys: Tensor) -> StepClusters:
-        """Cluster a step's new post-RoPE keys ``[Hkv, T, d]`` and append them."""
+        """Cluster a step's new post-RoPE keys ``[Hkv, T, d]`` and append them.
+
+        A step compares its tokens with each other (``[T, T]`` per group), so one longer than
+        ``MAX_STEP_TOKENS`` is clustered in chunks of that size, each against the clusters of
+        the chunks before it as if they were earlier steps."""
         if keys.ndim != 3 or keys.shape[0] != self.num_kv_heads or keys.shape[2] != self.head_dim:
             raise ValueError(
                 f"keys must be [{self.num_kv_heads}, T, {self.head_dim}], got {tuple(keys.shape)}"
+            )
+        t = keys.shape[1]
+        if t == 0:
+            empty = torch.zeros(self.num_kv_heads, 0, dtype=torch.int64, device=keys.device)
+            return StepClusters(empty, torch.zeros(self.groups, dtype=torch.int64, device=keys.device))
+        if t > MAX_STEP_TOKENS:
+            parts = [self.add(chunk) for chunk in keys.split(MAX_STEP_TOKENS, dim=1)]
+            return StepClusters(
+                torch.cat([p.cluster_ids for p in parts], 1), sum(p.new_clusters for p in parts)
             )
         keys = keys.to(torch.float32)
         gk = self._group_keys(keys)  # [G, T, Hg, d]
@@ -290,7 +308,19 @@ class HCTable:
         return {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore ``state_dict()`` of a table built with the same shape and ResvConfig."""
         device = self.planes.device
+        if tuple(state["planes"].shape) != tuple(self.planes.shape):
+            raise ValueError(
+                f"this HC-table state has hyperplanes {tuple(state['planes'].shape)} (groups, dim, "
+                f"n_bits), the table {tuple(self.planes.shape)}: build it with the ResvConfig "
+                "(scope, n_bits) and head shape it was saved with"
+            )
+        if self.track_bounds and "kmin" not in state:
+            raise ValueError(
+                f"this HC-table state has no key bounds, which estimator {self.cfg.estimator!r} "
+                "needs: it was saved with estimator 'mean'"
+            )
         self.planes = state["planes"].to(device)
         names = ["codes", "sums", "counts", "closed", "member_of"]
         if self.track_bounds:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,9 +13,32 @@ WeightForm = Literal["softmax", "linear"]
 Mass = Literal["all", "retrievable"]
 
 
+MAX_BUCKETS = 65536  # the hardware has 16; more is a software experiment, not a sort replacement
+
+
+def _int_in(name: str, value: object, low: int, high: int | None, high_text: str | None = None) -> None:
+    """A ValueError naming the field unless value is an int (not a bool) in [low, high]."""
+    bound = f"[{low}, {high_text or high}]" if high is not None else f">= {low}"
+    if high_text and high is not None:
+        bound = f"[{low}, {high_text} = {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+
+
+def _real_in(name: str, value: object, low: float, high: float, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
+    if not (low <= value <= high):  # NaN fails this too
+        raise ValueError(f"{name} must be in {allowed}, got {value}")
+
+
 @dataclass(frozen=True)
 class ResvConfig:
-    """Everything ReSV does is set here; see DESIGN.md for why each default is what it is.
+    """Everything ReSV does is set here. ``ResvConfig()`` is the paper's setting (``PAPER``);
+    ``DEFAULT`` below is ours, with the measurements that chose it. Bad values raise a
+    ValueError naming the field and its range.
 
     ``decode_ratio`` applies to one-token steps (decode), ``text_ratio`` to multi-token text
     steps (the question, an answer primer) when the caller names the stage, ``frame_ratio`` to
@@ -33,7 +56,9 @@ class ResvConfig:
     hamming_threshold: int = 7  # join iff distance < threshold
     scope: Scope = "all_heads"
     similarity_floor: float | None = None  # cosine floor for membership; None = Hamming only
-    max_cluster_tokens: int | None = None  # a cluster stops accepting members at this size
+    # a cluster stops accepting members once it holds this many tokens (checked at the start
+    # of each step: one step can take it past the cap)
+    max_cluster_tokens: int | None = None
     estimator: Estimator = "mean"
     weight_form: WeightForm = "softmax"
     mass: Mass = "all"
@@ -44,16 +69,14 @@ class ResvConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n_bits <= 256:
-            raise ValueError(f"n_bits must be in [1, 256], got {self.n_bits}")
-        if not 1 <= self.hamming_threshold <= self.n_bits + 1:
-            raise ValueError(f"hamming_threshold must be in [1, n_bits + 1], got {self.hamming_threshold}")
+        _int_in("n_bits", self.n_bits, 1, 256)
+        _int_in("hamming_threshold", self.hamming_threshold, 1, self.n_bits + 1, "n_bits + 1")  # set both
         if self.scope not in ("all_heads", "per_head"):
             raise ValueError(f"scope must be 'all_heads' or 'per_head', got {self.scope!r}")
-        if self.similarity_floor is not None and not -1.0 <= self.similarity_floor <= 1.0:
-            raise ValueError(f"similarity_floor must be in [-1, 1] or None, got {self.similarity_floor}")
-        if self.max_cluster_tokens is not None and self.max_cluster_tokens < 1:
-            raise ValueError(f"max_cluster_tokens must be >= 1 or None, got {self.max_cluster_tokens}")
+        if self.similarity_floor is not None:
+            _real_in("similarity_floor", self.similarity_floor, -1.0, 1.0, "[-1, 1] or None")
+        if self.max_cluster_tokens is not None:
+            _int_in("max_cluster_tokens", self.max_cluster_tokens, 1, None)
         if self.estimator not in ("mean", "bound", "radius"):
             raise ValueError(f"estimator must be mean, bound or radius, got {self.estimator!r}")
         if self.weight_form not in ("softmax", "linear"):
@@ -64,10 +87,12 @@ class ResvConfig:
             value = getattr(self, name)
             if name == "text_ratio" and value is None:
                 continue
-            if not (0.0 < value <= 1.0) or math.isnan(value):
+            _real_in(name, value, 0.0, 1.0, "(0, 1]")
+            if value == 0.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
-        if self.num_buckets is not None and self.num_buckets < 1:
-            raise ValueError(f"num_buckets must be >= 1 or None, got {self.num_buckets}")
+        if self.num_buckets is not None:
+            _int_in("num_buckets", self.num_buckets, 1, MAX_BUCKETS)
+        _int_in("seed", self.seed, 0, 2**63 - 1)
 
     def replace(self, **changes: object) -> ResvConfig:
         return dataclasses.replace(self, **changes)
@@ -105,6 +130,7 @@ PRESETS: dict[str, ResvConfig] = {"paper": PAPER, "default": DEFAULT}
 
 
 def preset(name: str) -> ResvConfig:
+    """A named ReSV configuration: ``paper`` (the paper's settings) or ``default`` (ours)."""
     try:
         return PRESETS[name]
     except KeyError:

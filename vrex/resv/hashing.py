@@ -59,7 +59,8 @@ def popcount(x: Tensor) -> Tensor:
 
 
 def hamming(a: Tensor, b: Tensor) -> Tensor:
-    """Hamming distance between packed codes ``[..., W]``, broadcasting the leading dims."""
+    """Hamming distance between packed codes ``[..., W]`` (as ``hash_codes`` packs them: 32
+    bits per int64 word, the upper half zero), broadcasting the leading dims."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.ndim < 1:
             raise ValueError(f"{name} must be an int64 tensor of packed codes [..., W]")

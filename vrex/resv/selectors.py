@@ -26,7 +26,7 @@ from torch import Tensor
 from vrex.limits import POLICIES
 
 from .clusters import HCTable, cluster_scores
-from .config import DEFAULT, ResvConfig
+from .config import DEFAULT, ResvConfig, preset
 from .wicsum import CANDIDATE_MIN_ROWS, wicsum_select, wicsum_select_bucketed
 
 # exp() of float32 inputs below about -87.3 (results under the smallest normal float) takes a
@@ -50,6 +50,10 @@ class SelectorConfig:
             raise ValueError("sink_tokens and recent_tokens must be >= 0")
         if not 0.0 < self.budget_fraction <= 1.0:
             raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
+        if isinstance(self.resv, str):  # a preset by name
+            object.__setattr__(self, "resv", preset(self.resv))
+        if not isinstance(self.resv, ResvConfig):
+            raise ValueError(f"resv must be a ResvConfig or a preset name, got {type(self.resv).__name__}")
 
     def replace(self, **changes: object) -> SelectorConfig:
         return dataclasses.replace(self, **changes)
@@ -86,10 +90,15 @@ class Selection:
         return list(hits[:, 1].split(counts))
 
 
+STAGES = ("frame", "text", "decode")
+
+
 class Selector:
-    """Base: always-attended tokens and bookkeeping; subclasses add the retrieval."""
+    """Full attention, and the base of every selector: always-attended tokens (sinks and the
+    recent window), argument checks and bookkeeping; subclasses add the retrieval."""
 
     name = "full"
+    state_keys: tuple[str, ...] = ("steps",)
 
     def __init__(
         self,
@@ -100,6 +109,14 @@ class Selector:
         config: SelectorConfig | None = None,
         device: torch.device | str = "cpu",
     ):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.cfg = config or SelectorConfig(policy=self.name)
@@ -108,11 +125,31 @@ class Selector:
         self.device = torch.device(device)
         self.steps = [0] * num_layers
 
-    def _check(self, layer: int, query: Tensor | None = None) -> None:
+    def _check(
+        self,
+        layer: int,
+        query: Tensor | None = None,
+        history_len: int | None = None,
+        stage: str | None = None,
+    ) -> None:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        if query is not None and (query.ndim != 3 or query.shape[0] != self.num_heads):
-            raise ValueError(f"query must be [{self.num_heads}, Tq, d], got {tuple(query.shape)}")
+        if query is not None and (
+            query.ndim != 3 or query.shape[0] != self.num_heads or query.shape[2] != self.head_dim
+        ):
+            raise ValueError(
+                f"query must be [{self.num_heads}, Tq, {self.head_dim}], got {tuple(query.shape)}"
+            )
+        if history_len is not None and history_len < 0:
+            raise ValueError(f"history_len must be >= 0, got {history_len}")
+        if stage is not None and stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)} or None, got {stage!r}")
+
+    def _check_keys(self, keys: Tensor) -> None:
+        if keys.ndim != 3 or keys.shape[0] != self.num_kv_heads or keys.shape[2] != self.head_dim:
+            raise ValueError(
+                f"keys must be [{self.num_kv_heads}, T, {self.head_dim}], got {tuple(keys.shape)}"
+            )
 
     def always_mask(self, history_len: int) -> Tensor:
         pos = torch.arange(history_len, device=self.device)
@@ -122,12 +159,21 @@ class Selector:
     def select(
         self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
     ) -> Selection:
-        self._check(layer, query)
+        """Which of the ``history_len`` earlier tokens each KV head of ``layer`` attends to.
+
+        ``query``: the step's post-RoPE queries ``[num_heads, Tq, head_dim]``; ``scaling``: the
+        attention's score scale (1/sqrt(head_dim) for most models); ``stage``: ``frame``,
+        ``text`` or ``decode`` when known (ReSV picks its ratio by it). Call before the step's
+        own keys are observed."""
+        self._check(layer, query, history_len, stage)
         return Selection(torch.ones(self.num_kv_heads, history_len, dtype=torch.bool, device=self.device))
 
     def observe(self, layer: int, keys: Tensor) -> Tensor:
-        """Record a step's keys; pages are whole steps unless a subclass clusters."""
+        """Record a step's new post-RoPE keys ``[num_kv_heads, T, head_dim]``; returns each new
+        token's page id per KV head ``[num_kv_heads, T]`` (whole steps unless a subclass
+        clusters). Nothing changes when the arguments are refused."""
         self._check(layer)
+        self._check_keys(keys)
         step = self.steps[layer]
         self.steps[layer] += 1
         return torch.full(keys.shape[:2], step, dtype=torch.int64, device=keys.device)
@@ -139,33 +185,49 @@ class Selector:
         return {"steps": list(self.steps)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned, into a selector built with the same
+        arguments and config (a mismatch raises a ValueError saying which)."""
+        missing = [k for k in self.state_keys if k not in state]
+        if missing:
+            raise ValueError(
+                f"this state has no {', '.join(missing)}: it was saved by another policy than {self.name!r}"
+            )
+        if len(state["steps"]) != self.num_layers:
+            raise ValueError(f"this state has {len(state['steps'])} layers, the selector {self.num_layers}")
         self.steps = list(state["steps"])
 
 
 class FullSelector(Selector):
+    """Every history token (the reference the others are measured against)."""
+
     name = "full"
 
 
 class WindowSelector(Selector):
+    """StreamingLLM-like: only the sinks and the recent window."""
+
     name = "window"
 
     def select(
         self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
     ) -> Selection:
-        self._check(layer, query)
+        self._check(layer, query, history_len, stage)
         return Selection(self.always_mask(history_len))
 
 
 class _KeyKeeper(Selector):
     """Keeps its own copy of every history key (what the oracle baselines score against)."""
 
+    state_keys = ("steps", "keys")
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.keys: list[list[Tensor]] = [[] for _ in range(self.num_layers)]
 
     def observe(self, layer: int, keys: Tensor) -> Tensor:
+        ids = super().observe(layer, keys)  # checks first
         self.keys[layer].append(keys.detach().to(self.device, torch.float32))
-        return super().observe(layer, keys)
+        return ids
 
     def history_keys(self, layer: int) -> Tensor:
         chunks = self.keys[layer]
@@ -175,7 +237,19 @@ class _KeyKeeper(Selector):
 
     def _grouped(self, query: Tensor) -> Tensor:
         hq, tq, d = query.shape
-        return query.to(torch.float32).reshape(self.num_kv_heads, hq // self.num_kv_heads * tq, d)
+        return query.to(self.device, torch.float32).reshape(
+            self.num_kv_heads, hq // self.num_kv_heads * tq, d
+        )
+
+    def _checked_keys(self, layer: int, query: Tensor, history_len: int, stage: str | None) -> Tensor | None:
+        """The first ``history_len`` stored keys of ``layer``; None when nothing is scored."""
+        self._check(layer, query, history_len, stage)
+        keys = self.history_keys(layer)
+        if history_len > keys.shape[1]:
+            raise ValueError(
+                f"layer {layer}: history_len {history_len} but {keys.shape[1]} keys were observed"
+            )
+        return keys[:, :history_len] if history_len and query.shape[1] else None
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "keys": [self.history_keys(i).cpu() for i in range(self.num_layers)]}
@@ -194,11 +268,10 @@ class TopKSelector(_KeyKeeper):
     def select(
         self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
     ) -> Selection:
-        self._check(layer, query)
+        keys = self._checked_keys(layer, query, history_len, stage)
         mask = self.always_mask(history_len)
-        keys = self.history_keys(layer)[:, :history_len]
         k = min(history_len, max(1, round(self.cfg.budget_fraction * history_len)))
-        if history_len:
+        if keys is not None:
             s = torch.einsum("hrd,hnd->hrn", self._grouped(query), keys) * scaling
             prob = torch.softmax(s, -1).amax(1)  # [Hkv, N]
             mask.scatter_(1, prob.topk(k, dim=1).indices, True)
@@ -210,23 +283,25 @@ class RekvSelector(_KeyKeeper):
     score averaged over all rows and heads so every KV head of the layer gets the same frames."""
 
     name = "rekv"
+    state_keys = ("steps", "keys", "frame_starts")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.frame_starts: list[list[int]] = [[] for _ in range(self.num_layers)]
 
     def observe(self, layer: int, keys: Tensor) -> Tensor:
-        self.frame_starts[layer].append(sum(k.shape[1] for k in self.keys[layer]))
-        return super().observe(layer, keys)
+        start = sum(k.shape[1] for k in self.keys[layer]) if 0 <= layer < self.num_layers else 0
+        ids = super().observe(layer, keys)  # checks first
+        self.frame_starts[layer].append(start)
+        return ids
 
     def select(
         self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
     ) -> Selection:
-        self._check(layer, query)
+        keys = self._checked_keys(layer, query, history_len, stage)
         mask = self.always_mask(history_len)
-        if not history_len:
+        if keys is None:
             return Selection(mask)
-        keys = self.history_keys(layer)[:, :history_len]
         starts = torch.tensor([s for s in self.frame_starts[layer] if s < history_len], device=self.device)
         ends = torch.cat([starts[1:], torch.tensor([history_len], device=self.device)])
         frame_of = torch.bucketize(torch.arange(history_len, device=self.device), starts, right=True) - 1
@@ -255,6 +330,7 @@ class ResvSelector(Selector):
     """ReSV: hash-bit clusters of keys, scored by representative, thresholded by WiCSum."""
 
     name = "resv"
+    state_keys = ("steps", "tables")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -270,7 +346,7 @@ class ResvSelector(Selector):
     def select(
         self, layer: int, query: Tensor, history_len: int, scaling: float, stage: str | None = None
     ) -> Selection:
-        self._check(layer, query)
+        self._check(layer, query, history_len, stage)
         table = self.tables[layer]
         if table.num_tokens != history_len:
             raise ValueError(
@@ -278,7 +354,7 @@ class ResvSelector(Selector):
             )
         mask = self.always_mask(history_len)
         hkv, c = self.num_kv_heads, table.num_clusters
-        if not history_len or not c:
+        if not history_len or not c or not query.shape[1]:
             zeros = torch.zeros(hkv, dtype=torch.int64, device=self.device)
             return Selection(mask, clusters=zeros, selected_clusters=zeros)
         query = query.to(self.device)
@@ -346,8 +422,10 @@ class ResvSelector(Selector):
 
     def observe(self, layer: int, keys: Tensor) -> Tensor:
         self._check(layer)
+        self._check_keys(keys)
+        ids = self.tables[layer].add(keys.to(self.device)).cluster_ids
         self.steps[layer] += 1
-        return self.tables[layer].add(keys.to(self.device)).cluster_ids
+        return ids
 
     def on_evicted(self, layer: int, kv_head: int, page_ids: Tensor) -> None:
         table = self.tables[layer]
@@ -401,10 +479,18 @@ def make_selector(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    config: SelectorConfig | str = "resv",
+    config: SelectorConfig | ResvConfig | str | None = "resv",
     device: torch.device | str = "cpu",
 ) -> Selector:
-    """A selector by name (``full``, ``window``, ``topk``, ``rekv``, ``resv``) or config."""
-    if isinstance(config, str):
+    """A selector by policy name (``full``, ``window``, ``topk``, ``rekv``, ``resv``: ReSV with
+    the ``default`` preset), a :class:`ResvConfig` (ReSV with it, e.g. ``vrex.resv.PAPER``) or
+    a :class:`SelectorConfig` (sinks, window, budgets as well)."""
+    if config is None:
+        config = SelectorConfig()
+    elif isinstance(config, str):
         config = SelectorConfig(policy=config)
+    elif isinstance(config, ResvConfig):
+        config = SelectorConfig(policy="resv", resv=config)
+    elif not isinstance(config, SelectorConfig):
+        raise ValueError(f"config must be a policy name, a ResvConfig or a SelectorConfig, got {config!r}")
     return _CLASSES[config.policy](num_layers, num_heads, num_kv_heads, head_dim, config, device)
