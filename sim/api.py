@@ -228,6 +228,8 @@ def simulate(
             "policy": traced_policy,
             "steps": {name: len(group) for name, group in steps.items()},
         }
+        # the synthetic scenario's history and COIN counts did not apply
+        result["scenario"] = {"trace": str(scenario.trace), "batch": scenario.batch, "stage": scenario.stage}
     if "e2e" in stages:
         result["e2e_latency_ms"] = stages["e2e"]["latency_ms"]
         result["e2e_energy_mj"] = stages["e2e"]["energy_mj"]

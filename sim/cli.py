@@ -41,7 +41,13 @@ def _add_system_args(p: argparse.ArgumentParser, corners: tuple = CORNERS) -> No
         metavar="FIELD=VALUE",
         help="override any config field by dotted name, e.g. memory.link_bandwidth_gbps=8",
     )
-    p.add_argument("--tech-corner", choices=corners, default=None)
+    p.add_argument(
+        "--tech-corner",
+        choices=corners,
+        default=None,
+        help="technology numbers at their low / nominal / high values (default nominal)"
+        + ("; all: the three side by side" if "all" in corners else ""),
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -113,9 +119,15 @@ def _run_report(system, scenario: dict, stage: str) -> tuple[dict, dict]:
     report = {k: v for k, v in res.items() if k not in ("stages", "system_config")}
     report["model"] = res["system_config"]["model"]
     report["system_config"] = res["system_config"]  # every field the run used, overrides applied
-    report["latency_breakdown_ms"] = detail["latency_breakdown_ms"]
-    report["energy_breakdown_mj"] = detail["energy_breakdown_mj"]
-    report["roofline_bound_ms"] = detail.get("roofline_bound_ms")
+    # per step, like frame_latency_ms / tpot_ms (a trace has many steps per stage); e2e: total
+    per = 1 if stage == "e2e" else detail["steps"]
+    report["breakdown_of"] = (
+        "the whole run" if stage == "e2e" else f"one {stage} step" + (f" (mean of {per})" if per > 1 else "")
+    )
+    report["latency_breakdown_ms"] = {k: v / per for k, v in detail["latency_breakdown_ms"].items()}
+    report["energy_breakdown_mj"] = {k: v / per for k, v in detail["energy_breakdown_mj"].items()}
+    bound = detail.get("roofline_bound_ms")
+    report["roofline_bound_ms"] = None if bound is None else bound / per
     return res, report
 
 
@@ -186,11 +198,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if res.get(key) is not None:
             lines.append(f"  {key:22s} {res[key]:.3f}")
     lines.append(
-        f"  latency breakdown ({stage}, ms): "
+        f"  latency breakdown of {report['breakdown_of']}, ms: "
         + ", ".join(f"{k} {v:.2f}" for k, v in report["latency_breakdown_ms"].items())
     )
     lines.append(
-        f"  energy breakdown ({stage}, mJ): "
+        f"  energy breakdown of {report['breakdown_of']}, mJ: "
         + ", ".join(f"{k} {v:.1f}" for k, v in report["energy_breakdown_mj"].items())
     )
     lines += [f"  note: {note}" for note in res.get("notes", [])]
@@ -310,9 +322,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     run = sub.add_parser("run", help="simulate one design point")
     _add_system_args(run, corners=(*CORNERS, "all"))
-    run.add_argument("--kv-tokens", type=int, default=40000)
-    run.add_argument("--batch", type=int, default=1)
-    run.add_argument("--stage", choices=("frame", "text", "e2e"), default="frame")
+    run.add_argument(
+        "--kv-tokens", type=int, default=40000, help="KV history per stream, tokens (default 40000)"
+    )
+    run.add_argument("--batch", type=int, default=1, help="streams served together (default 1)")
+    run.add_argument(
+        "--stage",
+        choices=("frame", "text", "e2e"),
+        default="frame",
+        help="what the breakdowns show: one frame step (default), one answer token (text: a decode "
+        "step), or a whole COIN question end to end (e2e)",
+    )
     run.add_argument("--policy", choices=POLICIES, default=None, help="retrieval policy (default resv)")
     scenario = run.add_argument_group("e2e scenario (default: the paper's average COIN question)")
     scenario.add_argument("--frames", type=int, default=None, help="frames streamed (default 26)")
@@ -354,8 +374,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a field of every system in the table, e.g. tech.lpddr5_energy_pj_per_bit=5 "
         "or tech_corner=low (a calibration sensitivity check)",
     )
-    val.add_argument("--json", action="store_true")
-    val.add_argument("--strict", action="store_true", help="exit 1 when any row fails (for CI gates)")
+    val.add_argument("--json", action="store_true", help="print the table as JSON")
+    val.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when any row fails (8 of 77 fail on the shipped calibration: sim/CALIBRATION.md)",
+    )
     val.set_defaults(func=cmd_validate)
 
     sens = sub.add_parser(

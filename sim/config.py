@@ -478,6 +478,8 @@ def load_system(
     elif relative_to is not None and not path.is_absolute() and (relative_to / path).exists():
         path = relative_to / path  # a base named by a YAML file is found beside it
     elif not path.exists():
+        if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+            raise ValueError(f"YAML file not found: {name_or_path}")
         raise ValueError(
             f"unknown system {name_or_path!r}: use one of {', '.join(BUILTIN_SYSTEMS)} or a YAML file path"
         )

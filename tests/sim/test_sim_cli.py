@@ -78,6 +78,19 @@ def test_trace_replay_reports_the_trace_not_the_scenario(tmp_path, capsys):
     assert "selected_clusters exceeds clusters" in capsys.readouterr().err
 
 
+def test_trace_breakdowns_are_per_step_like_the_headline(tmp_path, capsys):
+    lines = TRACE.read_text().splitlines()
+    frame = next(x for x in lines[1:] if '"stage": "frame"' in x)
+    three = tmp_path / "three.jsonl"
+    three.write_text("\n".join([lines[0], frame, frame, frame]) + "\n")
+    assert vrex_main(["sim", "run", "--trace", str(three), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert sum(rep["latency_breakdown_ms"].values()) == pytest.approx(rep["frame_latency_ms"])
+    assert sum(rep["energy_breakdown_mj"].values()) == pytest.approx(rep["frame_step_energy_mj"])
+    assert rep["roofline_bound_ms"] <= rep["frame_latency_ms"]
+    assert rep["breakdown_of"] == "one frame step (mean of 3)" and "kv_tokens" not in rep["scenario"]
+
+
 def test_e2e_scenario_flags(capsys):
     runs = {}
     for frames in (26, 52):
