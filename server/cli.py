@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from server.config import DURABILITY_MODES
+from vrex.host import check_at_least
 from vrex.limits import add_preset_flag, check_fps, check_questions, check_seconds
 from vrex.memory import add_dtype_flag
 
@@ -77,7 +78,7 @@ def _register_serve(subparsers) -> None:
     p.add_argument(
         "--durability",
         choices=DURABILITY_MODES,
-        default="wal",
+        default=None,
         help="with --data-dir: 'wal' (default) logs each acked frame and answer to a per-session "
         "write-ahead log and fsyncs before the ack, with periodic full snapshots; 'snapshot' takes a "
         "full snapshot before every ack (slower as the history grows); 'interval' only snapshots every "
@@ -127,6 +128,21 @@ def _register_serve(subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def check_tls_pair(cert: Path, key: Path) -> None:
+    """A ValueError unless cert and key load as a PEM certificate chain and its private key
+    (gRPC itself only says it could not listen)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=lambda: b"")  # never prompt on a terminal
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate chain and its unencrypted "
+            f"private key ({exc})"
+        ) from None
+
+
 def server_config_from_args(args: argparse.Namespace):
     from server.config import Limits, ServerConfig, load_api_keys_file
 
@@ -140,6 +156,28 @@ def server_config_from_args(args: argparse.Namespace):
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--model", args.model)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path} does not exist")
+    if args.tls_cert is not None and args.tls_key is not None:
+        check_tls_pair(args.tls_cert, args.tls_key)
+    for flag, folder in (("--data-dir", args.data_dir), ("--trace-dir", args.trace_dir)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise ValueError(
+                f"{flag} {folder} is a file, not a folder; give a folder (it is created if missing)"
+            )
+    if args.durability is not None and args.data_dir is None:
+        raise ValueError(f"--durability {args.durability} needs --data-dir (where snapshots and logs go)")
+    # the flags' own names, before ServerConfig would name its fields
+    check_at_least(
+        ("--max-sessions", args.max_sessions, 1),
+        ("--grace", args.grace, 0),
+        ("--snapshot-interval", args.snapshot_interval, 0),
+        ("--snapshot-every", args.snapshot_every, 1),
+        ("--max-frame-bytes", args.max_frame_bytes, 1),
+        ("--max-frame-pixels", args.max_frame_pixels, 1),
+        ("--max-question-chars", args.max_question_chars, 1),
+        ("--metrics-port", args.metrics_port, 1),
+    )
+    if args.idle_timeout <= 0:
+        raise ValueError(f"--idle-timeout must be > 0 seconds, got {args.idle_timeout}")
     limit_overrides = {
         name: value
         for name, value in (
@@ -178,7 +216,7 @@ def server_config_from_args(args: argparse.Namespace):
         api_keys=api_keys,
         limits=Limits(**limit_overrides),
         grace_s=args.grace,
-        durability=args.durability,
+        durability=args.durability or "wal",
         snapshot_interval_s=args.snapshot_interval,
         snapshot_every_frames=args.snapshot_every,
         idle_timeout_s=args.idle_timeout,

@@ -187,6 +187,41 @@ def test_device_kv_budget_flag_parsing():
         server_config_from_args(parser.parse_args(["serve", "--device-kv-budget", "0"]))
 
 
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--grace", "-1"], "--grace must be >= 0"),
+        (["--snapshot-interval", "-1"], "--snapshot-interval must be >= 0"),
+        (["--idle-timeout", "0"], "--idle-timeout must be > 0"),
+        (["--max-sessions", "0"], "--max-sessions must be >= 1"),
+        (["--max-frame-bytes", "0"], "--max-frame-bytes must be >= 1"),
+        (["--metrics-port", "-5"], "--metrics-port must be >= 1"),
+        (["--durability", "wal"], "--durability wal needs --data-dir"),
+        (["--data-dir", "FILE"], "is a file, not a folder"),
+        (["--tls-cert", "JUNK", "--tls-key", "JUNK"], "not a PEM certificate chain"),
+    ],
+)
+def test_serve_flag_errors_name_the_flag(argv, words, tmp_path):
+    import argparse
+
+    from server.cli import register, server_config_from_args
+
+    (tmp_path / "f").write_text("")
+    (tmp_path / "junk.pem").write_text("junk\n")
+    argv = [{"FILE": str(tmp_path / "f"), "JUNK": str(tmp_path / "junk.pem")}.get(a, a) for a in argv]
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    with pytest.raises(ValueError) as err:
+        server_config_from_args(parser.parse_args(["serve", *argv]))
+    assert words in str(err.value)
+
+
+def test_tls_pair_check_accepts_a_real_pair(tls_files):
+    from server.cli import check_tls_pair
+
+    check_tls_pair(*tls_files)
+
+
 def test_dtype_flag_reaches_the_engine_config(monkeypatch):
     import argparse
 
