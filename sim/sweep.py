@@ -47,7 +47,7 @@ from sim.pareto import pareto_mask
 from sim.tech import load_entries, tech_for
 
 SAMPLERS = ("grid", "random", "lhs")
-EXECUTORS = ("local", "dask", "ray")
+EXECUTORS = ("local", "dask")
 CACHE_SCHEMA = "vrex.sweep/2"  # 2: per-stream energies at batch > 1, infeasible points
 DEFAULT_OBJECTIVES = {"fps": "max", "energy_per_frame_j": "min", "area_mm2": "min"}
 # what evaluate() returns per point, with the direction that is better
@@ -466,8 +466,8 @@ def run_sweep(
     Points whose config hash is in `<stem>.cache/` are read back, not recomputed; each new
     result is cached as soon as it arrives, so a killed sweep resumes. `executor="dask"` uses
     `client` (a dask.distributed Client), else `scheduler_address`, else a LocalCluster of
-    `workers` processes. `executor="ray"` is not implemented: one distributed engine is enough
-    and Dask runs on a laptop, an SSH cluster or Kubernetes alike.
+    `workers` processes (one distributed engine: Dask runs on a laptop, an SSH cluster or
+    Kubernetes alike).
     """
     try:
         import pandas as pd
@@ -480,11 +480,6 @@ def run_sweep(
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r} is not known; choose one of local, dask")
-    if executor == "ray":
-        raise ValueError(
-            "executor ray is not implemented (Dask covers scale-out: one distributed engine, no "
-            "home-made scheduler); use --executor dask, with --scheduler ADDRESS for a running cluster"
-        )
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not isinstance(space, SweepSpace):

@@ -19,9 +19,9 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process)")
     p.add_argument(
         "--executor",
-        choices=("local", "dask", "ray"),
+        choices=("local", "dask"),
         default="local",
-        help="local processes, or Dask (pip install 'dask[distributed]'); ray is not implemented",
+        help="local processes, or Dask (pip install 'dask[distributed]'; --scheduler for a running cluster)",
     )
     p.add_argument(
         "--scheduler", metavar="ADDRESS", help="Dask scheduler of a running cluster (tcp://host:8786)"
@@ -35,6 +35,8 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sim.sweep import load_space, run_sweep
 
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1 Pareto rows, got {args.top}")
     if args.scheduler and args.executor != "dask":
         raise ValueError("--scheduler is for --executor dask")
     space = load_space(args.space)

@@ -379,9 +379,17 @@ class StreamSession:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _ended_advice(self) -> str:
+        if self.session_id:
+            return (
+                f"resume session {self.session_id} (resume_session_id=..., or vrex stream --resume) "
+                "if the server keeps snapshots (--data-dir); otherwise open a new session"
+            )
+        return "open a new session"
+
     async def _write(self, event: pb.ClientEvent) -> None:
         if self._closed.is_set():
-            raise VRexError("UNAVAILABLE", f"stream has ended ({self.end_status}); open a new session")
+            raise VRexError("UNAVAILABLE", f"stream has ended ({self.end_status}); {self._ended_advice()}")
         try:
             async with self._write_lock:  # grpc.aio allows one write in flight per call
                 await self._call.write(event)
@@ -390,7 +398,9 @@ class StreamSession:
             # call's own final status instead
             code = await self._call.code()
             details = await self._call.details()
-            raise VRexError(code, details or f"stream has ended ({code.name}); open a new session") from exc
+            raise VRexError(
+                code, details or f"stream has ended ({code.name}); {self._ended_advice()}"
+            ) from exc
 
     async def _request(self, event: pb.ClientEvent, wait: bool):
         rid = next(self._ids)

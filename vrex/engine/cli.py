@@ -197,6 +197,11 @@ def _main(args: argparse.Namespace) -> int:
                     flush=True,
                 )
         for at, q in pending:
+            if at != float("inf") and at > last_t and not args.json:
+                print(
+                    f"\nnote: --ask-at {at:g} is past the stream's end; asking at {last_t:.1f} s",
+                    file=sys.stderr,
+                )
             answer(q, min(at, last_t))
     finally:
         source.close()
