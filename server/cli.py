@@ -597,7 +597,8 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
                 video_s = ts + offset_s
                 report.frames_sent += 1
                 now = time.monotonic()
-                if now - last_progress >= 1.0:
+                # no status line while an answer prints (it would land inside the answer's text)
+                if now - last_progress >= 1.0 and (args.json or not out_lock.locked()):
                     last_progress = now
                     report.elapsed_s = now - start
                     _progress(report, args.json)

@@ -23,8 +23,15 @@ _REGISTRARS: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
+DESCRIPTION = (
+    "V-Rex: real-time streaming video-LLM inference (iterative prefill, a tiered KV cache, ReSV "
+    "retrieval), its gRPC server and clients, and a cycle-level simulator of the V-Rex "
+    "accelerator. `vrex COMMAND --help` for each command."
+)
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vrex", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vrex", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -45,6 +52,8 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # a progress bar per model load is noise on a command line (read before transformers loads)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
