@@ -181,7 +181,7 @@ def _leading_varint_field1(data: bytes) -> int:
     for i, byte in enumerate(data[1:11]):
         value |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
-            return value
+            return value if value < 2**64 else 0  # a uint64, or not a request id
     return 0
 
 

@@ -234,11 +234,10 @@ def simulate(
         result["e2e_latency_ms"] = stages["e2e"]["latency_ms"]
         result["e2e_energy_mj"] = stages["e2e"]["energy_mj"]
     result["notes"] = []
-    longest = max(s.history_tokens + s.new_tokens for group in steps.values() for s in group)
-    if not scenario.trace and longest > FITTED_MAX_HISTORY_TOKENS:
+    if not scenario.trace and scenario.kv_tokens > FITTED_MAX_HISTORY_TOKENS:
         result["notes"].append(
-            f"{longest} tokens of history is beyond the {FITTED_MAX_HISTORY_TOKENS} that the synthetic "
-            "ReSV statistics were fitted to: an extrapolation (replay a trace for measured ones)"
+            f"a {scenario.kv_tokens}-token history is beyond the {FITTED_MAX_HISTORY_TOKENS} that the "
+            "synthetic ReSV statistics were fitted to: an extrapolation (replay a trace for measured ones)"
         )
     return result
 

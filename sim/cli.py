@@ -61,11 +61,11 @@ def _system(args: argparse.Namespace):
         raise ValueError(
             f"{args.config} says `base: {named}` but --system says {args.system}; keep one of them"
         )
-    base = load_system(str(args.system or named or "vrex8"))
+    base = load_system(str(args.system or named or "vrex8"), complete=False)  # resolve_system validates
     if args.config:
         base = with_hf_model(base, data.pop("hf_config", None), Path(args.config).parent)
         base = override_many(base, data, prefix=f"{args.config}: ")
-        validate(base, prefix=f"{args.config}: ")
+        validate(base, prefix=f"{args.config}: ", fields_only=True)
     base = with_hf_model(base, args.hf_config)
     return resolve_system(base, list(args.set), args.tech_corner)
 
@@ -334,7 +334,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "step), or a whole COIN question end to end (e2e)",
     )
     run.add_argument("--policy", choices=POLICIES, default=None, help="retrieval policy (default resv)")
-    scenario = run.add_argument_group("e2e scenario (default: the paper's average COIN question)")
+    scenario = run.add_argument_group(
+        "e2e scenario (--stage e2e without --trace; default: the paper's average COIN question)"
+    )
     scenario.add_argument("--frames", type=int, default=None, help="frames streamed (default 26)")
     scenario.add_argument("--question-tokens", type=int, default=None, help="question length (default 25)")
     scenario.add_argument("--answer-tokens", type=int, default=None, help="answer length (default 39)")

@@ -386,9 +386,10 @@ def _walk(obj: Any, prefix: str = ""):
             yield path, value
 
 
-def validate(obj: Any, prefix: str = "") -> None:
+def validate(obj: Any, prefix: str = "", fields_only: bool = False) -> None:
     """Raise ValueError naming the first field outside its allowed range (after `prefix`,
-    e.g. the file that set it)."""
+    e.g. the file that set it). `fields_only`: skip the checks across fields (a file in a
+    `base:` chain may be fixed by the files or --set after it)."""
     for path, value in _walk(obj):
         allowed = RANGES.get(path)
         if allowed is None or value is None:
@@ -404,7 +405,7 @@ def validate(obj: Any, prefix: str = "") -> None:
             raise ValueError(f"{prefix}{path}={value} must be a finite number in [{low}, {high}]")
         if not (low <= value <= high):
             raise ValueError(f"{prefix}{path}={value} is out of range; allowed range is [{low}, {high}]")
-    if isinstance(obj, SystemConfig):
+    if isinstance(obj, SystemConfig) and not fields_only:
         m, r = obj.model, obj.resv
         if m.num_heads % m.num_kv_heads:
             raise ValueError(
@@ -467,11 +468,13 @@ def load_system(
     overrides: dict[str, Any] | list[str] | None = None,
     *,
     relative_to: Path | None = None,
+    complete: bool = True,
     _chain: tuple[Path, ...] = (),
 ) -> SystemConfig:
     """Load a built-in system by name or a YAML file; a YAML file may say `base: vrex8` (or a
     file beside it) and `hf_config: path/to/config.json` (the model; `model:` fields still
-    override it)."""
+    override it). `complete=False`: more overrides follow, so only single fields are
+    checked here (the caller validates the final system)."""
     path = Path(name_or_path)
     if name_or_path in BUILTIN_SYSTEMS:
         path = SYSTEMS_DIR / f"{name_or_path}.yaml"
@@ -494,14 +497,16 @@ def load_system(
         data.setdefault("name", path.stem)  # a file's system is named after it unless it says
     base = data.pop("base", None)
     system = (
-        load_system(str(base), relative_to=path.parent, _chain=(*_chain, path)) if base else SystemConfig()
+        load_system(str(base), relative_to=path.parent, complete=False, _chain=(*_chain, path))
+        if base
+        else SystemConfig()
     )
     system = with_hf_model(system, data.pop("hf_config", None), path.parent)
     prefix = f"{path.name}: "
     system = override_many(system, data, prefix=prefix)
-    validate(system, prefix)
+    validate(system, prefix, fields_only=True)
     system = apply_overrides(system, overrides)
-    validate(system)
+    validate(system, fields_only=not complete)
     return system
 
 

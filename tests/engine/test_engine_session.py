@@ -257,7 +257,74 @@ def test_an_answer_cut_short_closes_its_turn(smolvlm_dir, monkeypatch, how):
     assert torch.equal(got, want)
 
 
-def test_ask_closed_early_closes_the_turn_on_the_model_thread(smolvlm_dir):
+def test_ask_closed_early_closes_the_turn_on_the_model_thread(smolvlm_dir, monkeypatch):
+    import threading
+
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=32, temperature=1.0))
+    closed_on = []
+    real = engine.adapter.next_turn_input
+
+    def spy():
+        closed_on.append(threading.current_thread().name)
+        return real()
+
+    monkeypatch.setattr(engine.adapter, "next_turn_input", spy)
+
+    async def go():
+        assert (await s.submit_frame(_frames(1)[0], 0.0)).accepted
+        stream = s.ask("what?")
+        await stream.__anext__()
+        await stream.aclose()  # what a server does when its client disconnects
+        assert closed_on and closed_on[0].startswith("vrex-model")  # not the event loop's thread
+        return [d async for d in s.ask("and then?", max_new_tokens=2)]
+
+    asyncio.run(go())
+    assert [a.finish_reason for a in s.answers][0] == "cancelled"
+    assert s.stats()["answers"] == 2
+
+
+def test_a_failing_close_keeps_the_original_error_and_is_retried(smolvlm_dir, monkeypatch):
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    settings = SessionSettings(policy="resv", fps=1, max_new_tokens=32, temperature=1.0)
+    from vrex.engine import session as session_mod
+
+    real_sample, real_turn = session_mod._sample, engine.adapter.next_turn_input
+    calls = {"sample": 0, "turn": 0}
+
+    def failing_sample(*args):
+        calls["sample"] += 1
+        if calls["sample"] == 3:
+            raise RuntimeError("decode broke")
+        return real_sample(*args)
+
+    def failing_turn():
+        calls["turn"] += 1
+        if calls["turn"] == 1:
+            raise RuntimeError("close broke too")
+        return real_turn()
+
+    cut = engine.open_session(settings)
+    cut.add_frame(_frames(1, seed=4)[0], 0.0)
+    monkeypatch.setattr(session_mod, "_sample", failing_sample)
+    monkeypatch.setattr(engine.adapter, "next_turn_input", failing_turn)
+    with pytest.raises(RuntimeError, match="decode broke"):  # not the close's error
+        list(cut.generate("what?"))
+    monkeypatch.setattr(session_mod, "_sample", real_sample)
+    assert cut.stats()["answers"] == 1 and cut._turn_open  # counted; the turn waits to be closed
+    whole = engine.open_session(settings)
+    whole.add_frame(_frames(1, seed=4)[0], 0.0)
+    list(whole.generate("what?", max_new_tokens=3))
+    q = engine.adapter.question_input("and then?")
+    cut._close_turn()  # what the next frame or question does first
+    assert not cut._turn_open and cut.history_tokens == whole.history_tokens
+    got, _, _ = cut._step(q, "text", last_only=False)
+    want, _, _ = whole._step(q, "text", last_only=False)
+    assert torch.equal(got, want)
+
+
+def test_a_snapshot_during_a_cut_off_answer_holds_a_closed_turn(smolvlm_dir, tmp_path):
+    """A server stopping mid-answer snapshots before the stream's own clean-up runs."""
     engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
     s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=32, temperature=1.0))
 
@@ -265,12 +332,13 @@ def test_ask_closed_early_closes_the_turn_on_the_model_thread(smolvlm_dir):
         assert (await s.submit_frame(_frames(1)[0], 0.0)).accepted
         stream = s.ask("what?")
         await stream.__anext__()
-        await stream.aclose()  # what a server does when its client disconnects
-        return [d async for d in s.ask("and then?", max_new_tokens=2)]
+        await engine.run(s.snapshot, tmp_path / "snap")  # the release, before the stream closes
+        await stream.aclose()
 
     asyncio.run(go())
-    assert [a.finish_reason for a in s.answers][0] == "cancelled"
-    assert s.stats()["answers"] == 2
+    restored = type(s).restore(engine, tmp_path / "snap")
+    assert restored.counters["answers"] == 1 and not restored._turn_open
+    assert restored.history_tokens == s.history_tokens
 
 
 def test_sampling_settings_are_checked_and_tiny_temperatures_sample(smolvlm_dir):

@@ -333,6 +333,9 @@ async def test_unparseable_message_is_a_per_request_error(serve):
         await call.write(good.replace(b"cafe", b"caf\xe9"))
         error = pb.ServerEvent.FromString(await call.read())
         assert error.request_id == 39 and "not valid UTF-8" in error.error.message, error
+        await call.write(b"\x08" + b"\xff" * 9 + b"\x7f" + b"\x0f")  # a "request id" over 64 bits
+        error = pb.ServerEvent.FromString(await call.read())
+        assert error.request_id == 0 and error.error.code_name == "INVALID_ARGUMENT"
         frame = pb.Frame(raw=pb.RawImage(rgb=bytes(12), width=2, height=2), timestamp_s=0.0)
         await call.write(pb.ClientEvent(request_id=2, frame=frame).SerializeToString())
         ack = pb.ServerEvent.FromString(await call.read())

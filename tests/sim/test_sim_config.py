@@ -68,6 +68,10 @@ def test_yaml_base_chains_resolve_beside_the_file_and_loops_are_errors(tmp_path,
     monkeypatch.chdir("/")  # the base is found beside the file, not in the working directory
     s = load_system(str(tmp_path / "child.yaml"))
     assert s.name == "child" and s.accel.num_cores == 48
+    # a file may be fixed by the one after it (or by --set): only the whole system must hold
+    (tmp_path / "odd.yaml").write_text("base: vrex8\nmodel:\n  num_heads: 12\n")
+    (tmp_path / "fixed.yaml").write_text("base: odd.yaml\nmodel:\n  num_kv_heads: 4\n")
+    assert load_system(str(tmp_path / "fixed.yaml")).model.num_kv_heads == 4
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match=r"loop \(a.yaml -> b.yaml -> a.yaml\)"):

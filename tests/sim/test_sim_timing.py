@@ -81,6 +81,7 @@ def test_beyond_the_fitted_histories_a_run_says_so_and_text_stays_below_frames()
     assert near["notes"] == []
     far = simulate("vrex8", {"kv_tokens": 400000})
     assert "beyond the 80000" in far["notes"][0]
+    assert simulate("vrex8", {"kv_tokens": 80000})["notes"] == []  # the paper's own top point
     # one decode row never selects more than a frame's rows (the text model's linear growth
     # passed the frame model near 170K tokens)
     sel = {st: simulate("vrex8", {"kv_tokens": 1_000_000, "stage": st}) for st in ("frame", "text")}

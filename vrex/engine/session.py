@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections import Counter, deque
@@ -62,6 +63,11 @@ class TokenDelta:
     text: str
     token_id: int
     index: int
+
+
+log = logging.getLogger("vrex.engine")
+# temperatures this small sample the argmax anyway; below float32's range they would divide by 0
+GREEDY_BELOW = 1e-6
 
 
 @dataclass
@@ -124,6 +130,10 @@ class Session:
         ] = {}  # stage -> [selected, history] per layer x KV head
         self._busy = False
         self._closed = False
+        # an answer's turn that could not be closed yet (its closing step failed); the next
+        # step closes it first, so the history never reads as one unfinished turn
+        self._turn_open = False
+        self._answering: Iterator | None = None  # the answer `ask` is streaming, if any
         self.prefix_tokens = 0
         cfg = engine.config
         disk_dir = Path(cfg.data_dir) / "kv-disk" / self.id if cfg.data_dir else None
@@ -284,6 +294,7 @@ class Session:
 
     def prepare_frame(self, image: np.ndarray, timestamp_s: float) -> FrameResult | PendingFrame:
         """Sample and encode a frame: a dropped :class:`FrameResult`, or the step to prefill."""
+        self._close_turn()  # left open by an answer whose closing step failed
         index = self.frame_index
         self.frame_index += 1
         reason = self.sample(timestamp_s)
@@ -344,6 +355,7 @@ class Session:
                 f"question has {len(q_ids)} tokens; the limit is "
                 f"{self.engine.config.max_question_tokens}: shorten it"
             )
+        self._close_turn()  # left open by an answer whose closing step failed
         stats = AnswerStats(question=question)
         self.last_answer_stats = stats
         t0 = time.perf_counter()
@@ -355,9 +367,10 @@ class Session:
         emitted = ""
         decode_fractions = []
         # The question is in the history now: however the answer ends (done, an error, or the
-        # caller stops reading), its turn is closed below, or the next question would continue
-        # this half-finished one. What was fed back (history_token_ids) stays, and is counted.
+        # caller stops reading), it is counted and its turn closed below, or the next question
+        # would continue this half-finished one. What was fed back (history_token_ids) stays.
         finish = "length"
+        done = False
         try:
             for i in range(max_new):
                 token = _sample(logits[0, -1], temperature, top_p, gen)
@@ -379,9 +392,9 @@ class Session:
                 if hit is not None:
                     break
                 if i + 1 < max_new:
-                    logits, rec, _ = self._step(self.adapter.token_input(token), "decode")
-                    stats.history_token_ids.append(token)
+                    logits, rec = self._feed_token(token, stats.history_token_ids)
                     decode_fractions.append(rec.fetched_fraction())
+            done = True
         except GeneratorExit:
             finish = "cancelled"
             raise
@@ -393,10 +406,39 @@ class Session:
             stats.text = emitted
             stats.finish_reason = finish
             stats.fetched_fraction_decode = float(np.mean(decode_fractions)) if decode_fractions else 0.0
-            self._step(self.adapter.next_turn_input(), "text")
-            stats.total_ms = (time.perf_counter() - t0) * 1e3
             self.answers.append(stats)
             self.counters["answers"] += 1
+            self._turn_open = True
+            try:
+                self._close_turn()
+            except Exception:
+                if done:
+                    raise
+                # an error is already on its way out: it is the one to report; the next step
+                # retries the close
+                log.warning(
+                    "session %s: closing the turn after a %s answer failed", self.id, finish, exc_info=True
+                )
+            stats.total_ms = (time.perf_counter() - t0) * 1e3
+
+    def _feed_token(self, token: int, fed: list[int]) -> tuple[torch.Tensor, StepRecord]:
+        """A decode step of ``token``, recorded in ``fed`` once the KV history holds it (also
+        when a later part of the step fails: the log must replay what the cache holds)."""
+        before = self.history_tokens
+        try:
+            logits, rec, _ = self._step(self.adapter.token_input(token), "decode")
+        except BaseException:
+            if self.history_tokens > before:
+                fed.append(token)
+            raise
+        fed.append(token)
+        return logits, rec
+
+    def _close_turn(self) -> None:
+        """End the last answer's turn and open the next user turn, if not done yet."""
+        if self._turn_open:
+            self._step(self.adapter.next_turn_input(), "text")
+            self._turn_open = False
 
     # -- replay from a write-ahead log (server/wal.py) ----------------------------------------------
     def replay_frame(self, image: np.ndarray, timestamp_s: float, frame_index: int) -> bool:
@@ -419,6 +461,7 @@ class Session:
         same steps ``generate`` ran, without sampling). False when the state already holds it."""
         if answer_index < self.counters["answers"]:
             return False
+        self._close_turn()
         self._step(self.adapter.question_input(question), "text")
         for token in history_token_ids:
             self._step(self.adapter.token_input(int(token)), "decode")
@@ -451,7 +494,7 @@ class Session:
         if self._busy:
             raise RuntimeError("the session is busy with another frame or answer; retry when it is done")
         self._busy = True
-        it = self.generate(question, **options)
+        it = self._answering = self.generate(question, **options)
         try:
             while True:
                 delta = await self.engine.run(next, it, None)
@@ -461,9 +504,11 @@ class Session:
         finally:
             try:
                 # a caller that stops early (a disconnect) still gets the turn closed, on the
-                # model thread, after any step in flight there
-                await self.engine.run(it.close)
+                # model thread, after any step in flight there; a failure there is logged by
+                # generate and must not replace what is propagating (a cancel above all)
+                await self.engine.run(_close_quietly, it, self.id)
             finally:
+                self._answering = None
                 self._busy = False
 
     # -- stats ------------------------------------------------------------------------------------
@@ -512,7 +557,14 @@ class Session:
 
     # -- persistence --------------------------------------------------------------------------------
     def snapshot(self, folder: str | Path | None = None) -> Path:
-        """Write the whole session (KV store, HC tables, positions, settings) atomically."""
+        """Write the whole session (KV store, HC tables, positions, settings) atomically.
+
+        Run on the model thread (as servers do). An answer still open here was cut off (its
+        stream is gone, or the server is stopping): its turn is closed first, so the snapshot
+        never holds half a turn."""
+        if self._answering is not None:
+            _close_quietly(self._answering, self.id)
+        self._close_turn()
         if folder is None:
             if not self.engine.config.data_dir:
                 raise ValueError("no data_dir configured: give a folder to snapshot into")
@@ -530,6 +582,7 @@ class Session:
                 "recent_tokens": self.recent_tokens,
                 "frame_index": self.frame_index,
                 "last_frame_ts": self.last_frame_ts,
+                "turn_open": self._turn_open,
                 "counters": dict(self.counters),
                 "drop_reasons": dict(self.drop_reasons),
             }
@@ -561,6 +614,7 @@ class Session:
         self.cache.next_position = state["next_position"]
         self.frame_index = state["frame_index"]
         self.last_frame_ts = state["last_frame_ts"]
+        self._turn_open = bool(state.get("turn_open", False))
         self.counters.update(state["counters"])
         self.drop_reasons.update(state["drop_reasons"])
         return self
@@ -572,8 +626,15 @@ class Session:
         self.store.close()
 
 
+def _close_quietly(answer: Iterator, session_id: str) -> None:
+    try:
+        answer.close()
+    except Exception:
+        log.warning("session %s: closing a cut-off answer failed", session_id, exc_info=True)
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     # shifted first: a tiny temperature then sends the others to -inf, not inf - inf = nan
     logits = logits.float()
