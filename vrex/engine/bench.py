@@ -169,8 +169,14 @@ def batch_throughput(
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["phases", "batch"])
-    parser.add_argument("--policy", default="resv", choices=POLICIES)
+    parser.add_argument(
+        "what",
+        choices=["phases", "batch"],
+        help="phases: one session's frame step split into its phases; batch: sessions' frames prefilled together vs one by one",
+    )
+    parser.add_argument(
+        "--policy", default="resv", choices=POLICIES, help="KV selection policy (default resv)"
+    )
     parser.add_argument(
         "--video", default="bikes.mp4", help="video file, or a sample name (bikes.mp4, vtest.avi, ...)"
     )
@@ -183,7 +189,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, default=4, help="concurrent sessions of batch (default 4)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--model", help="local model folder (default: the demo model)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def register(subparsers) -> None:
@@ -240,7 +246,12 @@ def _run(args: argparse.Namespace) -> int:
         print(dumps(report))
     else:
         for key, value in report.items():
-            print(f"{key:28s} {value}")
+            if isinstance(value, dict):  # one line per entry, not a Python dict
+                print(key)
+                for name, item in value.items():
+                    print(f"  {name:26s} {item}")
+            else:
+                print(f"{key:28s} {value}")
     return 0
 
 

@@ -214,8 +214,15 @@ def _main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": info, "video": str(video), "answers": answers, "stats": stats}, indent=1))
     else:
-        print("\nstats (per layer and KV head, and the last step: see --json):")
+        print("\nstats (--json adds them per layer and KV head, and the last step):")
         for k, v in stats.items():
-            if k not in ("last_step", "fetched_fraction_per_layer_head"):
-                print(f"  {k:28s} {v:.4g}" if isinstance(v, float) else f"  {k:28s} {v}")
+            if k in ("last_step", "fetched_fraction_per_layer_head") or v is None or v == {}:
+                continue
+            if isinstance(v, dict):
+                v = ", ".join(f"{name} {count}" for name, count in v.items())
+            elif isinstance(v, float):
+                v = f"{v:.4g}"
+            elif isinstance(v, int) and not isinstance(v, bool):
+                v = f"{v:,}"
+            print(f"  {k:28s} {v}")
     return 0

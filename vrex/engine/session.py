@@ -549,6 +549,7 @@ class Session:
             out["device_memory_allocated_bytes"] = int(torch.cuda.memory_allocated(self.adapter.device))
         for tier in ("device", "host", "disk"):
             out[f"kv_resident_bytes_{tier}"] = kv.get(f"resident_bytes_{tier}", 0)
+            # (token, KV head, layer) entries: the store keeps each head's KV apart
             out[f"kv_resident_tokens_{tier}"] = kv.get(f"resident_tokens_{tier}", 0)
         if frames:
             for phase in ("latency_ms", "select_ms", "fetch_ms", "attention_ms", "mlp_and_rest_ms"):

@@ -17,14 +17,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="history tokens per KV head; at least 4 x (append tokens + 1) x block tokens "
         f"({min_history_tokens(defaults)} by default), so the host and disk rows time their own tier",
     )
-    parser.add_argument("--kv-heads", type=int, default=defaults.num_kv_heads)
-    parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
-    parser.add_argument("--block-tokens", type=int, default=defaults.block_tokens)
+    parser.add_argument(
+        "--kv-heads",
+        type=int,
+        default=defaults.num_kv_heads,
+        help=f"KV heads (default {defaults.num_kv_heads})",
+    )
+    parser.add_argument(
+        "--head-dim",
+        type=int,
+        default=defaults.head_dim,
+        help=f"head dimension (default {defaults.head_dim})",
+    )
+    parser.add_argument(
+        "--block-tokens",
+        type=int,
+        default=defaults.block_tokens,
+        help=f"tokens per KV block (default {defaults.block_tokens}, as recorded; the engine's is EngineConfig.block_tokens)",
+    )
     parser.add_argument("--append-tokens", type=int, default=defaults.append_tokens, help="tokens per append")
     parser.add_argument(
         "--fraction", type=float, default=defaults.select_fraction, help="share of clusters fetched"
     )
-    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument(
+        "--repeats", type=int, default=defaults.repeats, help=f"timed repeats (default {defaults.repeats})"
+    )
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--device", default=defaults.device, help="compute device, e.g. cpu or cuda")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
