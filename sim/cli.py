@@ -279,6 +279,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from sim.sweep import tech_sensitivity
 
+    if args.min_pct < 0:
+        raise ValueError(f"--min-pct must be >= 0 (a percentage change), got {args.min_pct:g}")
     system = _system(args)
     scenario = {"kv_tokens": args.kv_tokens, "batch": args.batch, "policy": args.policy}
     df = tech_sensitivity(system, scenario)

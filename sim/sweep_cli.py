@@ -35,6 +35,8 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sim.sweep import load_space, run_sweep
 
+    if not str(args.out).endswith(".parquet"):
+        raise ValueError(f"--out {args.out}: results are written as Parquet; name the file *.parquet")
     if args.top < 1:
         raise ValueError(f"--top must be >= 1 Pareto rows, got {args.top}")
     if args.scheduler and args.executor != "dask":

@@ -128,6 +128,8 @@ def test_cli_reports_bad_space_naming_the_field(tmp_path, capsys):
         main(["sim", "sweep", "--space", str(good), "--out", str(tmp_path / "r.parquet"), "--top", "0"]) == 2
     )
     assert "--top must be >= 1" in capsys.readouterr().err
+    assert main(["sim", "sweep", "--space", str(good), "--out", str(tmp_path / "r.csv")]) == 2
+    assert "*.parquet" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ results
