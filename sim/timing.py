@@ -1,15 +1,18 @@
 """Timing core of the V-Rex accelerator (simpy). Time is in cycles of the accelerator clock.
 
-Covers: one process per agent (LXE, DRE, DRAM channel, PCIe link), bounded stores between
-them, closed-form cycle counts inside each event.
+Covers: one process per agent (LXE; the DRE's HCU, WTU and KVMU; DRAM channel; PCIe link),
+bounded stores between them, closed-form cycle counts inside each event. The offload tier (SSD
+or host memory) is not a process of its own: its small-read rate caps the link's efficiency
+(`Dre.token_row_fetch`), and its energy is charged per byte (sim/cost.py).
 
 Scenario: the LXE walks the layers of each step. Per layer it streams the QKV weights from
 DRAM and computes Q/K/V and the hash bits (one op), scores the queries against the cluster
-representatives, then hands a selection job to the DRE (HCU clustering + WTU thresholding);
-the DRE's KVMU asks the link for the selected clusters that live in the offload tier, one
-transfer per stream. The LXE attends to the device-resident part while the fetch runs, then
-to each stream's fetched part as soon as that stream's transfer lands (overlapping the next
-stream's transfer), then runs the output projection and the FFN. With `prefetch_next_layer`
+representatives, then hands a selection job to the DRE: the WTU thresholds the scores while
+the HCU clusters the step's new keys beside it, and the KVMU asks the link for the selected
+clusters that live in the offload tier, one transfer per stream. The LXE attends to the
+device-resident part while the fetch runs, then to each stream's fetched part as soon as that
+stream's transfer lands (overlapping the next stream's transfer), then runs the output
+projection and the FFN. With `prefetch_next_layer`
 ("text", the default, in text steps; "always"; "never") the selection for layer l+1 is
 issued during layer l (speculative, as the paper's KVMU and every baseline do), so its fetch
 overlaps compute. Frames select exactly: Fig. 13's jump from 5K (123 ms) to 10K (198 ms)
@@ -95,62 +98,88 @@ class Channel:
 class _Job:
     step: Step
     layer: int
-    selected: simpy.Event
-    fetched: simpy.Event  # all streams' fetches done
-    streams: list = field(default_factory=list)  # one fetch-completion event per stream
+    selected: simpy.Event  # the WTU has thresholded the layer's scores
+    streams: list  # one event per stream: its selected KV is in device DRAM
 
 
 class Dre:
-    """Dynamic KV-cache Retrieval Engine: HCU (clustering), WTU (WiCSum), KVMU (fetch)."""
+    """Dynamic KV-cache Retrieval Engine, one process per unit, bounded queues between them:
+
+    - HCU: clusters each selection step's new keys (XOR/popcount against the open clusters).
+      It works beside the WTU: a selection scores the clusters of earlier steps, not these.
+    - WTU: thresholds a layer's cluster scores (WiCSum with bucketed early exit); without a
+      WTU the VPE sorts each row instead (the ablation), on the same queue.
+    - KVMU: brings the selected clusters that live in the offload tier into device DRAM, one
+      transfer per stream.
+    """
 
     def __init__(
         self, env: simpy.Environment, system: SystemConfig, link: Channel, dram: Channel, counters: Counters
     ):
         self.env, self.system, self.link, self.dram, self.counters = env, system, link, dram, counters
-        self.jobs = simpy.Store(env, capacity=1)  # bounded: one selection in flight
-        env.process(self._run())
+        # bounded: one job waiting per unit, so the LXE cannot run ahead of the DRE
+        self.hcu_jobs = simpy.Store(env, capacity=1)
+        self.wtu_jobs = simpy.Store(env, capacity=1)
+        self.kvmu_jobs = simpy.Store(env, capacity=1)
+        env.process(self._hcu())
+        env.process(self._wtu())
+        env.process(self._kvmu())
 
     def submit(self, step: Step, layer: int):
-        """A layer's selection job; the caller waits (yield) until the DRE can queue it."""
-        job = _Job(step, layer, self.env.event(), self.env.event())
-        return job, self.jobs.put(job)
+        """A layer's selection job and the event of its acceptance (the caller waits on it)."""
+        job = _Job(step, layer, self.env.event(), [self.env.event() for _ in range(step.batch)])
+        queued = [self.wtu_jobs.put(job)]
+        if self.system.accel.use_hcu:
+            queued.append(self.hcu_jobs.put(job))
+        return job, self.env.all_of(queued)
 
-    def cycles(self, step: Step, layer: int) -> tuple[int, int, int]:
-        """(hcu_cycles, wtu_cycles, vpe_sort_cycles) of one layer's selection, closed form."""
+    def hcu_cycles(self, step: Step, layer: int) -> int:
+        acc = self.system.accel
+        compares = step.batch * step.new_tokens * (float(step.clusters[layer]) + step.new_tokens)
+        self.counters.add("hcu_ops", compares)  # each new token vs open clusters + this step's
+        return math.ceil(compares / (acc.hcu_width * acc.num_cores))
+
+    def select_cycles(self, step: Step, layer: int) -> int:
+        """WTU cycles of one layer's thresholding, or VPE sort cycles without a WTU."""
         acc, model = self.system.accel, self.system.model
-        b, n = step.batch, step.new_tokens
-        clusters = float(step.clusters[layer])
-        candidates = clusters if acc.use_hcu else float(step.history_tokens)
-        hcu = 0
-        if acc.use_hcu:
-            compares = b * n * (clusters + n)  # each new token vs open clusters + this step's
-            hcu = math.ceil(compares / (acc.hcu_width * acc.num_cores))
-            self.counters.add("hcu_ops", compares)
-        rows = b * n * model.num_heads
-        ef = float(step.early_exit_fraction[layer].mean())
+        candidates = float(step.clusters[layer]) if acc.use_hcu else float(step.history_tokens)
+        rows = step.batch * step.new_tokens * model.num_heads
         if acc.use_wtu:
+            ef = float(step.early_exit_fraction[layer].mean())
             elements = rows * candidates * (1.0 + ef)  # min/max/sum pass + early-exit pass
-            wtu = math.ceil(elements / (acc.wtu_width * acc.num_cores))
             self.counters.add("wtu_ops", elements)
             self.counters.add("dre_buffer_bytes", elements * 4)  # BF16 score + 16-bit count
-            return hcu, wtu, 0
-        # No WTU: full sort of each row on the VPE (compare ops ~ 2 * C log2 C).
-        ops = rows * 2 * candidates * math.log2(max(candidates, 2.0))
+            return math.ceil(elements / (acc.wtu_width * acc.num_cores))
+        ops = rows * 2 * candidates * math.log2(max(candidates, 2.0))  # ~2 C log2 C compares
         self.counters.add("vpe_ops", ops)
-        return hcu, 0, math.ceil(ops / (acc.vpe_width * acc.num_cores))
+        return math.ceil(ops / (acc.vpe_width * acc.num_cores))
 
-    def _run(self):
-        acc = self.system.accel
+    def _hcu(self):
         while True:
-            job = yield self.jobs.get()
-            step, layer = job.step, job.layer
-            hcu, wtu, sort = self.cycles(step, layer)
-            if hcu + wtu + sort:
-                yield self.env.timeout(hcu + wtu + sort)
+            job = yield self.hcu_jobs.get()
+            cycles = self.hcu_cycles(job.step, job.layer)
+            if cycles:
+                yield self.env.timeout(cycles)
+
+    def _wtu(self):
+        while True:
+            job = yield self.wtu_jobs.get()
+            cycles = self.select_cycles(job.step, job.layer)
+            if cycles:
+                yield self.env.timeout(cycles)
             job.selected.succeed()
-            job.streams = self.fetch(step, layer, keys_fetched=not acc.use_hcu)
-            all_done = self.env.all_of(job.streams)
-            all_done.callbacks.append(lambda _e, j=job: j.fetched.succeed())
+            yield self.kvmu_jobs.put(job)
+
+    def _kvmu(self):
+        keys_fetched = not self.system.accel.use_hcu
+        while True:
+            job = yield self.kvmu_jobs.get()
+            issued = self.fetch(job.step, job.layer, keys_fetched=keys_fetched)
+            for landed, stream in zip(issued, job.streams, strict=True):
+                if landed.callbacks is None:  # already processed (nothing to fetch)
+                    stream.succeed()
+                else:
+                    landed.callbacks.append(lambda _e, done=stream: done.succeed())
 
     def fetch(self, step: Step, layer: int, keys_fetched: bool = False) -> list[simpy.Event]:
         """KVMU: bring the selected tokens that live in the offload tier into device DRAM.

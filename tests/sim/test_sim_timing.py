@@ -88,6 +88,16 @@ def test_beyond_the_fitted_histories_a_run_says_so_and_text_stays_below_frames()
     assert sel["text"]["tpot_ms"] < sel["frame"]["frame_latency_ms"]
 
 
+def test_the_hcu_clusters_beside_the_selection():
+    """HCU, WTU and KVMU are separate units: a slower HCU (one lane) clusters the new keys
+    while the WTU thresholds, so the frame does not wait for it (serially it would)."""
+    base = simulate("vrex8", {"kv_tokens": 40000})["stages"]["frame"]
+    slow = simulate(apply_overrides(load_system("vrex8"), {"accel.hcu_width": 1}), {"kv_tokens": 40000})
+    slow = slow["stages"]["frame"]
+    assert slow["counters"]["hcu_ops"] == base["counters"]["hcu_ops"] > 0
+    assert slow["latency_ms"] == pytest.approx(base["latency_ms"], rel=1e-12)
+
+
 def test_gpu_breakdown_sums_to_total():
     res = simulate("agx-orin", {"kv_tokens": 20000, "policy": "infinigen_p"})
     frame = res["stages"]["frame"]
