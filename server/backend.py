@@ -201,6 +201,7 @@ def create_backend(config: ServerConfig) -> Backend:
         device=config.device,
         dtype=config.dtype,
         device_kv_budget_bytes=None if config.device_kv_budget_auto else config.device_kv_budget_bytes,
+        host_kv_budget_bytes=config.host_kv_budget_bytes,
         data_dir=config.data_dir,
         max_sessions=config.max_sessions,
         trace_dir=str(config.trace_dir) if config.trace_dir else None,

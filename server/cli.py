@@ -67,6 +67,13 @@ def _register_serve(subparsers) -> None:
         "'paper' selects ~5x cheaper on a CPU and loses them (BENCHMARKS.md)",
     )
     p.add_argument(
+        "--host-kv-budget",
+        default=None,
+        metavar="BYTES",
+        help="host-RAM tier per session, e.g. 4GiB; 0 = none (evicted KV goes to disk). Default: "
+        "unbounded, or 0 on a GPU sharing DRAM with the CPU (Jetson)",
+    )
+    p.add_argument(
         "--data-dir", type=Path, default=None, help="where sessions are snapshotted; makes them resumable"
     )
     p.add_argument(
@@ -199,6 +206,16 @@ def server_config_from_args(args: argparse.Namespace):
         budget = parse_budget(args.device_kv_budget)
         if budget <= 0:
             raise ValueError(f"--device-kv-budget must be positive or 'auto', got {args.device_kv_budget!r}")
+    host_budget = None
+    if args.host_kv_budget is not None:
+        from vrex.memory import parse_bytes
+
+        try:
+            host_budget = parse_bytes(args.host_kv_budget)
+        except ValueError as exc:
+            raise ValueError(f"--host-kv-budget: {exc}") from None
+        if host_budget < 0:
+            raise ValueError(f"--host-kv-budget must be >= 0 (0 = no host tier), got {args.host_kv_budget!r}")
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -207,6 +224,7 @@ def server_config_from_args(args: argparse.Namespace):
         dtype=args.dtype,
         device_kv_budget_bytes=budget,
         device_kv_budget_auto=budget_auto,
+        host_kv_budget_bytes=host_budget,
         resv_preset=args.resv_preset,
         data_dir=args.data_dir,
         trace_dir=args.trace_dir,

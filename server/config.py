@@ -43,6 +43,9 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "auto"  # weights and KV: auto | fp32 | fp16 | bf16 (vrex.memory.dtype_name_for)
     device_kv_budget_bytes: int | None = None  # per session; None: unbounded
+    # per session; 0: evict straight to disk; None: the engine's default (unbounded host RAM, or
+    # none on a GPU that shares DRAM with the CPU)
+    host_kv_budget_bytes: int | None = None
     # ReSV preset of every session ("default": keeps needles, costs selection compute; "paper":
     # the paper's coarse clusters, ~5x cheaper per step on a CPU, loses needles: BENCHMARKS.md)
     resv_preset: str = "default"

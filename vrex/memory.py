@@ -110,6 +110,17 @@ def host_tier_enabled(device: str | object | None = "auto") -> bool:
     return name != "cpu" and not is_unified_memory(name)
 
 
+def default_host_kv_budget(device: str | object | None, requested: int | None) -> int | None:
+    """The host-tier budget a session uses: `requested` if given; else 0 (evict straight to
+    disk) on a GPU that shares its DRAM with the CPU (Jetson), where a host tier would hold the
+    evicted pages in the very memory they left; else None (unbounded host RAM)."""
+    if requested is not None:
+        return requested
+    if resolve_device(device) != "cpu" and not host_tier_enabled(device):
+        return 0
+    return None
+
+
 def free_and_total_bytes(device: str | object | None = "auto") -> tuple[int, int, str]:
     """(free, total, where it came from) for the memory the device tier lives in."""
     name = resolve_device(device)

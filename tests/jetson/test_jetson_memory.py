@@ -81,6 +81,41 @@ def test_jetson_is_unified_and_sizes_from_mem_available(orin_nano, monkeypatch):
     assert memory.device_kv_budget_auto(headroom_bytes=6 * GiB, device="cuda") == 0
 
 
+def test_jetson_sessions_evict_straight_to_disk_unless_told(orin_nano, monkeypatch):
+    """A host tier on unified memory would keep evicted pages in the DRAM they left."""
+    monkeypatch.setattr(memory, "_torch", lambda: pytest.fail("torch consulted on unified memory"))
+    assert memory.default_host_kv_budget("cuda", None) == 0
+    assert memory.default_host_kv_budget("cuda", 2 * GiB) == 2 * GiB  # an explicit size wins
+    assert memory.default_host_kv_budget("cpu", None) is None  # CPU sessions keep their host tier
+
+
+def test_engine_and_serve_take_the_host_budget(monkeypatch):
+    import argparse
+
+    from server.cli import register, server_config_from_args
+    from vrex.engine import EngineConfig
+
+    assert EngineConfig(host_kv_budget_bytes=0).host_kv_budget_bytes == 0  # 0: no host tier
+    with pytest.raises(ValueError, match="host_kv_budget_bytes must be >= 0"):
+        EngineConfig(host_kv_budget_bytes=-1)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert (
+        server_config_from_args(parser.parse_args(["serve", "--host-kv-budget", "0"])).host_kv_budget_bytes
+        == 0
+    )
+    config = server_config_from_args(parser.parse_args(["serve", "--host-kv-budget", "4GiB"]))
+    assert config.host_kv_budget_bytes == 4 * GiB
+    with pytest.raises(ValueError, match="--host-kv-budget"):
+        server_config_from_args(parser.parse_args(["serve", "--host-kv-budget", "lots"]))
+
+
+def test_x86_discrete_gpu_keeps_an_unbounded_host_tier(x86_host, monkeypatch):
+    fake = _fake_cuda_torch(free=6 * GiB, total=16 * GiB, reserved=1 * GiB, allocated=512 * MiB)
+    monkeypatch.setattr(memory, "_torch", lambda: fake)
+    assert memory.default_host_kv_budget("cuda", None) is None
+
+
 def test_tegra_detected_from_the_device_tree_too(tmp_path, monkeypatch):
     compatible = tmp_path / "compatible"
     compatible.write_bytes(b"nvidia,p3768-0000+p3767-0005\x00nvidia,p3767-0005\x00nvidia,tegra234\x00")

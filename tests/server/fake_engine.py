@@ -36,6 +36,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # accepted and kept (the double has no weights)
     device_kv_budget_bytes: int | None = None
+    host_kv_budget_bytes: int | None = None  # accepted and kept (the double has one tier)
     data_dir: Path | str | None = None
     trace_dir: str | None = None  # accepted and kept (the double writes no traces)
     max_sessions: int = 8

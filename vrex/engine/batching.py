@@ -63,9 +63,9 @@ def forward_batch(
         out = adapter.language_model(
             inputs_embeds=embeds,
             position_ids=position_ids,
-            cache=scratch,
             use_cache=True,
             vrex_policy=[cache.policy for cache in caches],
+            **{adapter.cache_kwarg: scratch},
         )
         hidden = out.last_hidden_state
         if last_logits_only:

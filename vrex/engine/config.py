@@ -60,7 +60,9 @@ class EngineConfig:
     # GPUs (vrex.memory.dtype_name_for); or fp32 / fp16 / bf16
     dtype: str = "auto"
     device_kv_budget_bytes: int | None = None  # per session
-    host_kv_budget_bytes: int | None = None  # per session
+    # per session; 0: no host tier (evictions go to disk); None: unbounded, except on a GPU that
+    # shares DRAM with the CPU (Jetson), where it means 0 (vrex.memory.default_host_kv_budget)
+    host_kv_budget_bytes: int | None = None
     data_dir: str | None = None
     # every session writes its retrieval trace here (<session id>.jsonl; a session restored
     # from a snapshot starts <id>.1.jsonl, .2, ...): what `vrex sim run --trace` replays
@@ -80,7 +82,11 @@ class EngineConfig:
         if self.max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {self.max_batch_rows}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))  # raises for an unknown name
-        for name in ("device_kv_budget_bytes", "host_kv_budget_bytes"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive or None, got {value}")
+        if self.device_kv_budget_bytes is not None and self.device_kv_budget_bytes <= 0:
+            raise ValueError(
+                f"device_kv_budget_bytes must be positive or None, got {self.device_kv_budget_bytes}"
+            )
+        if self.host_kv_budget_bytes is not None and self.host_kv_budget_bytes < 0:
+            raise ValueError(
+                f"host_kv_budget_bytes must be >= 0 (0: no host tier) or None, got {self.host_kv_budget_bytes}"
+            )

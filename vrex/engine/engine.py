@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vrex.memory import check_device, choose_dtype
+from vrex.memory import check_device, choose_dtype, default_host_kv_budget
 from vrex.models import load_model
 from vrex.models.demo import DEMO_NOTICE, ensure_demo_model, is_demo_model
 
@@ -41,6 +42,9 @@ class Engine:
 
     def __init__(self, config: EngineConfig | None = None, *, adapter=None):
         self.config = config or EngineConfig()
+        host = default_host_kv_budget(self.config.device, self.config.host_kv_budget_bytes)
+        if host != self.config.host_kv_budget_bytes:  # unified memory: no host tier
+            self.config = dataclasses.replace(self.config, host_kv_budget_bytes=host)
         if adapter is None:
             model_dir = Path(self.config.model_dir) if self.config.model_dir else ensure_demo_model()
             check_device(self.config.device)

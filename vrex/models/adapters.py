@@ -28,6 +28,7 @@ Everything loads from a local folder only (``local_files_only=True``); nothing i
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -215,6 +216,10 @@ class ModelAdapter:
         self.model = model
         self.tokenizer = tokenizer
         self.language_model = language_model  # the text decoder (embeddings + layers + final norm)
+        # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`; 5.20-5.23,
+        # the last releases for Python 3.10 (what JetPack 6 ships), take the old name
+        params = inspect.signature(language_model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.lm_head = lm_head
         self.path = path
         self.device = device
@@ -352,9 +357,9 @@ class ModelAdapter:
             out = self.language_model(
                 inputs_embeds=step.inputs_embeds.to(self.device, self.dtype),
                 position_ids=position_ids,
-                cache=cache,
                 use_cache=True,
                 vrex_policy=cache.policy,
+                **{self.cache_kwarg: cache},
             )
             hidden = out.last_hidden_state
             if last_logits_only:
