@@ -250,10 +250,15 @@ def test_an_answer_cut_short_closes_its_turn(smolvlm_dir, monkeypatch, how):
     whole = opened()
     list(whole.generate("what?", max_new_tokens=stop_at))
     assert whole.answers[-1].history_token_ids == cut.answers[-1].history_token_ids
-    assert cut.history_tokens == whole.history_tokens
+    _assert_same_next_step(engine, cut, whole)
+
+
+def _assert_same_next_step(engine, a, b):
+    """Two sessions hold the same history: equal lengths, and equal logits for a next question."""
+    assert a.history_tokens == b.history_tokens
     q = engine.adapter.question_input("and then?")
-    got, _, _ = cut._step(q, "text", last_only=False)
-    want, _, _ = whole._step(q, "text", last_only=False)
+    got, _, _ = a._step(q, "text", last_only=False)
+    want, _, _ = b._step(q, "text", last_only=False)
     assert torch.equal(got, want)
 
 
@@ -315,12 +320,9 @@ def test_a_failing_close_keeps_the_original_error_and_is_retried(smolvlm_dir, mo
     whole = engine.open_session(settings)
     whole.add_frame(_frames(1, seed=4)[0], 0.0)
     list(whole.generate("what?", max_new_tokens=3))
-    q = engine.adapter.question_input("and then?")
     cut._close_turn()  # what the next frame or question does first
-    assert not cut._turn_open and cut.history_tokens == whole.history_tokens
-    got, _, _ = cut._step(q, "text", last_only=False)
-    want, _, _ = whole._step(q, "text", last_only=False)
-    assert torch.equal(got, want)
+    assert not cut._turn_open
+    _assert_same_next_step(engine, cut, whole)
 
 
 def test_a_snapshot_during_a_cut_off_answer_holds_a_closed_turn(smolvlm_dir, tmp_path):
