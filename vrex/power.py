@@ -28,6 +28,7 @@ import datetime as dt
 import importlib.util
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -457,10 +458,25 @@ def detect_sampler(interval_ms: int = 100) -> PowerSampler | None:
     if choice in ("off", "none", "0"):
         return None
     if choice in ("auto", "jtop") and JTOP_SOCKET.exists() and importlib.util.find_spec("jtop") is not None:
-        return PowerSampler("jtop", interval_ms=interval_ms)
+        problem = None if choice == "jtop" else _jtop_problem(interval_ms)
+        if problem is None:
+            return PowerSampler("jtop", interval_ms=interval_ms)
+        # e.g. a jetson-stats client of another version than the host's service, which it refuses
+        logging.getLogger("vrex.power").warning("jtop is not usable (%s); trying tegrastats", problem)
     if choice in ("auto", "tegrastats") and shutil.which("tegrastats"):
         return PowerSampler("tegrastats", interval_ms=interval_ms)
     return None
+
+
+def _jtop_problem(interval_ms: int) -> str | None:
+    """Why a jtop client cannot connect to the service here, or None when it can."""
+    try:
+        from jtop import jtop
+
+        with jtop(interval=interval_ms / 1000):
+            return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def l4t_release(text: str) -> str | None:

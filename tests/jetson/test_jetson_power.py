@@ -284,6 +284,32 @@ def test_sampler_reads_the_jtop_service(monkeypatch):
     assert chosen is not None and chosen.source == "jtop"
 
 
+def test_a_jtop_that_refuses_to_connect_falls_back_to_tegrastats(tmp_path, monkeypatch):
+    class RefusingJtop:
+        def __init__(self, interval):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("Mismatch version jtop service: [4.2.12] and client: [4.3.2]")
+
+        def __exit__(self, *exc):
+            return False
+
+    module = types.ModuleType("jtop")
+    module.jtop = RefusingJtop
+    module.__spec__ = importlib.machinery.ModuleSpec("jtop", None)
+    monkeypatch.setitem(sys.modules, "jtop", module)
+    monkeypatch.setattr(power, "JTOP_SOCKET", FIXTURES / "nvpmodel_q_agx_orin.txt")  # any existing path
+    fake = tmp_path / "tegrastats"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.delenv("VREX_POWER_SAMPLER", raising=False)
+    assert detect_sampler().source == "tegrastats"
+    monkeypatch.setenv("VREX_POWER_SAMPLER", "jtop")  # asked for by name: no probe, jtop it is
+    assert detect_sampler().source == "jtop"
+
+
 # --- power mode ------------------------------------------------------------------------------
 
 
