@@ -97,8 +97,8 @@ def _kv_list(text: str) -> list[int]:
     try:
         numbers = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        numbers = [0.5]  # not numbers: the same message as fractions
-    if not all(v.is_integer() for v in numbers):
+        numbers = None
+    if numbers is None or not all(v.is_integer() for v in numbers):
         raise ValueError(f"--kv-tokens expects comma-separated whole numbers of tokens, got {text!r}")
     values = [int(v) for v in numbers]
     if not values:
@@ -112,6 +112,13 @@ def _run_report(system, scenario: dict, stage: str) -> tuple[dict, dict]:
     from sim.api import simulate
 
     res = simulate(system, scenario)
+    if (
+        stage == "decode"
+        and scenario.get("trace")
+        and "decode" not in res["stages"]
+        and "text" in res["stages"]
+    ):
+        stage = "text"  # text = the answer's decode steps; a trace of only question prefills: those
     detail = res["stages"].get(stage)
     if detail is None:
         have = ", ".join(res["stages"])
@@ -180,13 +187,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "a replay costs what the trace selected; drop --policy"
             )
     stage = {"frame": "frame", "text": "decode", "e2e": "e2e"}[args.stage]
-    if args.trace and stage == "decode":
-        from sim.trace_replay import steps_from_trace
-
-        # text = the answer's decode steps; a trace of only question prefills reports those
-        traced = steps_from_trace(args.trace, system)
-        if not traced["decode"] and traced["text"]:
-            stage = "text"
     if all_corners:
         return _run_all_corners(args, system, scenario, stage)
     res, report = _run_report(system, scenario, stage)

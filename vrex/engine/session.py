@@ -427,11 +427,9 @@ class Session:
         before = self.history_tokens
         try:
             logits, rec, _ = self._step(self.adapter.token_input(token), "decode")
-        except BaseException:
+        finally:
             if self.history_tokens > before:
                 fed.append(token)
-            raise
-        fed.append(token)
         return logits, rec
 
     def _close_turn(self) -> None:

@@ -17,14 +17,17 @@ MAX_BUCKETS = 65536  # the hardware has 16; more is a software experiment, not a
 
 
 def _int_in(name: str, value: object, low: int, high: int | None, high_text: str | None = None) -> None:
-    """A ValueError naming the field unless value is an int (not a bool) in [low, high]."""
-    bound = f"[{low}, {high_text or high}]" if high is not None else f">= {low}"
-    if high_text and high is not None:
-        bound = f"[{low}, {high_text} = {high}]"
+    """A ValueError naming the field unless value is an int (not a bool) in [low, high]
+    (high None: no upper bound); `high_text` says what high is made of."""
+    if high is None:
+        bound = in_bound = f"a whole number >= {low}"
+    else:
+        bound = f"[{low}, {f'{high_text} = ' if high_text else ''}{high}]"
+        in_bound = f"in {bound}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
+        raise ValueError(f"{name} must be {'' if high is None else 'a whole number '}{bound}, got {value!r}")
     if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be in {bound}, got {value}")
+        raise ValueError(f"{name} must be {in_bound}, got {value}")
 
 
 def _real_in(name: str, value: object, low: float, high: float, allowed: str) -> None:

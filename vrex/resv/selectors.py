@@ -26,7 +26,7 @@ from torch import Tensor
 from vrex.limits import POLICIES
 
 from .clusters import HCTable, cluster_scores
-from .config import DEFAULT, ResvConfig, preset
+from .config import DEFAULT, ResvConfig, _int_in, preset
 from .wicsum import CANDIDATE_MIN_ROWS, wicsum_select, wicsum_select_bucketed
 
 # exp() of float32 inputs below about -87.3 (results under the smallest normal float) takes a
@@ -115,8 +115,7 @@ class Selector:
             ("num_kv_heads", num_kv_heads),
             ("head_dim", head_dim),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+            _int_in(name, value, 1, None)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.cfg = config or SelectorConfig(policy=self.name)
@@ -290,9 +289,8 @@ class RekvSelector(_KeyKeeper):
         self.frame_starts: list[list[int]] = [[] for _ in range(self.num_layers)]
 
     def observe(self, layer: int, keys: Tensor) -> Tensor:
-        start = sum(k.shape[1] for k in self.keys[layer]) if 0 <= layer < self.num_layers else 0
-        ids = super().observe(layer, keys)  # checks first
-        self.frame_starts[layer].append(start)
+        ids = super().observe(layer, keys)  # checks, then stores the keys
+        self.frame_starts[layer].append(sum(k.shape[1] for k in self.keys[layer]) - keys.shape[1])
         return ids
 
     def select(
@@ -422,8 +420,7 @@ class ResvSelector(Selector):
 
     def observe(self, layer: int, keys: Tensor) -> Tensor:
         self._check(layer)
-        self._check_keys(keys)
-        ids = self.tables[layer].add(keys.to(self.device)).cluster_ids
+        ids = self.tables[layer].add(keys.to(self.device)).cluster_ids  # checks the keys first
         self.steps[layer] += 1
         return ids
 
