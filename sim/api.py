@@ -125,6 +125,7 @@ def _run_stage(system: SystemConfig, steps: list[Step], policy: str, record_time
             "roofline_bound_ms": roofline_bound_cycles(system, timing.counters) / clock_hz * 1e3,
             "dram_utilization": timing.dram_busy_cycles / max(timing.cycles, 1),
             "link_utilization": timing.link_busy_cycles / max(timing.cycles, 1),
+            "offload_utilization": timing.offload_busy_cycles / max(timing.cycles, 1),
         }
         if record_timeline:
             result["timeline"] = timing.timeline

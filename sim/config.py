@@ -164,12 +164,31 @@ class MemoryConfig:
     link_lanes: int = 4  # link power only (W per lane); the rate is link_bandwidth_gbps
     link_efficiency: float = 0.85
     link_request_latency_us: float = 10.0  # per request, pipelined (one per burst group)
-    # Without the KVMU (ablation) the offloaded KV is read a token row at a time (one
-    # request per token and layer); the offload tier's small-read rate caps that.
-    # 850K IOPS: Kioxia BG6 datasheet, 4 KiB random read (the paper's SSD power source).
-    offload_random_read_iops: float = 850_000.0
     offload_tier: str = "ssd"  # "ssd" or "host"
+    # The offload tier serves reads on its own (sim/timing.py OffloadTier); the link forwards
+    # each read's data as it arrives. Defaults: Kioxia BG6 datasheet (the paper's SSD power
+    # source), 6,000 MB/s sequential read, 850K IOPS 4 KiB random read; 80 us is a typical
+    # TLC NAND read (assumption, not on the datasheet).
+    offload_read_bandwidth_gbps: float = 6.0
+    offload_read_latency_us: float = 80.0
+    # Without the KVMU (ablation) the offloaded KV is read a token row at a time (one
+    # request per token and layer); the tier's small-read rate caps that.
+    offload_random_read_iops: float = 850_000.0
+    offload_chunk_kib: float = 128.0  # the unit the link forwards (a common NVMe MDTS)
     recent_window_tokens: int = 5000  # KVMU keeps the newest tokens in device DRAM
+
+    def offload_read_bytes_per_s(self, request_bytes: float | None = None) -> float:
+        """Read rate of the offload tier: its bandwidth, or, for reads of `request_bytes`
+        each, what its small-read rate allows if that is lower."""
+        rate = self.offload_read_bandwidth_gbps * 1e9
+        if request_bytes is not None:
+            rate = min(rate, self.offload_random_read_iops * request_bytes)
+        return rate
+
+    def fetch_bytes_per_s(self, request_bytes: float | None = None) -> float:
+        """Sustained rate of offload tier -> link -> device: the slower of the two stages."""
+        link = self.link_bandwidth_gbps * 1e9 * self.link_efficiency
+        return min(link, self.offload_read_bytes_per_s(request_bytes))
 
 
 # One optional field per technology-table entry (sim/data/tech_14nm.yaml): None takes the
@@ -271,8 +290,11 @@ RANGES: dict[str, Any] = {
     "memory.link_lanes": (1, 64),
     "memory.link_efficiency": (0.01, 1.0),
     "memory.link_request_latency_us": (0.0, 100000.0),
-    "memory.offload_random_read_iops": (1e3, 1e12),
     "memory.offload_tier": ("ssd", "host"),
+    "memory.offload_read_bandwidth_gbps": (0.01, 100000.0),
+    "memory.offload_read_latency_us": (0.0, 100000.0),
+    "memory.offload_random_read_iops": (1e3, 1e12),
+    "memory.offload_chunk_kib": (4.0, 1048576.0),
     "memory.recent_window_tokens": (0, 100_000_000),
     "kv_tokens": (0, 100_000_000),
     "batch": (1, 4096),

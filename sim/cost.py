@@ -155,12 +155,15 @@ def run_energy_mj(
 def link_offload_energy_mj(
     system: SystemConfig, tech: dict[str, float], counters: dict[str, float], time_s: float
 ) -> dict[str, float]:
-    """PCIe (W per lane at full load x busy time) and the offload tier (SSD power or host DRAM)."""
+    """PCIe (W per lane at full load x busy time) and the offload tier (SSD power or host DRAM).
+
+    The SSD is active while reads are outstanding: `offload_busy_s`, each read's bytes at the
+    rate of the slower of tier and link (it holds data the link has not taken yet)."""
     mem = system.memory
     link_bytes = counters.get("link_read_bytes", 0.0) + counters.get("link_write_bytes", 0.0)
     full_rate_s = link_bytes / (mem.link_bandwidth_gbps * 1e9)
     link_mj = tech["pcie_w_per_lane"] * mem.link_lanes * full_rate_s * 1e3
-    read_s = counters.get("link_read_bytes", 0.0) / (mem.link_bandwidth_gbps * 1e9 * mem.link_efficiency)
+    read_s = counters.get("offload_busy_s", 0.0)
     if mem.offload_tier == "ssd":
         busy = min(time_s, read_s)
         offload_mj = (tech["ssd_active_w"] * busy + tech["ssd_idle_w"] * (time_s - busy)) * 1e3

@@ -73,10 +73,17 @@ def simulate_gpu_steps(system: SystemConfig, steps: list[Step], policy: str) -> 
         model.dtype_bytes,
     )
     launch = g.kernel_launch_us * 1e-6
-    link_bw = mem.link_bandwidth_gbps * 1e9 * mem.link_efficiency
+    fetch_bw = mem.fetch_bytes_per_s()  # offload tier -> link, the slower stage
+    fetch_latency_s = (mem.link_request_latency_us + mem.offload_read_latency_us) * 1e-6
     window = device_window_tokens(system, policy)
     breakdown = {"vision": 0.0, "layers": 0.0, "kv_predict": 0.0, "kv_fetch": 0.0, "lm_head": 0.0}
-    counters = {"dram_bytes": 0.0, "link_read_bytes": 0.0, "link_write_bytes": 0.0, "flops": 0.0}
+    counters = {
+        "dram_bytes": 0.0,
+        "link_read_bytes": 0.0,
+        "link_write_bytes": 0.0,
+        "offload_busy_s": 0.0,
+        "flops": 0.0,
+    }
     irregular_s = 0.0  # time in data-dependent prediction kernels (few SMs busy)
     for step in steps:
         b, n, hist = step.batch, step.new_tokens, step.history_tokens
@@ -110,10 +117,11 @@ def simulate_gpu_steps(system: SystemConfig, steps: list[Step], policy: str) -> 
             )
             irregular_s += irregular
             fetched_bytes = float(step.fetched_tokens[layer].sum()) * b * model.kv_bytes_per_token_head
-            fetch = fetched_bytes / link_bw + (mem.link_request_latency_us * 1e-6 if fetched_bytes else 0.0)
+            fetch = fetched_bytes / fetch_bw + (fetch_latency_s if fetched_bytes else 0.0)
             counters["flops"] += proj_flops + attn_flops
             counters["dram_bytes"] += proj_bytes + attn_bytes + pred_bytes + fetched_bytes
             counters["link_read_bytes"] += fetched_bytes
+            counters["offload_busy_s"] += fetched_bytes / fetch_bw
             layer_s.append((compute, predict))
             fetch_s.append(fetch)
         # Pipeline: fetch of layer l+1 overlaps compute + prediction of layer l.

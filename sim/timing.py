@@ -1,9 +1,10 @@
 """Timing core of the V-Rex accelerator (simpy). Time is in cycles of the accelerator clock.
 
-Covers: one process per agent (LXE; the DRE's HCU, WTU and KVMU; DRAM channel; PCIe link),
-bounded stores between them, closed-form cycle counts inside each event. The offload tier (SSD
-or host memory) is not a process of its own: its small-read rate caps the link's efficiency
-(`Dre.token_row_fetch`), and its energy is charged per byte (sim/cost.py).
+Covers: one process per agent (LXE; the DRE's HCU, WTU and KVMU; DRAM channel; PCIe link;
+the offload tier, SSD or host memory), bounded stores between them, closed-form cycle counts
+inside each event. A fetch is a two-stage pipeline: the tier reads (in issue order, at its
+bandwidth, or its small-read rate for token rows) and the link forwards the data chunk by
+chunk as it arrives, so it starts after the first chunk and ends no earlier than the last.
 
 Scenario: the LXE walks the layers of each step. Per layer it streams the QKV weights from
 DRAM and computes Q/K/V and the hash bits (one op), scores the queries against the cluster
@@ -57,10 +58,56 @@ class Counters:
         self.actions[name] += amount
 
 
+@dataclass
+class _Read:
+    """One read from the offload tier, as the link sees it."""
+
+    nbytes: float
+    chunk_bytes: float
+    first_chunk: simpy.Event  # the first chunk is in the tier's buffer: the link may start
+    end_cycle: int = 0  # when the tier has read the last byte (set when the read starts)
+
+
+class OffloadTier:
+    """SSD or host memory holding the offloaded KV: serves reads one at a time in issue order
+    (an NVMe queue or the host's DMA engine), latency + bytes / rate cycles each. Each read
+    signals its first chunk, so the link forwards data while the rest is still being read."""
+
+    def __init__(
+        self, env: simpy.Environment, bytes_per_cycle: float, latency_cycles: int, chunk_bytes: float
+    ):
+        self.env, self.bytes_per_cycle, self.latency_cycles = env, bytes_per_cycle, latency_cycles
+        self.chunk_bytes = chunk_bytes
+        self.queue = simpy.Store(env)
+        self.busy_cycles = 0
+        env.process(self._serve())
+
+    def read(self, nbytes: float, bytes_per_cycle: float | None = None) -> _Read:
+        """Queue a read; `bytes_per_cycle` below the tier's bandwidth for small reads."""
+        read = _Read(nbytes, min(self.chunk_bytes, nbytes), self.env.event())
+        self.queue.put((read, bytes_per_cycle or self.bytes_per_cycle))
+        return read
+
+    def _serve(self):
+        while True:
+            read, rate = yield self.queue.get()
+            start = self.env.now
+            total = self.latency_cycles + math.ceil(read.nbytes / rate)
+            first = min(total, self.latency_cycles + math.ceil(read.chunk_bytes / rate))
+            read.end_cycle = start + total
+            yield self.env.timeout(first)
+            read.first_chunk.succeed()
+            if total > first:
+                yield self.env.timeout(total - first)
+            self.busy_cycles += total
+
+
 class Channel:
     """A bandwidth server (DRAM channel or PCIe link): FIFO requests, one event per request.
 
-    Service time = latency + ceil(bytes / (bytes_per_cycle * efficiency)) cycles.
+    Service time = latency + ceil(bytes / (bytes_per_cycle * efficiency)) cycles. A transfer
+    fed by an offload-tier read waits for its first chunk and cannot end before the tier has
+    read the last chunk and it has crossed.
     """
 
     def __init__(self, env: simpy.Environment, name: str, bytes_per_cycle: float, latency_cycles: int, log):
@@ -72,9 +119,16 @@ class Channel:
         self.log = log  # list of (start, end, bytes, tag) or None
         env.process(self._serve())
 
-    def transfer(self, nbytes: float, tag: str, efficiency: float = 1.0, latency: bool = True):
+    def transfer(
+        self,
+        nbytes: float,
+        tag: str,
+        efficiency: float = 1.0,
+        latency: bool = True,
+        source: _Read | None = None,
+    ):
         done = self.env.event()
-        self.queue.put((nbytes, tag, efficiency, latency, done))
+        self.queue.put((nbytes, tag, efficiency, latency, source, done))
         return done
 
     def service_cycles(self, nbytes: float, efficiency: float = 1.0, latency: bool = True) -> int:
@@ -84,9 +138,15 @@ class Channel:
 
     def _serve(self):
         while True:
-            nbytes, tag, efficiency, latency, done = yield self.queue.get()
+            nbytes, tag, efficiency, latency, source, done = yield self.queue.get()
+            if source is not None:
+                yield source.first_chunk
             start = self.env.now
-            yield self.env.timeout(self.service_cycles(nbytes, efficiency, latency))
+            cycles = self.service_cycles(nbytes, efficiency, latency)
+            if source is not None:
+                last_chunk = math.ceil(source.chunk_bytes / (self.bytes_per_cycle * efficiency))
+                cycles = max(cycles, source.end_cycle - start + last_chunk)
+            yield self.env.timeout(cycles)
             self.busy_cycles += self.env.now - start
             self.bytes += nbytes
             if self.log is not None:
@@ -114,9 +174,16 @@ class Dre:
     """
 
     def __init__(
-        self, env: simpy.Environment, system: SystemConfig, link: Channel, dram: Channel, counters: Counters
+        self,
+        env: simpy.Environment,
+        system: SystemConfig,
+        tier: OffloadTier,
+        link: Channel,
+        dram: Channel,
+        counters: Counters,
     ):
-        self.env, self.system, self.link, self.dram, self.counters = env, system, link, dram, counters
+        self.env, self.system, self.counters = env, system, counters
+        self.tier, self.link, self.dram = tier, link, dram
         # bounded: one job waiting per unit, so the LXE cannot run ahead of the DRE
         self.hcu_jobs = simpy.Store(env, capacity=1)
         self.wtu_jobs = simpy.Store(env, capacity=1)
@@ -189,15 +256,14 @@ class Dre:
         the attention of stream i can run while stream i+1's KV is still on the link.
         Returns one completion event per stream.
         """
-        model, acc, mem = self.system.model, self.system.accel, self.system.memory
+        model, acc = self.system.model, self.system.accel
         fetched = step.fetched_tokens[layer]
         if acc.use_kvmu:
             # Cluster-contiguous per-head segments: exactly the selected (token, head) KV,
-            # moved in long bursts.
-            per_stream = float(fetched.sum()) * model.kv_bytes_per_token_head
-            efficiency = mem.link_efficiency
+            # read and moved in long bursts.
+            per_stream, request_bytes = float(fetched.sum()) * model.kv_bytes_per_token_head, None
         else:
-            per_stream, efficiency = self.token_row_fetch(fetched)
+            per_stream, request_bytes = self.token_row_fetch(fetched)
         if keys_fetched:
             per_stream /= 2  # keys were already fetched for token-level scoring; V remains
         if per_stream <= 0:
@@ -205,36 +271,39 @@ class Dre:
             done.succeed()
             return [done] * step.batch
         self.counters.add("kvmu_bytes", per_stream * step.batch)
-        return [self.bring_in(per_stream, f"kv_fetch L{layer} s{i}", efficiency) for i in range(step.batch)]
+        return [
+            self.bring_in(per_stream, f"kv_fetch L{layer} s{i}", request_bytes) for i in range(step.batch)
+        ]
 
-    def bring_in(self, nbytes: float, tag: str, link_efficiency: float) -> simpy.Event:
-        """Move bytes from the offload tier over the link into device DRAM. The DMA writes them
-        as they arrive, so the DRAM write is issued with the link read (not after it); it
-        takes its share of DRAM time, which a roofline bound on DRAM bytes counts."""
+    def bring_in(self, nbytes: float, tag: str, request_bytes: float | None = None) -> simpy.Event:
+        """Move bytes from the offload tier over the link into device DRAM (reads of
+        `request_bytes` each when not one long burst). The DMA writes them as they arrive,
+        so the DRAM write is issued with the link read (not after it); it takes its share of
+        DRAM time, which a roofline bound on DRAM bytes counts."""
+        mem, clock_hz = self.system.memory, self.system.accel.clock_mhz * 1e6
         self.counters.add("link_read_bytes", nbytes)
         self.counters.add("dram_bytes", nbytes)
-        on_link = self.link.transfer(nbytes, tag, link_efficiency)
+        self.counters.add("offload_busy_s", nbytes / mem.fetch_bytes_per_s(request_bytes))
+        read = self.tier.read(nbytes, mem.offload_read_bytes_per_s(request_bytes) / clock_hz)
+        on_link = self.link.transfer(nbytes, tag, mem.link_efficiency, source=read)
         in_dram = self.dram.transfer(
             nbytes, f"{tag} (to DRAM)", self.system.memory.dram_efficiency, latency=False
         )
         return self.env.all_of([on_link, in_dram])
 
     def token_row_fetch(self, fetched_per_head) -> tuple[float, float]:
-        """(bytes, link efficiency) of one stream's fetch without the KVMU's layout.
+        """(bytes, bytes per read request) of one stream's fetch without the KVMU's layout.
 
         Offloaded KV keeps arrival order, one row per token and layer holding every KV head
         (4 KiB for Llama-3-8B: one NVMe page). Each selected token is one request for its
         whole row, so the bytes are the union of the heads' selections times the row; we
         take the union's lower bound, the largest head's selection (heads share ReSV's
-        clusters, so their selections overlap heavily; an optimistic assumption). Requests
-        are capped by the offload tier's small-read rate (`offload_random_read_iops`).
+        clusters, so their selections overlap heavily; an optimistic assumption). The
+        offload tier serves them at its small-read rate (`offload_random_read_iops`).
         """
-        model, mem = self.system.model, self.system.memory
-        row_bytes = model.kv_bytes_per_token_layer
+        row_bytes = self.system.model.kv_bytes_per_token_layer
         nbytes = float(np.max(fetched_per_head)) * row_bytes if len(fetched_per_head) else 0.0
-        iops_bytes_per_s = mem.offload_random_read_iops * row_bytes
-        efficiency = min(mem.link_efficiency, iops_bytes_per_s / (mem.link_bandwidth_gbps * 1e9))
-        return nbytes, efficiency
+        return nbytes, float(row_bytes)
 
 
 class Lxe:
@@ -428,9 +497,7 @@ class Lxe:
                     device_key_bytes = b * (hist - offloaded) * nkv * hd * db
                     key_bytes = b * offloaded * nkv * hd * db
                     if key_bytes > 0:
-                        ev = self.dre.bring_in(
-                            key_bytes, f"keys L{target}", self.system.memory.link_efficiency
-                        )
+                        ev = self.dre.bring_in(key_bytes, f"keys L{target}")
                         yield from self.wait("kv_fetch", ev)
                     yield from self.op(
                         "kv_predict", self.flat_cycles(score_macs), device_key_bytes, f"score L{target}"
@@ -501,6 +568,7 @@ class StepTiming:
     events: int
     timeline: dict[str, list] | None
     stream_groups: int = 1  # how the batch was scheduled (see simulate_steps)
+    offload_busy_cycles: int = 0  # the offload tier reading
     events_all_candidates: int = 0  # events simulated over every schedule tried
 
 
@@ -541,7 +609,13 @@ def _simulate_groups(
     dram = Channel(env, "dram", mem.dram_bandwidth_gbps * 1e9 / clock_hz, 0, dram_log)
     link_latency = math.ceil(mem.link_request_latency_us * 1e-6 * clock_hz)
     link = Channel(env, "link", mem.link_bandwidth_gbps * 1e9 / clock_hz, link_latency, link_log)
-    dre = Dre(env, system, link, dram, counters)
+    tier = OffloadTier(
+        env,
+        mem.offload_read_bandwidth_gbps * 1e9 / clock_hz,
+        math.ceil(mem.offload_read_latency_us * 1e-6 * clock_hz),
+        mem.offload_chunk_kib * 1024,
+    )
+    dre = Dre(env, system, tier, link, dram, counters)
     shared = any(len(split_batch(s.batch, groups)) > 1 for s in steps)
     lxe = Lxe(env, system, dram, dre, counters, shared=shared)
 
@@ -569,6 +643,7 @@ def _simulate_groups(
         counters=dict(counters.actions),
         dram_busy_cycles=dram.busy_cycles,
         link_busy_cycles=link.busy_cycles,
+        offload_busy_cycles=tier.busy_cycles,
         events=events,
         timeline=timeline,
         stream_groups=groups,
@@ -595,10 +670,12 @@ def simulate_steps(system: SystemConfig, steps: list[Step], record_timeline: boo
 
 
 def roofline_bound_cycles(system: SystemConfig, counters: dict[str, float]) -> float:
-    """Lower bound on cycles: max(MACs at peak, DRAM bytes at peak bandwidth, link bytes at peak)."""
+    """Lower bound on cycles: max(MACs at peak, DRAM bytes at peak bandwidth, link bytes at
+    peak, offloaded bytes at the tier's peak)."""
     acc, mem = system.accel, system.memory
     clock_hz = acc.clock_mhz * 1e6
     compute = counters.get("dpe_macs", 0.0) / (acc.num_cores * acc.dpe_trees * acc.dpe_tree_width)
     dram = counters.get("dram_bytes", 0.0) / (mem.dram_bandwidth_gbps * 1e9 / clock_hz)
     link = counters.get("link_read_bytes", 0.0) / (mem.link_bandwidth_gbps * 1e9 / clock_hz)
-    return float(np.max([compute, dram, link]))
+    tier = counters.get("link_read_bytes", 0.0) / (mem.offload_read_bandwidth_gbps * 1e9 / clock_hz)
+    return float(np.max([compute, dram, link, tier]))

@@ -409,11 +409,7 @@ def _explain_batch_rows(ref: dict[str, Any], rows: list[dict], systems: dict[str
         kv = ref["kv_cache_sweep_tokens"][-1]
         res = simulate(system, {"kv_tokens": kv, "batch": batch})
         mem = system.memory
-        floor_ms = (
-            res["stages"]["frame"]["counters"]["link_read_bytes"]
-            / (mem.link_bandwidth_gbps * 1e9 * mem.link_efficiency)
-            * 1e3
-        )
+        floor_ms = res["stages"]["frame"]["counters"]["link_read_bytes"] / mem.fetch_bytes_per_s() * 1e3
         _set_note(
             rows,
             figure,

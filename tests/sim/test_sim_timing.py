@@ -8,7 +8,7 @@ import simpy
 
 from sim.api import simulate
 from sim.config import apply_overrides, load_system
-from sim.timing import Channel, Counters, Dre, Lxe, simulate_steps
+from sim.timing import Channel, Counters, Dre, Lxe, OffloadTier, simulate_steps
 from sim.workload import make_step
 
 
@@ -23,11 +23,40 @@ def test_channel_serves_fifo_with_closed_form_times():
     assert [(s, e, tag) for s, e, _, tag in log] == [(0, 110, "a"), (110, 140, "b")]
 
 
+def _tier_then_link(tier_rate: float, link_rate: float, sizes: list[float]):
+    """Reads of `sizes` bytes from a tier (latency 20, 100-byte chunks) over a link (latency 5)."""
+    env = simpy.Environment()
+    log = []
+    tier = OffloadTier(env, bytes_per_cycle=tier_rate, latency_cycles=20, chunk_bytes=100)
+    link = Channel(env, "link", bytes_per_cycle=link_rate, latency_cycles=5, log=log)
+    for i, n in enumerate(sizes):
+        link.transfer(n, f"r{i}", source=tier.read(n))
+    env.run()
+    return [(s, e) for s, e, _, _ in log], tier.busy_cycles
+
+
+def test_offload_tier_feeds_the_link_chunk_by_chunk():
+    # Fast tier: the link starts after the first chunk (20 + 100/10 = 30) and is the
+    # bottleneck: 5 + 1000/2 = 505 cycles; the second read was read long before it is needed.
+    spans, busy = _tier_then_link(10.0, 2.0, [1000, 1000])
+    assert spans == [(30, 535), (535, 1040)]
+    assert busy == 2 * (20 + 100)
+    # Slow tier: the last chunk is read at 20 + 1000/1 = 1020 and crosses in 100/10 = 10
+    # cycles, so the link ends at 1030 (not 30 + 5 + 1000/10 = 135); the second read starts
+    # in the tier at 1020 and its first chunk is ready at 1020 + 20 + 100 = 1140.
+    spans, busy = _tier_then_link(1.0, 10.0, [1000, 1000])
+    assert spans == [(120, 1030), (1140, 2050)]
+    assert busy == 2 * 1020
+    # A read smaller than a chunk crosses as one piece.
+    spans, _ = _tier_then_link(1.0, 10.0, [50])
+    assert spans == [(70, 80)]
+
+
 def test_gemm_cycles_closed_form():
     system = load_system("vrex8")
     env = simpy.Environment()
     counters = Counters()
-    lxe = Lxe(env, system, None, Dre(env, system, None, None, counters), counters)
+    lxe = Lxe(env, system, None, Dre(env, system, None, None, None, counters), counters)
     acc = system.accel
     # 10 rows, K=4096, N=4096 over 8 cores: each core 512 columns = 8 tree groups, 64 passes.
     ideal = 10 * 8 * 64
@@ -113,6 +142,8 @@ def test_gpu_breakdown_sums_to_total():
         ("accel.num_cores", [4, 8, 16, 32]),
         ("accel.sram_kb", [192, 384, 768]),
         ("memory.recent_window_tokens", [0, 5000, 20000, 40000]),
+        ("memory.offload_read_bandwidth_gbps", [0.5, 2, 6, 50]),
+        ("memory.offload_random_read_iops", [1e5, 8.5e5, 1e7]),
     ],
 )
 def test_more_resources_never_slower(field, values):
@@ -123,6 +154,20 @@ def test_more_resources_never_slower(field, values):
         latencies.append((res["frame_latency_ms"], res["tpot_ms"]))
     for (f0, t0), (f1, t1) in zip(latencies, latencies[1:], strict=False):
         assert f1 <= f0 * (1 + 1e-9) and t1 <= t0 * (1 + 1e-9)
+
+
+def test_a_slow_offload_tier_is_the_fetch_bottleneck():
+    """A SATA-class SSD (0.5 GB/s) behind the 4 GB/s link: the fetch runs at the SSD's rate,
+    the link waits for it, and the SSD is charged for the whole (longer) read."""
+    base = simulate("vrex8", {"kv_tokens": 40000})["stages"]["frame"]
+    slow_system = apply_overrides(load_system("vrex8"), {"memory.offload_read_bandwidth_gbps": 0.5})
+    slow = simulate(slow_system, {"kv_tokens": 40000})["stages"]["frame"]
+    read_ms = slow["counters"]["link_read_bytes"] / 0.5e9 * 1e3
+    assert slow["latency_ms"] >= read_ms
+    assert slow["roofline_bound_ms"] == pytest.approx(read_ms, rel=1e-6)
+    assert slow["latency_breakdown_ms"]["kv_fetch"] > 5 * base["latency_breakdown_ms"]["kv_fetch"]
+    assert slow["offload_utilization"] > 0.8 > 0.5 > base["offload_utilization"]
+    assert slow["energy_breakdown_mj"]["offload"] > 5 * base["energy_breakdown_mj"]["offload"]
 
 
 def test_empty_selection_moves_no_retrieval_bytes():
