@@ -110,8 +110,8 @@ class AcceleratorConfig:
     dpe_trees: int = 64
     dpe_tree_width: int = 64
     vpe_width: int = 64
-    # Area, leakage and access energy. Timing assumes a core's tiles fit (no spill traffic is
-    # modelled), so a smaller SRAM is cheaper but never slower: size it with the area/energy.
+    # Per core: a double-buffered weight tile, the input rows and the partial sums of a GEMM;
+    # activations that do not fit spill to DRAM (Lxe.spill_bytes), e.g. the vision tower's.
     sram_kb: float = 384.0
     hcu_width: int = 16
     wtu_width: int = 16
@@ -167,10 +167,10 @@ class MemoryConfig:
     offload_tier: str = "ssd"  # "ssd" or "host"
     # The offload tier serves reads on its own (sim/timing.py OffloadTier); the link forwards
     # each read's data as it arrives. Defaults: Kioxia BG6 datasheet (the paper's SSD power
-    # source), 6,000 MB/s sequential read, 850K IOPS 4 KiB random read; 80 us is a typical
-    # TLC NAND read (assumption, not on the datasheet).
+    # source), 6,000 MB/s sequential read, 850K IOPS 4 KiB random read. The datasheet gives
+    # no latency: 50 us is a client PCIe 4.0/5.0 SSD's QD1 4 KiB random read (~80 MB/s).
     offload_read_bandwidth_gbps: float = 6.0
-    offload_read_latency_us: float = 80.0
+    offload_read_latency_us: float = 50.0
     # Without the KVMU (ablation) the offloaded KV is read a token row at a time (one
     # request per token and layer); the tier's small-read rate caps that.
     offload_random_read_iops: float = 850_000.0
@@ -435,6 +435,13 @@ def validate(obj: Any, prefix: str = "", fields_only: bool = False) -> None:
             )
         if r.layer_ratio_min > r.layer_ratio_max:
             raise ValueError(f"{prefix}resv.layer_ratio_min must be <= resv.layer_ratio_max")
+        a = obj.accel
+        weight_tiles_kb = 2 * a.dpe_trees * a.dpe_tree_width * m.dtype_bytes / 1024
+        if a.sram_kb <= weight_tiles_kb:
+            raise ValueError(
+                f"{prefix}accel.sram_kb={a.sram_kb:g} must exceed the double-buffered weight tile "
+                f"({weight_tiles_kb:g} KB = 2 x accel.dpe_trees x accel.dpe_tree_width x model.dtype_bytes)"
+            )
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -28,11 +28,14 @@ group's compute. The scheduler tries 1 and 2 groups and keeps the faster
 
 Multi-core (documented choice; the paper leaves it open): tensor parallel. Every GEMM's output
 columns are split over the cores (each core streams 1/cores of the weights from the shared
-DRAM), attention and scoring work is split evenly over cores, each core has its own DRE
-lanes; an all-gather costs `sync_cycles` after each projection. All cores run the same op at
-the same time, so one event stands for all of them.
+DRAM), or its rows when that is faster (the weights broadcast), attention and scoring work is
+split evenly over cores, each core has its own DRE lanes; an all-gather costs `sync_cycles`
+after each projection. All cores run the same op at the same time, so one event stands for
+all of them. A core's SRAM bounds what stays on chip: activations that do not fit spill to
+DRAM (`Lxe.spill_bytes`), so a smaller SRAM is never faster.
 
-Events are ops and transfers, never cycles: ~2K events per frame for Llama-3-8B at batch 1.
+Events are ops and transfers, never cycles or tiles: ~2K events per frame for Llama-3-8B at
+batch 1 (a tile per event would be ~10^5). Inside an op, tiles are closed forms.
 """
 
 from __future__ import annotations
@@ -327,21 +330,69 @@ class Lxe:
         self.waits: list[tuple[int, int, str]] = []  # (start, end, category) of stalls
 
     # ---- closed forms -------------------------------------------------------------------
-    def gemm_cycles(self, m: int, k: int, n: int) -> int:
-        """MAC-tree GEMM [m,k] x [k,n]: each tree makes one output per ceil(k/width) cycles.
+    def gemms(self, *shapes: tuple[int, ...]) -> tuple[int, float]:
+        """(cycles, spilled DRAM bytes) of GEMMs run one after another; a shape is (m, k, n)
+        or (m, k, n, kept output columns) when the VPE reduces the output as it comes out
+        (SiLU(gate) x up keeps half the columns).
 
-        Cores split the output columns (each streams 1/cores of the weights) or, when that
-        leaves trees idle and there are many rows, the rows (weights broadcast to all cores);
-        the mapper takes the faster of the two.
+        MAC-tree GEMM [m,k] x [k,n]: each tree makes one output per ceil(k/width) cycles.
+        Cores split the output columns (each streams 1/cores of the weights; the input rows
+        are broadcast) or the rows (the weights are broadcast). The mapper takes the split
+        with the shorter roofline time, max(compute, DRAM bytes of the weights and of its
+        spill (`spill_bytes`)), then the smaller spill: column split for a few rows (a row
+        split idles trees), row split for the vision tower's 577 rows (whose inputs then fit
+        a core's SRAM).
         """
-        acc = self.system.accel
-        k_passes = math.ceil(k / acc.dpe_tree_width)
-        col_split = m * math.ceil(math.ceil(n / acc.num_cores) / acc.dpe_trees) * k_passes
-        row_split = math.ceil(m / acc.num_cores) * math.ceil(n / acc.dpe_trees) * k_passes
-        ideal = min(col_split, row_split)
-        self.counters.add("dpe_macs", m * k * n)
-        self.counters.add("dpe_busy_cycles", ideal)
-        return math.ceil(ideal / acc.gemm_utilization) + acc.pipeline_fill_cycles
+        acc, mem = self.system.accel, self.system.memory
+        dram_bytes_per_cycle = mem.dram_bandwidth_gbps * 1e9 * mem.dram_efficiency / (acc.clock_mhz * 1e6)
+        cycles, spilled = 0, 0.0
+        for m, k, n, *kept in shapes:
+            k_passes = math.ceil(k / acc.dpe_tree_width)
+            n_core, m_core = math.ceil(n / acc.num_cores), math.ceil(m / acc.num_cores)
+            weight_bytes = k * n * self.system.model.dtype_bytes
+            candidates = []
+            for ideal, rows, cols in (
+                (m * math.ceil(n_core / acc.dpe_trees) * k_passes, m, n_core),
+                (m_core * math.ceil(n / acc.dpe_trees) * k_passes, m_core, n),
+            ):
+                spill = self.spill_bytes(m, k, n, rows, cols, *kept)
+                busy = math.ceil(ideal / acc.gemm_utilization) + acc.pipeline_fill_cycles
+                candidates.append(
+                    (max(busy, (weight_bytes + spill) / dram_bytes_per_cycle), spill, busy, ideal)
+                )
+            _, spill, busy, ideal = min(candidates)
+            self.counters.add("dpe_macs", m * k * n)
+            self.counters.add("dpe_busy_cycles", ideal)
+            cycles += busy
+            spilled += spill
+        if spilled:
+            self.counters.add("dram_spill_bytes", spilled)
+        return cycles, spilled
+
+    def spill_bytes(
+        self, m: int, k: int, n: int, rows_per_core: int, cols_per_core: int, kept_cols: int | None = None
+    ) -> float:
+        """DRAM bytes a GEMM adds when its activations do not fit a core's SRAM.
+
+        A core's SRAM holds a double-buffered weight tile (the weights stream from DRAM
+        anyway), its input rows and its FP32 partial sums. With room for its input, the input
+        stays on chip where the previous op left it: nothing spills. Otherwise the input
+        lives in DRAM and the cheaper loop order is taken: k outermost over blocks of the
+        core's output columns whose partial sums fit (the input read once per block), or
+        rows in blocks whose input fits (the weights streamed once more per extra block).
+        An output too large to stay on chip is written to DRAM (the next op reads it back).
+        Broadcast rows are read once for all cores.
+        """
+        acc, db = self.system.accel, self.system.model.dtype_bytes
+        room = acc.sram_kb * 1024 - 2 * acc.dpe_trees * acc.dpe_tree_width * db
+        out_cols = kept_cols or n
+        out_cols_per_core = math.ceil(out_cols * cols_per_core / n)
+        spill = m * out_cols * db if rows_per_core * out_cols_per_core * db > room else 0.0
+        if rows_per_core * k * db > room:
+            column_blocks = math.ceil(rows_per_core * cols_per_core * 4 / room)
+            row_blocks = math.ceil(rows_per_core / max(1, int(room // (k * db))))
+            spill += m * k * db * min(column_blocks, 1 + (row_blocks - 1) * n / m)
+        return spill
 
     def flat_cycles(self, macs: float) -> int:
         """Work split evenly over all cores and trees (attention, scoring)."""
@@ -439,16 +490,15 @@ class Lxe:
         )
         wbytes = (4 * dv * dv + 2 * dv * fv) * model.dtype_bytes
         for layer in range(model.vision_layers):
-            cycles = self.gemm_cycles(mv, dv, 3 * dv) + self.gemm_cycles(mv, dv, dv)
-            cycles += self.gemm_cycles(mv, dv, fv) + self.gemm_cycles(mv, fv, dv)
+            cycles, spill = self.gemms((mv, dv, 3 * dv), (mv, dv, dv), (mv, dv, fv), (mv, fv, dv))
             cycles += self.flat_cycles(2.0 * b * tv * tv * dv) + self.vpe_cycles(
                 b * tv * tv * 5 + mv * (4 * dv + 4 * fv)
             )
-            yield from self.op("vision", cycles + 4 * acc.sync_cycles, wbytes, f"vision L{layer}")
+            yield from self.op("vision", cycles + 4 * acc.sync_cycles, wbytes + spill, f"vision L{layer}")
         ph, n = model.projector_hidden_size, b * step.new_tokens
-        cycles = self.gemm_cycles(n, dv, ph) + self.gemm_cycles(n, ph, model.hidden_size)
+        cycles, spill = self.gemms((n, dv, ph), (n, ph, model.hidden_size))
         yield from self.op(
-            "vision", cycles, (dv * ph + ph * model.hidden_size) * model.dtype_bytes, "projector"
+            "vision", cycles, (dv * ph + ph * model.hidden_size) * model.dtype_bytes + spill, "projector"
         )
 
     def run_layer(self, step: Step, layer: int, jobs: dict[int, _Job]):
@@ -466,14 +516,12 @@ class Lxe:
         group = nh // nkv
         # 1) norm + QKV + RoPE (+ hash bits of the new keys)
         qkv_cols = (nh + 2 * nkv) * hd
-        cycles = (
-            self.vpe_cycles(m * d * 4)
-            + self.gemm_cycles(m, d, qkv_cols)
-            + self.vpe_cycles(m * (nh + nkv) * hd * 3)
-        )
+        shapes = [(m, d, qkv_cols)]
         if step.predict and acc.use_hcu:
-            cycles += self.gemm_cycles(m, nkv * hd, resv.hash_bits)
-        yield from self.op("qkv", cycles + acc.sync_cycles, d * qkv_cols * db, f"qkv L{layer}")
+            shapes.append((m, nkv * hd, resv.hash_bits))
+        cycles, spill = self.gemms(*shapes)
+        cycles += self.vpe_cycles(m * d * 4) + self.vpe_cycles(m * (nh + nkv) * hd * 3)
+        yield from self.op("qkv", cycles + acc.sync_cycles, d * qkv_cols * db + spill, f"qkv L{layer}")
         # 2) KV prediction: Q x Key_cluster^T on the LXE, then the DRE job
         if step.predict:
             clusters = float(step.clusters[layer])
@@ -530,12 +578,11 @@ class Lxe:
                     "attention", cycles, fetched_sum * kv_head_bytes, f"attn-fetched L{layer} s{i}"
                 )
         # 4) output projection, 5) FFN
-        yield from self.op(
-            "o_proj", self.gemm_cycles(m, nh * hd, d) + acc.sync_cycles, nh * hd * d * db, f"o_proj L{layer}"
-        )
-        cycles = self.vpe_cycles(m * d * 4) + self.gemm_cycles(m, d, 2 * ff) + self.vpe_cycles(m * ff * 4)
-        cycles += self.gemm_cycles(m, ff, d) + 2 * acc.sync_cycles
-        yield from self.op("ffn", cycles, 3 * d * ff * db, f"ffn L{layer}")
+        cycles, spill = self.gemms((m, nh * hd, d))
+        yield from self.op("o_proj", cycles + acc.sync_cycles, nh * hd * d * db + spill, f"o_proj L{layer}")
+        cycles, spill = self.gemms((m, d, 2 * ff, ff), (m, ff, d))
+        cycles += self.vpe_cycles(m * d * 4) + self.vpe_cycles(m * ff * 4) + 2 * acc.sync_cycles
+        yield from self.op("ffn", cycles, 3 * d * ff * db + spill, f"ffn L{layer}")
 
     def run_step(self, step: Step, link: Channel):
         model = self.system.model
@@ -550,11 +597,10 @@ class Lxe:
         for layer in range(model.num_layers):
             yield from self.run_layer(step, layer, jobs)
         rows = step.batch  # one logits row per stream (VideoLLM-online decides to speak per frame)
-        cycles = self.vpe_cycles(rows * model.hidden_size * 4) + self.gemm_cycles(
-            rows, model.hidden_size, model.vocab_size
-        )
+        cycles, spill = self.gemms((rows, model.hidden_size, model.vocab_size))
+        cycles += self.vpe_cycles(rows * model.hidden_size * 4)
         yield from self.op(
-            "lm_head", cycles, model.vocab_size * model.hidden_size * model.dtype_bytes, "lm_head"
+            "lm_head", cycles, model.vocab_size * model.hidden_size * model.dtype_bytes + spill, "lm_head"
         )
 
 
@@ -654,7 +700,7 @@ def _simulate_groups(
 def simulate_steps(system: SystemConfig, steps: list[Step], record_timeline: bool = False) -> StepTiming:
     """Run steps back to back; returns cycles and action counts of the fastest batch schedule.
 
-    Like the GEMM mapper (Lxe.gemm_cycles), the scheduler tries each candidate schedule
+    Like the GEMM mapper (Lxe.gemms), the scheduler tries each candidate schedule
     (stream_group_candidates) and keeps the fastest; `events` is the chosen run's count.
     """
     best: StepTiming | None = None

@@ -60,10 +60,79 @@ def test_gemm_cycles_closed_form():
     acc = system.accel
     # 10 rows, K=4096, N=4096 over 8 cores: each core 512 columns = 8 tree groups, 64 passes.
     ideal = 10 * 8 * 64
-    assert (
-        lxe.gemm_cycles(10, 4096, 4096) == math.ceil(ideal / acc.gemm_utilization) + acc.pipeline_fill_cycles
+    assert lxe.gemms((10, 4096, 4096)) == (
+        math.ceil(ideal / acc.gemm_utilization) + acc.pipeline_fill_cycles,
+        0.0,
     )
     assert counters.actions["dpe_macs"] == 10 * 4096 * 4096
+
+
+def _lxe(overrides=None):
+    system = apply_overrides(load_system("vrex8"), overrides or {})
+    env = simpy.Environment()
+    counters = Counters()
+    return Lxe(env, system, None, Dre(env, system, None, None, None, counters), counters), counters
+
+
+def test_activations_that_fit_the_sram_never_spill():
+    lxe, counters = _lxe()
+    # A frame's 10 rows: the FFN's 14336-wide input is 280 KiB, within 384 - 16 KiB.
+    assert lxe.gemms((10, 4096, 4096), (10, 4096, 28672, 14336), (10, 14336, 4096))[1] == 0.0
+    assert counters.actions["dram_spill_bytes"] == 0.0
+
+
+def test_spill_closed_form():
+    """At 64 KiB (48 KiB of room) a 40-row GEMM [40,4096] x [4096,4096] split by columns
+    (512 per core): the 320 KiB input lives in DRAM and is read once per block of columns
+    whose FP32 partial sums fit (40 x 512 x 4 = 80 KiB -> 2 blocks); the core's 40 KiB of
+    output stays. (Rows in blocks instead, 6 rows of 8 KiB per block, would stream the
+    32 MiB of weights 6 more times.)"""
+    lxe, counters = _lxe({"accel.sram_kb": 64})
+    kib = 1024
+    assert lxe.spill_bytes(40, 4096, 4096, 40, 512) == 2 * 320 * kib
+    # The same GEMM split by rows (5 per core: 40 KiB in, 40 KiB out) spills nothing and
+    # takes as many cycles (5 x 64 column groups x 64 passes = 40 x 8 x 64): the mapper's pick.
+    assert lxe.spill_bytes(40, 4096, 4096, 5, 4096) == 0.0
+    assert lxe.gemms((40, 4096, 4096))[1] == 0.0
+    # 10 rows: a row split idles trees; the column split reads its 80 KiB input from DRAM.
+    # The weights dominate either way, so the mapper keeps the split that spills nothing.
+    assert lxe.spill_bytes(10, 4096, 4096, 10, 512) == 80 * kib
+    # An output over the room is written: 40 rows x 1024 columns per core x 2 B = 80 KiB.
+    assert lxe.spill_bytes(40, 512, 8192, 40, 1024) == 40 * 8192 * 2  # (the 40 KiB input fits)
+    assert lxe.gemms((10, 4096, 4096))[1] == 0.0
+    assert counters.actions["dram_spill_bytes"] == 0.0
+    # A compute-bound 577-row GEMM cannot avoid spilling at 64 KiB: counted where it is taken.
+    _, spill = lxe.gemms((577, 1024, 4096))
+    assert spill > 0 and counters.actions["dram_spill_bytes"] == spill
+
+
+def test_the_vision_tower_spills_its_activations_at_384_kib():
+    """577 rows (the SigLIP tower): compute-bound, so the mapper keeps the faster column
+    split, whose broadcast input (1.2 MB) does not fit: fc1 reads its input once per block of
+    columns whose partial sums fit (577 x 512 x 4 B -> 4 blocks) and writes its 4.6 MB
+    output; fc2 reads that output back. With 8 MiB per core nothing spills."""
+    lxe, _ = _lxe()
+    db = 2
+    assert lxe.gemms((577, 1024, 4096))[1] == 4 * 577 * 1024 * db + 577 * 4096 * db
+    assert lxe.gemms((577, 4096, 1024))[1] == 577 * 4096 * db
+    big, _ = _lxe({"accel.sram_kb": 8192})
+    assert big.gemms((577, 1024, 4096), (577, 4096, 1024))[1] == 0.0
+
+
+def test_a_smaller_sram_spills_more_and_is_never_faster():
+    spill, latency = [], []
+    for kb in (32, 96, 384, 2048, 8192):
+        res = simulate(apply_overrides(load_system("vrex8"), {"accel.sram_kb": kb}), {"kv_tokens": 1000})
+        frame = res["stages"]["frame"]
+        spill.append(frame["counters"].get("dram_spill_bytes", 0.0))
+        latency.append(frame["latency_ms"])
+    assert spill == sorted(spill, reverse=True) and spill[0] > 10 * spill[2] > 0 == spill[-1]
+    assert latency == sorted(latency, reverse=True) and latency[0] > 1.05 * latency[2]
+
+
+def test_sram_must_hold_the_weight_tiles():
+    with pytest.raises(ValueError, match="accel.sram_kb=16 must exceed the double-buffered weight tile"):
+        apply_overrides(load_system("vrex8"), {"accel.sram_kb": 16})
 
 
 def test_decode_is_weight_streaming_bound():
@@ -140,7 +209,7 @@ def test_gpu_breakdown_sums_to_total():
         ("memory.link_bandwidth_gbps", [2, 4, 8, 16]),
         ("memory.dram_bandwidth_gbps", [100, 204.8, 400]),
         ("accel.num_cores", [4, 8, 16, 32]),
-        ("accel.sram_kb", [192, 384, 768]),
+        ("accel.sram_kb", [32, 96, 192, 384, 768]),
         ("memory.recent_window_tokens", [0, 5000, 20000, 40000]),
         ("memory.offload_read_bandwidth_gbps", [0.5, 2, 6, 50]),
         ("memory.offload_random_read_iops", [1e5, 8.5e5, 1e7]),
