@@ -93,11 +93,12 @@ def plot_layer_bandwidth(
         for start, end, gbps in rows:
             xs += [start - t0, start - t0, end - t0, end - t0]
             ys += [0.0, gbps, gbps, 0.0]
-        ax.plot(xs, ys, label=f"{channel} ({'PCIe' if channel == 'link' else 'device DRAM'})")
+        what = {"link": "PCIe", "dram": "device DRAM", "offload": f"{system.memory.offload_tier} reads"}
+        ax.plot(xs, ys, label=f"{channel} ({what.get(channel, channel)})")
     ax.set_xlabel(f"time within layer {layer} (us)")
     ax.set_ylabel("bandwidth (GB/s)")
     ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_title(f"{system.name}, {kv_tokens / 1000:g}K KV: DRAM and PCIe traffic in one layer")
+    ax.set_title(f"{system.name}, {kv_tokens / 1000:g}K KV: DRAM, PCIe and offload traffic in one layer")
     ax.legend()
     fig.tight_layout()
     path = out / "layer_bandwidth.png"

@@ -77,23 +77,29 @@ class OffloadTier:
     signals its first chunk, so the link forwards data while the rest is still being read."""
 
     def __init__(
-        self, env: simpy.Environment, bytes_per_cycle: float, latency_cycles: int, chunk_bytes: float
+        self,
+        env: simpy.Environment,
+        bytes_per_cycle: float,
+        latency_cycles: int,
+        chunk_bytes: float,
+        log=None,
     ):
         self.env, self.bytes_per_cycle, self.latency_cycles = env, bytes_per_cycle, latency_cycles
         self.chunk_bytes = chunk_bytes
         self.queue = simpy.Store(env)
         self.busy_cycles = 0
+        self.log = log  # list of (start, end, bytes, tag) or None
         env.process(self._serve())
 
-    def read(self, nbytes: float, bytes_per_cycle: float | None = None) -> _Read:
+    def read(self, nbytes: float, tag: str = "", bytes_per_cycle: float | None = None) -> _Read:
         """Queue a read; `bytes_per_cycle` below the tier's bandwidth for small reads."""
         read = _Read(nbytes, min(self.chunk_bytes, nbytes), self.env.event())
-        self.queue.put((read, bytes_per_cycle or self.bytes_per_cycle))
+        self.queue.put((read, tag, bytes_per_cycle or self.bytes_per_cycle))
         return read
 
     def _serve(self):
         while True:
-            read, rate = yield self.queue.get()
+            read, tag, rate = yield self.queue.get()
             start = self.env.now
             total = self.latency_cycles + math.ceil(read.nbytes / rate)
             first = min(total, self.latency_cycles + math.ceil(read.chunk_bytes / rate))
@@ -103,6 +109,8 @@ class OffloadTier:
             if total > first:
                 yield self.env.timeout(total - first)
             self.busy_cycles += total
+            if self.log is not None:
+                self.log.append((start, self.env.now, read.nbytes, tag))
 
 
 class Channel:
@@ -287,7 +295,7 @@ class Dre:
         self.counters.add("link_read_bytes", nbytes)
         self.counters.add("dram_bytes", nbytes)
         self.counters.add("offload_busy_s", nbytes / mem.fetch_bytes_per_s(request_bytes))
-        read = self.tier.read(nbytes, mem.offload_read_bytes_per_s(request_bytes) / clock_hz)
+        read = self.tier.read(nbytes, tag, mem.offload_read_bytes_per_s(request_bytes) / clock_hz)
         on_link = self.link.transfer(nbytes, tag, mem.link_efficiency, source=read)
         in_dram = self.dram.transfer(
             nbytes, f"{tag} (to DRAM)", self.system.memory.dram_efficiency, latency=False
@@ -652,6 +660,7 @@ def _simulate_groups(
     clock_hz = acc.clock_mhz * 1e6
     dram_log = [] if record_timeline else None
     link_log = [] if record_timeline else None
+    offload_log = [] if record_timeline else None
     dram = Channel(env, "dram", mem.dram_bandwidth_gbps * 1e9 / clock_hz, 0, dram_log)
     link_latency = math.ceil(mem.link_request_latency_us * 1e-6 * clock_hz)
     link = Channel(env, "link", mem.link_bandwidth_gbps * 1e9 / clock_hz, link_latency, link_log)
@@ -660,6 +669,7 @@ def _simulate_groups(
         mem.offload_read_bandwidth_gbps * 1e9 / clock_hz,
         math.ceil(mem.offload_read_latency_us * 1e-6 * clock_hz),
         mem.offload_chunk_kib * 1024,
+        offload_log,
     )
     dre = Dre(env, system, tier, link, dram, counters)
     shared = any(len(split_batch(s.batch, groups)) > 1 for s in steps)
@@ -681,7 +691,7 @@ def _simulate_groups(
         env.step()
         events += 1
     counters.add("link_busy_cycles", link.busy_cycles)
-    timeline = {"dram": dram_log, "link": link_log} if record_timeline else None
+    timeline = {"dram": dram_log, "link": link_log, "offload": offload_log} if record_timeline else None
     cycles = int(env.now)
     return StepTiming(
         cycles=cycles,

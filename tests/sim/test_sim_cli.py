@@ -134,6 +134,11 @@ def test_layer_bandwidth_has_the_link_fetch_of_that_layer():
     )
     plotted = sum((end - start) * 1e-6 * gbps * 1e9 for start, end, gbps in series["link"])
     assert plotted == pytest.approx(link_bytes, rel=1e-6)
+    # the SSD read the same bytes, each read starting before its link transfer
+    assert sum(
+        nbytes for *_, nbytes, tag in res["stages"]["frame"]["timeline"]["offload"] if "L16" in tag.split()
+    ) == (pytest.approx(link_bytes))
+    assert min(r[0] for r in series["offload"]) < min(r[0] for r in series["link"])
 
 
 def test_sim_commands_never_import_torch():
