@@ -130,6 +130,16 @@ def test_wicsum_bad_input(args, needle):
         resv.wicsum_select_bucketed(*args, 8)
 
 
+def test_presets_are_read_only():
+    with pytest.raises(TypeError):
+        resv.PRESETS["paper"] = resv.DEFAULT
+    with pytest.raises(TypeError):
+        resv.PRESETS["mine"] = resv.DEFAULT
+    with pytest.raises(TypeError):
+        del resv.PRESETS["default"]
+    assert resv.preset("paper") is resv.PAPER and sorted(resv.PRESETS) == ["default", "paper"]
+
+
 # -- hashing ------------------------------------------------------------------------------
 def _bits_reference(keys, planes):
     return (keys @ planes > 0).to(torch.int64)
