@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import vrex.resv as resv
+from benchmarks.cli import FIDELITY_PARTS as PARTS
 from benchmarks.common import emit
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
@@ -782,9 +783,6 @@ def plot_fetch_heatmap(rows: list[dict], path: str) -> str | None:
 # CLI
 
 
-PARTS = ("needle", "video", "budget", "default")
-
-
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -935,61 +933,10 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(bench_sub) -> None:
-    p = bench_sub.add_parser(
-        "fidelity",
-        help="ReSV vs full attention, ReKV-like, top-k and window on real weights (needle, video, budget sweep, default choice)",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="small sizes: history 2K, 6 needle trials, 6 frames of bikes.mp4"
-    )
-    p.add_argument("--part", action="append", choices=PARTS, help="run only this part (repeatable)")
-    p.add_argument("--model", help="model folder (default: the demo model)")
-    p.add_argument("--trials", type=int, help="needle trials per history (default 50, quick 6)")
-    p.add_argument("--default-trials", type=int, help="needle trials per ReSV setting in the default sweep")
-    p.add_argument("--history", action="append", type=int, help="needle history tokens (repeatable)")
-    p.add_argument(
-        "--chunk-tokens", type=int, default=64, help="tokens per prefilled text chunk (a frame step)"
-    )
-    p.add_argument(
-        "--video",
-        action="append",
-        help="video file or sample name (repeatable; default bikes, bigbuckbunny, vtest)",
-    )
-    p.add_argument("--fps", type=float, default=1.0, help="sampling rate for --video")
-    p.add_argument("--max-frames", type=int, help="at most this many frames per video")
-    p.add_argument("--questions", type=int, default=2, help="questions per video, spread over the stream")
-    p.add_argument("--answer-tokens", type=int, default=12, help="greedy answer tokens of full attention")
-    p.add_argument(
-        "--plot", default="docs/fidelity_budget.png", help="PNG of fidelity vs fetched fraction ('' = none)"
-    )
-    p.add_argument(
-        "--heatmap",
-        default="docs/fidelity_fetch_heatmap.png",
-        help="PNG of fetched fraction per layer and KV head ('' = none)",
-    )
-    p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", help="append every needle trial to this JSON-lines file as it ends")
-    p.add_argument(
-        "--variant",
-        action="append",
-        help="run only this needle/video variant (repeatable; full attention always runs)",
-    )
-    p.add_argument(
-        "--merge-raw",
-        action="append",
-        metavar="FILE",
-        help="no run: the needle tables from these --raw files (repeatable; seeds tell trials apart)",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
-    p.add_argument("--out", help="also write the JSON rows to this file")
-    p.set_defaults(func=_main)
-
-
 if __name__ == "__main__":
+    from benchmarks.cli import register_fidelity
+
     parser = argparse.ArgumentParser(prog="fidelity")
-    sub = parser.add_subparsers()
-    register(sub)
-    ns = parser.parse_args(["fidelity", *sys.argv[1:]])
-    sys.exit(ns.func(ns))
+    register_fidelity(parser.add_subparsers())
+    # this module's _main: the parser's handler would import the module again by its name
+    sys.exit(_main(parser.parse_args(["fidelity", *sys.argv[1:]])))

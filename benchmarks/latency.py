@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.cli import LATENCY_POLICIES as POLICIES
 from benchmarks.common import emit
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.session import Session
 from vrex.host import check_at_least, check_output_path, dumps, machine_info, write_text
 from vrex.limits import check_fps
-from vrex.memory import add_dtype_flag, check_device
+from vrex.memory import check_device
 
-POLICIES = ("full", "rekv", "topk", "resv", "resv-paper")  # resv-paper: the paper preset
 FRAME_TOKENS = 64
 
 
@@ -451,57 +451,10 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(bench_sub) -> None:
-    p = bench_sub.add_parser(
-        "latency", help="per-frame step latency vs history per selector, KV spread over device/host/disk"
-    )
-    p.add_argument("--quick", action="store_true", help="histories 1K and 5K only")
-    p.add_argument(
-        "--history", action="append", type=int, help="history tokens (repeatable; default 1K..40K)"
-    )
-    p.add_argument("--policy", action="append", choices=POLICIES, help="policy (repeatable; default all)")
-    p.add_argument("--model", help="model folder (default: the demo model)")
-    p.add_argument(
-        "--device", default="cpu", help="torch device of the model and the device tier (cpu, cuda)"
-    )
-    add_dtype_flag(p)
-    p.add_argument(
-        "--device-fraction", type=float, default=0.25, help="device tier budget, share of the history KV"
-    )
-    p.add_argument(
-        "--host-fraction", type=float, default=0.5, help="host tier budget, share of the history KV"
-    )
-    p.add_argument(
-        "--steps", type=int, default=3, help="frame steps per point, >= 2 (the first is a warm-up)"
-    )
-    p.add_argument("--data-dir", help="where the disk tier's files go (default: the temp folder)")
-    p.add_argument(
-        "--history-source",
-        choices=("recorded", "synthetic"),
-        default="recorded",
-        help="the model's own KV of the sample videos (cached after the first run) or random keys",
-    )
-    p.add_argument(
-        "--record-cache", help="folder of the recorded history (default ~/.cache/vrex/latency-history)"
-    )
-    p.add_argument("--record-fps", type=float, default=6.0, help="video sampling rate of the recording")
-    p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument(
-        "--block-tokens",
-        type=int,
-        action="append",
-        help=f"tokens per KV block (repeatable, to compare sizes in one run; default {EngineConfig.block_tokens})",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", help="append every measured point to this JSON-lines file as it ends")
-    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
-    p.add_argument("--out", help="also write the JSON rows to this file")
-    p.set_defaults(func=_main)
-
-
 if __name__ == "__main__":
+    from benchmarks.cli import register_latency
+
     parser = argparse.ArgumentParser(prog="latency")
-    sub = parser.add_subparsers()
-    register(sub)
-    ns = parser.parse_args(["latency", *sys.argv[1:]])
-    sys.exit(ns.func(ns))
+    register_latency(parser.add_subparsers())
+    # this module's _main: the parser's handler would import the module again by its name
+    sys.exit(_main(parser.parse_args(["latency", *sys.argv[1:]])))

@@ -244,19 +244,6 @@ COLUMNS = [
 ]
 
 
-def register(bench_sub) -> None:
-    p = bench_sub.add_parser(
-        "resv", help="ReSV micro-benchmark on synthetic streams (selectors side by side)"
-    )
-    p.add_argument("--quick", action="store_true", help="histories 1K and 5K only")
-    p.add_argument("--shape", action="append", choices=sorted(SHAPES), help="model shape (repeatable)")
-    p.add_argument("--history", action="append", type=int, help="history tokens (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
-    p.add_argument("--out", help="also write the JSON rows to this file")
-    p.set_defaults(func=_main)
-
-
 def _check_args(args: argparse.Namespace) -> None:
     """Checked before the run: results are only written once every point is measured."""
     widest = max((SHAPES[name] for name in args.shape or SHAPES), key=min_history)

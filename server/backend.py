@@ -55,6 +55,9 @@ def load_engine_module() -> ModuleType:
         spec.loader.exec_module(module)
         return module
     try:
+        # vrex.engine loads its torch-backed modules on first use; load them now so a missing
+        # dependency is reported here, with the hint below
+        importlib.import_module("vrex.engine.engine")
         return importlib.import_module("vrex.engine")
     except ImportError as exc:
         raise EngineUnavailable(

@@ -470,6 +470,21 @@ def with_hf_model(system: SystemConfig, hf_config: str | None, relative_to: Path
     )
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what PyYAML could not parse, on one line: " at line 4, column 7: mapping values
+    are not allowed here". Its own text names the file "<unicode string>" and spans lines."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:  # no position to report: its words, on one line
+        return ": " + " ".join(str(exc).split())
+    text = f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"  # marks count from 0
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:  # e.g. where the unclosed bracket opened
+        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        text += f" ({context})"
+    return text
+
+
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     """A YAML file's top-level mapping; every way it can be unreadable is a ValueError naming the file."""
     path = Path(path)
@@ -480,7 +495,7 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ValueError(f"{path} is not valid YAML{_yaml_problem(exc)}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a text file; expected YAML") from None
     if data is None:

@@ -1,5 +1,11 @@
 """The one `vrex` command: every area's commands register, and help works."""
 
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from vrex.cli import _REGISTRARS, build_parser, main
@@ -23,6 +29,50 @@ def test_each_command_builds_alone_and_has_help(command, capsys):
         parser.parse_args([command, "--help"])
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith("usage: vrex " + command)
+
+
+def test_help_loads_no_heavy_module():
+    """`vrex --help` and every command's `--help` (sub-commands too) take a blink, not the
+    seconds torch and transformers take to import: the handlers import them."""
+    # a fresh interpreter, as this one may have imported torch for other tests
+    script = textwrap.dedent(
+        """
+        import argparse, contextlib, io, json, sys
+        from vrex.cli import build_parser, main
+
+        def commands(parser, path=()):
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    for name, sub in action.choices.items():
+                        yield (*path, name)
+                        yield from commands(sub, (*path, name))
+
+        every = [(), *commands(build_parser([]))]
+        heavy = ("torch", "transformers", "grpc", "simpy")
+        loaded = {}
+        for argv in every:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+                main([*argv, "--help"])
+            loaded[" ".join(argv)] = [m for m in heavy if m in sys.modules]
+        print(json.dumps(loaded))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout)
+    assert {"", "run", "bench", "bench fidelity", "sim run", "model info"} <= set(loaded)
+    assert all(not heavy for heavy in loaded.values()), loaded
+
+
+@pytest.mark.parametrize("package", ["vrex.engine", "vrex.kv", "vrex.models"])
+def test_lazy_packages_load_every_name_they_list(package):
+    # their names load on first use (vrex._lazy): a misspelt entry would only fail when used
+    module = importlib.import_module(package)
+    assert set(module.__all__) <= set(dir(module))
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+    with pytest.raises(AttributeError):
+        module.no_such_name  # noqa: B018
 
 
 def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path, capsys):

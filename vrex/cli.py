@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 
 # (module, function, commands it adds): each function takes the subparsers object and adds its
 # commands. Only the named command's module is imported, so `vrex sim ...` never pays for
-# torch/transformers (seconds) and vice versa; `vrex --help` imports them all.
+# torch/transformers (seconds) and vice versa. `vrex --help` imports them all, so these modules
+# define their parsers without torch and import it in the handlers (tests/test_cli.py checks).
 _REGISTRARS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vrex.engine.cli", "register", ("run",)),
     ("vrex.models.cli", "register", ("model",)),

@@ -229,6 +229,15 @@ def test_resv_history_below_its_minimum(capsys, monkeypatch, flags, needle):
     _fails(capsys, ["bench", "resv", *flags], needle)
 
 
+def test_the_bench_parsers_copies_match_their_sources():
+    # benchmarks.cli keeps copies so that `vrex bench --help` does not import torch
+    from benchmarks import cli as bench_cli
+    from vrex.engine import EngineConfig
+
+    assert sorted(bench_cli.RESV_SHAPES) == sorted(resv_micro.SHAPES)
+    assert bench_cli.ENGINE_BLOCK_TOKENS == EngineConfig.block_tokens
+
+
 def test_resv_runs_at_its_minimum_history():
     shape = resv_micro.SHAPES["llama3-8b"]
     rows = resv_micro.measure(shape, resv_micro.min_history(shape), rows=10, needles=8, repeats=1, seed=0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vrex.resv as resv
+from benchmarks import cli as bench_cli
 from benchmarks import fidelity, latency
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.models import tiny_random
@@ -237,8 +238,8 @@ def test_recorded_history_is_the_models_own_kv_and_is_cached(engine, tmp_path):
 def test_cli_registers_both_subcommands():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    fidelity.register(sub)
-    latency.register(sub)
+    bench_cli.register_fidelity(sub)
+    bench_cli.register_latency(sub)
     ns = parser.parse_args(["fidelity", "--quick", "--part", "needle", "--json"])
     assert ns.quick and ns.part == ["needle"] and callable(ns.func)
     ns = parser.parse_args(["latency", "--history", "1000", "--policy", "resv"])

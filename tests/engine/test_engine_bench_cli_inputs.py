@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import vrex.codesign as codesign
+import vrex.engine
 import vrex.engine.bench as engine_bench
 from vrex.cli import main
 
@@ -50,7 +51,7 @@ def _sample_or_skip(name: str):
     ],
 )
 def test_engine_bench_counts_are_checked_before_the_model_loads(capsys, monkeypatch, what, flags, needle):
-    monkeypatch.setattr(engine_bench, "Engine", _no_model)
+    monkeypatch.setattr(vrex.engine, "Engine", _no_model)  # _run imports it from there
     _fails(capsys, ["engine-bench", what, *flags], needle)
 
 
@@ -58,7 +59,7 @@ def test_engine_bench_counts_are_checked_before_the_model_loads(capsys, monkeypa
 
 
 def test_engine_bench_video_takes_a_file_or_a_sample_name(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(engine_bench, "Engine", _no_model)
+    monkeypatch.setattr(vrex.engine, "Engine", _no_model)
     _fails(capsys, ["engine-bench", "phases", "--video", str(tmp_path / "nope.mp4")], "video file not found")
     clip = tmp_path / "clip.mp4"
     shutil.copy(_sample_or_skip("bikes.mp4"), clip)

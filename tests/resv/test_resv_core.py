@@ -130,6 +130,16 @@ def test_wicsum_bad_input(args, needle):
         resv.wicsum_select_bucketed(*args, 8)
 
 
+def test_presets_are_read_only():
+    with pytest.raises(TypeError):
+        resv.PRESETS["paper"] = resv.DEFAULT
+    with pytest.raises(TypeError):
+        resv.PRESETS["mine"] = resv.DEFAULT
+    with pytest.raises(TypeError):
+        del resv.PRESETS["default"]
+    assert resv.preset("paper") is resv.PAPER and sorted(resv.PRESETS) == ["default", "paper"]
+
+
 # -- hashing ------------------------------------------------------------------------------
 def _bits_reference(keys, planes):
     return (keys @ planes > 0).to(torch.int64)
@@ -153,6 +163,22 @@ def test_popcount_edge_values():
     assert resv.popcount(x).tolist() == [0, 1, 32, 1, 16]
 
 
+def _bit_count(word: int) -> int:
+    return bin(word & (2**64 - 1)).count("1")  # the 64 bits of an int64, two's complement
+
+
+def test_popcount_and_hamming_count_all_64_bits_of_a_word():
+    # words packed 64 bits each (not by hash_codes): negative values, the sign bit, the extremes
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(-(2**63), 2**63 - 1, (40, 3), generator=gen, dtype=torch.int64)
+    edges = torch.tensor([0, -1, -(2**63), 2**63 - 1, 2**32, -(2**32), 0xFFFFFFFF], dtype=torch.int64)
+    x = torch.cat([words.flatten(), edges])
+    assert resv.popcount(x).tolist() == [_bit_count(w) for w in x.tolist()]
+    rows = words.tolist()
+    ref = [[sum(_bit_count(p ^ q) for p, q in zip(r, s, strict=True)) for s in rows] for r in rows]
+    assert resv.hamming(words[:, None], words[None]).tolist() == ref
+
+
 def test_hash_codes_are_sign_bits_and_seeded():
     planes = resv.make_planes(4, 3, seed=5)
     assert torch.equal(planes, resv.make_planes(4, 3, seed=5))
@@ -165,6 +191,10 @@ def test_hash_codes_are_sign_bits_and_seeded():
 def test_hamming_bad_input():
     with pytest.raises(ValueError, match="int64"):
         resv.hamming(torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64 tensor of packed codes .*, got a torch.int32 tensor"):
+        resv.hamming(torch.zeros(2, 1, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="popcount takes an int64 tensor, got a torch.uint8"):
+        resv.popcount(torch.zeros(3, dtype=torch.uint8))
 
 
 # -- HC table -------------------------------------------------------------------------------

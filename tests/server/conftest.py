@@ -24,7 +24,7 @@ FAKE_ENGINE = Path(__file__).resolve().parent / "fake_engine.py"
 @functools.cache
 def real_engine_available() -> bool:
     try:
-        import vrex.engine  # noqa: F401
+        import vrex.engine.engine  # noqa: F401 (the package itself loads torch only on first use)
     except Exception:
         return False
     return True

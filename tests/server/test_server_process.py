@@ -493,7 +493,7 @@ def test_trace_dir_reaches_the_engine(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_served_sessions_write_replayable_traces(start_server, tmp_path):
-    pytest.importorskip("vrex.engine", reason="the real engine is not importable")
+    pytest.importorskip("vrex.engine.engine", reason="the real engine is not importable")
     traces = tmp_path / "traces"
     server = start_server("--trace-dir", str(traces), kind="real")
     done = _run_stream(

@@ -253,7 +253,7 @@ async def test_torn_record_after_kill9_is_ignored(start_server, tmp_path):
 @pytest.mark.slow
 async def test_real_engine_replay_reproduces_the_history(tmp_path):
     """Snapshot + replayed log == the session that never crashed: same history, same next answer."""
-    pytest.importorskip("vrex.engine")
+    pytest.importorskip("vrex.engine.engine")
     import vrex.engine as engine_module
     from server.backend import Backend
     from vrex.engine import Engine, EngineConfig, SessionSettings

@@ -36,6 +36,28 @@ def test_config_files_fail_with_the_file_and_field(tmp_path, capsys, text, words
         assert word in out.err
 
 
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (
+            "base: vrex8\nmemory:\n  link_bandwidth_gbps: 8\n   bad: 1\n",
+            "at line 4, column 7: mapping values are not allowed here",
+        ),
+        (  # the unclosed bracket's own line and column too
+            "base: vrex8\naccel: {num_cores: 8\nmemory: {}\n",
+            "at line 3, column 7: expected ',' or '}', but got ':' "
+            "(while parsing a flow mapping at line 2, column 8)",
+        ),
+    ],
+)
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, capsys, text, problem):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    for argv in (["sim", "run", "--config", str(f)], ["sim", "area", "--system", str(f)]):
+        assert vrex_main(argv) == 2
+        assert capsys.readouterr().err == f"vrex: error: {f} is not valid YAML {problem}\n"
+
+
 def test_config_base_and_system_must_agree(tmp_path, capsys):
     f = tmp_path / "c.yaml"
     f.write_text("base: vrex48\naccel:\n  num_cores: 24\n")

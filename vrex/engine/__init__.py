@@ -1,12 +1,19 @@
 """Streaming sessions over one model: frame sampling, iterative prefill with retrieval,
 questions and streamed answers, stats, traces and snapshots."""
 
-from vrex.kv.snapshot import SnapshotError
+from vrex._lazy import lazy_exports
 
-from .config import EngineConfig, SessionSettings
-from .engine import CapacityError, Engine
-from .retrieval import RetrievalPolicy, StepRecord, light_attention
-from .session import AnswerStats, FrameResult, Session, TokenDelta
+# loaded on first use: vrex.engine.cli (the `vrex run` parser) must not load torch for `--help`
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "vrex.kv.snapshot": ("SnapshotError",),
+        "vrex.engine.config": ("EngineConfig", "SessionSettings"),
+        "vrex.engine.engine": ("CapacityError", "Engine"),
+        "vrex.engine.retrieval": ("RetrievalPolicy", "StepRecord", "light_attention"),
+        "vrex.engine.session": ("AnswerStats", "FrameResult", "Session", "TokenDelta"),
+    },
+)
 
 __all__ = [
     "AnswerStats",

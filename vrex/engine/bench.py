@@ -16,13 +16,15 @@ import collections
 import itertools
 import time
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from vrex.limits import POLICIES
 
-from .config import EngineConfig, SessionSettings
-from .engine import Engine
+if TYPE_CHECKING:
+    from vrex.engine import Engine
+
+# torch and the engine load inside the functions that run a benchmark, not here: the
+# `vrex engine-bench` parser comes from this module, and `--help` should not wait for torch.
 
 
 def _frames(video: str, count: int) -> list[tuple[float, object]]:
@@ -68,6 +70,10 @@ def phase_profile(
     engine: Engine, *, policy: str = "resv", video: str = "bikes.mp4", warm_frames: int = 25, frames: int = 8
 ) -> dict:
     """Mean milliseconds per frame step of each phase, after ``warm_frames`` frames of history."""
+    import torch
+
+    from vrex.engine import SessionSettings
+
     session = engine.open_session(SessionSettings(policy=policy, fps=120))
     selector, store = session.policy.selector, session.store
     timers = _Timers()
@@ -119,6 +125,10 @@ def batch_throughput(
     rounds: int = 6,
 ) -> dict:
     """Frames per second of ``sessions`` concurrent sessions, batched prefill vs one by one."""
+    import torch
+
+    from vrex.engine import Engine, EngineConfig, SessionSettings
+
     clip = _frames(video, warm_frames + rounds)
     engines = {
         "batched": Engine(EngineConfig(model_dir=str(adapter.path), max_sessions=sessions), adapter=adapter),
@@ -221,6 +231,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vrex.engine import Engine, EngineConfig
+
     _check_args(args)
     torch.set_num_threads(args.threads)
     engine = Engine(EngineConfig(model_dir=args.model))

@@ -5,11 +5,15 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from vrex.kv.budgets import TierBudgets
-from vrex.kv.store import TIER_NAMES, TieredKVStore
+
+if TYPE_CHECKING:
+    from vrex.kv.store import TieredKVStore
+
+# torch and the store load inside the functions that run the benchmark: `vrex kv-bench --help`
+# reads KVBenchConfig's defaults and should not wait seconds for torch.
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,10 @@ def check_config(config: KVBenchConfig) -> None:
 
 
 def _build(config: KVBenchConfig, tier: str, disk_dir: str) -> TieredKVStore:
+    import torch
+
+    from vrex.kv.store import TieredKVStore
+
     dtype = getattr(torch, config.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     token_bytes = 2 * config.head_dim * itemsize
@@ -91,6 +99,10 @@ def measure_fetch_throughput(config: KVBenchConfig = KVBenchConfig()) -> dict:
     Disk numbers are usually page-cache reads (the files were just written), i.e. an upper bound
     on a cold SSD. Raises ValueError when the history is too short for that (`check_config`).
     """
+    import torch
+
+    from vrex.kv.store import TIER_NAMES
+
     check_config(config)
     results = {"config": asdict(config), "tiers": {}}
     gen = torch.Generator().manual_seed(config.seed + 1)

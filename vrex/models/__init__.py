@@ -5,27 +5,36 @@
 (see :mod:`vrex.models.attention` for the policy contract).
 """
 
-from vrex.models.adapters import (
-    DEFAULT_SYSTEM_PROMPT,
-    SUPPORTED_MODEL_TYPES,
-    LlamaAdapter,
-    LlavaOnevisionAdapter,
-    ModelAdapter,
-    Qwen25VLAdapter,
-    SmolVLMAdapter,
-    StepInput,
-    concat_steps,
-    load_model,
+from vrex._lazy import lazy_exports
+
+# loaded on first use: vrex.models.cli (the `vrex model` parser) must not load torch and
+# transformers for `--help`
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "vrex.models.adapters": (
+            "DEFAULT_SYSTEM_PROMPT",
+            "SUPPORTED_MODEL_TYPES",
+            "LlamaAdapter",
+            "LlavaOnevisionAdapter",
+            "ModelAdapter",
+            "Qwen25VLAdapter",
+            "SmolVLMAdapter",
+            "StepInput",
+            "concat_steps",
+            "load_model",
+        ),
+        "vrex.models.attention": (
+            "ATTENTION_NAME",
+            "AttentionPolicy",
+            "FullAttentionPolicy",
+            "VrexCache",
+            "causal_attention",
+        ),
+        "vrex.models.demo": ("DEMO_NOTICE", "ensure_demo_model", "is_demo_model"),
+        "vrex.models.tiny": ("tiny_random",),
+    },
 )
-from vrex.models.attention import (
-    ATTENTION_NAME,
-    AttentionPolicy,
-    FullAttentionPolicy,
-    VrexCache,
-    causal_attention,
-)
-from vrex.models.demo import DEMO_NOTICE, ensure_demo_model, is_demo_model
-from vrex.models.tiny import tiny_random
 
 __all__ = [
     "ATTENTION_NAME",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 Scope = Literal["all_heads", "per_head"]
@@ -129,7 +131,8 @@ DEFAULT = ResvConfig(
     text_ratio=0.97,
 )
 
-PRESETS: dict[str, ResvConfig] = {"paper": PAPER, "default": DEFAULT}
+# read-only: an entry changed in place would change the preset of every later session
+PRESETS: Mapping[str, ResvConfig] = MappingProxyType({"paper": PAPER, "default": DEFAULT})
 
 
 def preset(name: str) -> ResvConfig:

@@ -1,7 +1,8 @@
 """Random-hyperplane hash codes of keys and their Hamming distances (XOR + popcount).
 
 Codes are packed 32 bits to an int64 word, so a code has shape ``[..., W]`` with
-``W = ceil(n_bits / 32)``; the paper's 32 hyperplanes give one word per token.
+``W = ceil(n_bits / 32)``; the paper's 32 hyperplanes give one word per token. ``popcount`` and
+``hamming`` count all 64 bits of a word, so codes packed elsewhere, 64 bits to a word, work too.
 """
 
 from __future__ import annotations
@@ -50,20 +51,35 @@ def hash_codes(keys: Tensor, planes: Tensor) -> Tensor:
     return (bits * weights).sum(-1)
 
 
-def popcount(x: Tensor) -> Tensor:
-    """Set bits of each int64 element holding a 32-bit word (SWAR, no lookup tables)."""
+def _popcount32(x: Tensor) -> Tensor:
+    """Set bits of int64 elements in [0, 2**32) (SWAR, no lookup tables; nothing overflows)."""
     x = x - ((x >> 1) & 0x55555555)
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F
     return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
+def popcount(x: Tensor) -> Tensor:
+    """Set bits of each int64 element, all 64 of them (a negative value's sign bit counts)."""
+    if not isinstance(x, Tensor) or x.dtype != torch.int64:
+        raise ValueError(f"popcount takes an int64 tensor, got {_describe(x)}")
+    # two 32-bit halves: a 64-bit SWAR would overflow int64; the mask drops the sign bits
+    # that `>>` copies into the high half of a negative value
+    return _popcount32(x & 0xFFFFFFFF) + _popcount32((x >> 32) & 0xFFFFFFFF)
+
+
 def hamming(a: Tensor, b: Tensor) -> Tensor:
-    """Hamming distance between packed codes ``[..., W]`` (as ``hash_codes`` packs them: 32
-    bits per int64 word, the upper half zero), broadcasting the leading dims."""
+    """Hamming distance between packed codes ``[..., W]`` of int64 words, broadcasting the
+    leading dims. Every bit of a word counts: 32 from ``hash_codes``, up to 64 from elsewhere."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.ndim < 1:
-            raise ValueError(f"{name} must be an int64 tensor of packed codes [..., W]")
+            raise ValueError(f"{name} must be an int64 tensor of packed codes [..., W], got {_describe(t)}")
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"a and b have different word counts: {a.shape[-1]} vs {b.shape[-1]}")
     return popcount(torch.bitwise_xor(a, b)).sum(-1)
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"a {t.dtype} tensor of shape {list(t.shape)}"
+    return f"a {type(t).__name__}"
