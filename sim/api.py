@@ -14,6 +14,7 @@ from typing import Any
 
 from sim.config import (
     FITTED_MAX_HISTORY_TOKENS,
+    InfeasibleDesign,
     Scenario,
     SystemConfig,
     apply_overrides,
@@ -67,7 +68,7 @@ def resolve_scenario(scenario: Scenario | dict[str, Any] | None) -> Scenario:
     return make_scenario(**scenario)
 
 
-class CapacityError(ValueError):
+class CapacityError(InfeasibleDesign):
     """The design point does not fit in device DRAM (a sweep records it as infeasible)."""
 
 

@@ -110,8 +110,9 @@ class AcceleratorConfig:
     dpe_trees: int = 64
     dpe_tree_width: int = 64
     vpe_width: int = 64
-    # Per core: a double-buffered weight tile, the input rows and the partial sums of a GEMM;
-    # activations that do not fit spill to DRAM (Lxe.spill_bytes), e.g. the vision tower's.
+    # Per core: a double-buffered weight tile and two ping-pong activation halves; an
+    # activation that does not fit a half spills to DRAM (Lxe.spill_bytes), e.g. the vision
+    # tower's.
     sram_kb: float = 384.0
     hcu_width: int = 16
     wtu_width: int = 16
@@ -152,6 +153,17 @@ class GpuConfig:
     irregular_ops_per_us: float = 2000.0  # hashing/clustering/thresholding in software
 
 
+# What an offload tier does when its fields are unset. SSD: Kioxia BG6 datasheet (the paper's
+# SSD power source), 6,000 MB/s sequential and 850K IOPS 4 KiB random read; the datasheet gives
+# no latency: 50 us is a client PCIe 4.0/5.0 SSD's QD1 4 KiB random read (~80 MB/s). Host:
+# 8-channel DDR4-3200 (one socket), ~100 ns to the first byte, 4 KiB row gathers by a DMA
+# engine far above PCIe's request rate.
+OFFLOAD_TIERS: dict[str, dict[str, float]] = {
+    "ssd": {"read_bandwidth_gbps": 6.0, "read_latency_us": 50.0, "random_read_iops": 850_000.0},
+    "host": {"read_bandwidth_gbps": 204.8, "read_latency_us": 0.1, "random_read_iops": 1.0e8},
+}
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     """Device DRAM, the PCIe link and the offload tier (SSD or host DRAM)."""
@@ -166,23 +178,27 @@ class MemoryConfig:
     link_request_latency_us: float = 10.0  # per request, pipelined (one per burst group)
     offload_tier: str = "ssd"  # "ssd" or "host"
     # The offload tier serves reads on its own (sim/timing.py OffloadTier); the link forwards
-    # each read's data as it arrives. Defaults: Kioxia BG6 datasheet (the paper's SSD power
-    # source), 6,000 MB/s sequential read, 850K IOPS 4 KiB random read. The datasheet gives
-    # no latency: 50 us is a client PCIe 4.0/5.0 SSD's QD1 4 KiB random read (~80 MB/s).
-    offload_read_bandwidth_gbps: float = 6.0
-    offload_read_latency_us: float = 50.0
+    # each read's data as it arrives. Unset (None): the tier's own figures, OFFLOAD_TIERS.
+    offload_read_bandwidth_gbps: float | None = None
+    offload_read_latency_us: float | None = None
     # Without the KVMU (ablation) the offloaded KV is read a token row at a time (one
     # request per token and layer); the tier's small-read rate caps that.
-    offload_random_read_iops: float = 850_000.0
+    offload_random_read_iops: float | None = None
     offload_chunk_kib: float = 128.0  # the unit the link forwards (a common NVMe MDTS)
     recent_window_tokens: int = 5000  # KVMU keeps the newest tokens in device DRAM
+
+    def offload(self, name: str) -> float:
+        """An offload-tier figure (`read_bandwidth_gbps`, `read_latency_us`,
+        `random_read_iops`): the field if set, else the tier's default."""
+        value = getattr(self, f"offload_{name}")
+        return OFFLOAD_TIERS[self.offload_tier][name] if value is None else value
 
     def offload_read_bytes_per_s(self, request_bytes: float | None = None) -> float:
         """Read rate of the offload tier: its bandwidth, or, for reads of `request_bytes`
         each, what its small-read rate allows if that is lower."""
-        rate = self.offload_read_bandwidth_gbps * 1e9
+        rate = self.offload("read_bandwidth_gbps") * 1e9
         if request_bytes is not None:
-            rate = min(rate, self.offload_random_read_iops * request_bytes)
+            rate = min(rate, self.offload("random_read_iops") * request_bytes)
         return rate
 
     def fetch_bytes_per_s(self, request_bytes: float | None = None) -> float:
@@ -262,7 +278,7 @@ RANGES: dict[str, Any] = {
     "accel.dpe_trees": (1, 4096),
     "accel.dpe_tree_width": (1, 4096),
     "accel.vpe_width": (1, 4096),
-    "accel.sram_kb": (16.0, 1_048_576.0),
+    "accel.sram_kb": (1.0, 1_048_576.0),  # and at least twice the weight tile (validate)
     "accel.hcu_width": (1, 1024),
     "accel.wtu_width": (1, 1024),
     "accel.hcu_buffer_bytes": (0, 1 << 30),
@@ -408,6 +424,11 @@ def _walk(obj: Any, prefix: str = ""):
             yield path, value
 
 
+class InfeasibleDesign(ValueError):
+    """A design that cannot work although each field is in range (too little SRAM for its
+    weight tiles, too little DRAM for its model): a sweep records the point as infeasible."""
+
+
 def validate(obj: Any, prefix: str = "", fields_only: bool = False) -> None:
     """Raise ValueError naming the first field outside its allowed range (after `prefix`,
     e.g. the file that set it). `fields_only`: skip the checks across fields (a file in a
@@ -437,10 +458,11 @@ def validate(obj: Any, prefix: str = "", fields_only: bool = False) -> None:
             raise ValueError(f"{prefix}resv.layer_ratio_min must be <= resv.layer_ratio_max")
         a = obj.accel
         weight_tiles_kb = 2 * a.dpe_trees * a.dpe_tree_width * m.dtype_bytes / 1024
-        if a.sram_kb <= weight_tiles_kb:
-            raise ValueError(
-                f"{prefix}accel.sram_kb={a.sram_kb:g} must exceed the double-buffered weight tile "
-                f"({weight_tiles_kb:g} KB = 2 x accel.dpe_trees x accel.dpe_tree_width x model.dtype_bytes)"
+        if a.sram_kb < 2 * weight_tiles_kb:
+            raise InfeasibleDesign(
+                f"{prefix}accel.sram_kb={a.sram_kb:g} is too small: it must be at least "
+                f"{2 * weight_tiles_kb:g} KB, twice the double-buffered weight tile ({weight_tiles_kb:g} KB = "
+                "2 x accel.dpe_trees x accel.dpe_tree_width x model.dtype_bytes), the rest holding activations"
             )
 
 

@@ -74,7 +74,7 @@ def simulate_gpu_steps(system: SystemConfig, steps: list[Step], policy: str) -> 
     )
     launch = g.kernel_launch_us * 1e-6
     fetch_bw = mem.fetch_bytes_per_s()  # offload tier -> link, the slower stage
-    fetch_latency_s = (mem.link_request_latency_us + mem.offload_read_latency_us) * 1e-6
+    fetch_latency_s = (mem.link_request_latency_us + mem.offload("read_latency_us")) * 1e-6
     window = device_window_tokens(system, policy)
     breakdown = {"vision": 0.0, "layers": 0.0, "kv_predict": 0.0, "kv_fetch": 0.0, "lm_head": 0.0}
     counters = {

@@ -41,8 +41,16 @@ from typing import Any
 
 import numpy as np
 
-from sim.api import CapacityError, area, resolve_scenario, resolve_system, simulate
-from sim.config import Scenario, SystemConfig, config_hash, override, read_yaml_mapping, validate
+from sim.api import area, resolve_scenario, resolve_system, simulate
+from sim.config import (
+    InfeasibleDesign,
+    Scenario,
+    SystemConfig,
+    config_hash,
+    override,
+    read_yaml_mapping,
+    validate,
+)
 from sim.pareto import pareto_mask
 from sim.tech import load_entries, tech_for
 
@@ -136,7 +144,10 @@ def _apply(system: SystemConfig, scenario: Scenario, values: dict[str, Any], par
             system = override(system, p.path, values[p.name])
         else:
             scenario = override(scenario, p.path, values[p.name])
-    validate(system)
+    try:
+        validate(system)
+    except InfeasibleDesign:
+        pass  # a result of the sweep, not an error in it: `evaluate` records it
     validate(scenario)
     return system, scenario
 
@@ -342,7 +353,7 @@ def evaluate(system: SystemConfig, scenario: Scenario) -> dict[str, float | None
     out: dict[str, float | None] = dict.fromkeys(METRICS)
     try:
         res = simulate(system, scenario)
-    except CapacityError as exc:  # an infeasible point is a result, not a failed sweep
+    except InfeasibleDesign as exc:  # an infeasible point is a result, not a failed sweep
         return {**out, "infeasible": str(exc)}
     out["infeasible"] = None
     lat_ms = res["frame_latency_ms"]
@@ -603,7 +614,7 @@ def one_at_a_time(
     params = {name: Parameter(name, *_split(name)) for name in knobs}
     base = evaluate(base_sys, base_scn)
     if base["infeasible"]:
-        raise CapacityError(base["infeasible"])
+        raise InfeasibleDesign(base["infeasible"])
     rows = []
     for name, (low, high) in knobs.items():
         changed = []

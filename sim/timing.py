@@ -3,8 +3,10 @@
 Covers: one process per agent (LXE; the DRE's HCU, WTU and KVMU; DRAM channel; PCIe link;
 the offload tier, SSD or host memory), bounded stores between them, closed-form cycle counts
 inside each event. A fetch is a two-stage pipeline: the tier reads (in issue order, at its
-bandwidth, or its small-read rate for token rows) and the link forwards the data chunk by
-chunk as it arrives, so it starts after the first chunk and ends no earlier than the last.
+bandwidth, or its small-read rate for token rows; queued reads overlap their latency) and the
+link forwards the data chunk by chunk as it arrives, so it starts after the first chunk and
+ends no earlier than the last. A chunk costs nothing of its own (no per-command overhead is
+modelled), so smaller chunks only shorten the pipeline's fill.
 
 Scenario: the LXE walks the layers of each step. Per layer it streams the QKV weights from
 DRAM and computes Q/K/V and the hash bits (one op), scores the queries against the cluster
@@ -25,14 +27,19 @@ all its streams); the groups share the LXE (a priority resource: one op at a tim
 leading group first), the DRE, DRAM and the link, so one group's KV fetch overlaps another
 group's compute. The scheduler tries 1 and 2 groups and keeps the faster
 (`stream_group_candidates`): 1 when the batch is weight-bound, 2 when it is fetch-bound.
+Greedy sharing has the usual list-scheduling anomaly: with uneven groups (batch 3: 2 + 1) a
+faster tier or link can shift which group holds the LXE when a fetch lands and cost ~1 %.
 
 Multi-core (documented choice; the paper leaves it open): tensor parallel. Every GEMM's output
 columns are split over the cores (each core streams 1/cores of the weights from the shared
 DRAM), or its rows when that is faster (the weights broadcast), attention and scoring work is
 split evenly over cores, each core has its own DRE lanes; an all-gather costs `sync_cycles`
 after each projection. All cores run the same op at the same time, so one event stands for
-all of them. A core's SRAM bounds what stays on chip: activations that do not fit spill to
-DRAM (`Lxe.spill_bytes`), so a smaller SRAM is never faster.
+all of them. A core's SRAM bounds what stays on chip: an activation tensor whose per-core
+share does not fit half of it (ping-pong buffers beside the weight tiles) is written to DRAM
+and read back (`Lxe.spill_bytes`, `tensor_spill_bytes`); the mapper minimises latency, so a
+smaller SRAM is never faster. (The GPU baselines' rooflines count weights and KV bytes, not
+activations: their caches are not modelled.)
 
 Events are ops and transfers, never cycles or tiles: ~2K events per frame for Llama-3-8B at
 batch 1 (a tile per event would be ~10^5). Inside an op, tiles are closed forms.
@@ -68,13 +75,16 @@ class _Read:
     nbytes: float
     chunk_bytes: float
     first_chunk: simpy.Event  # the first chunk is in the tier's buffer: the link may start
+    issued_cycle: int
     end_cycle: int = 0  # when the tier has read the last byte (set when the read starts)
 
 
 class OffloadTier:
-    """SSD or host memory holding the offloaded KV: serves reads one at a time in issue order
-    (an NVMe queue or the host's DMA engine), latency + bytes / rate cycles each. Each read
-    signals its first chunk, so the link forwards data while the rest is still being read."""
+    """SSD or host memory holding the offloaded KV: moves the data of one read at a time, in
+    issue order, at its rate (an NVMe queue or the host's DMA engine). A read's data starts
+    no earlier than its latency after it was issued; reads queued behind another overlap
+    their latency with it (commands in flight). Each read signals its first chunk, so the
+    link forwards data while the rest is still being read."""
 
     def __init__(
         self,
@@ -93,16 +103,19 @@ class OffloadTier:
 
     def read(self, nbytes: float, tag: str = "", bytes_per_cycle: float | None = None) -> _Read:
         """Queue a read; `bytes_per_cycle` below the tier's bandwidth for small reads."""
-        read = _Read(nbytes, min(self.chunk_bytes, nbytes), self.env.event())
+        read = _Read(nbytes, min(self.chunk_bytes, nbytes), self.env.event(), self.env.now)
         self.queue.put((read, tag, bytes_per_cycle or self.bytes_per_cycle))
         return read
 
     def _serve(self):
         while True:
             read, tag, rate = yield self.queue.get()
+            ready = read.issued_cycle + self.latency_cycles
+            if ready > self.env.now:
+                yield self.env.timeout(ready - self.env.now)
             start = self.env.now
-            total = self.latency_cycles + math.ceil(read.nbytes / rate)
-            first = min(total, self.latency_cycles + math.ceil(read.chunk_bytes / rate))
+            total = math.ceil(read.nbytes / rate)
+            first = min(total, math.ceil(read.chunk_bytes / rate))
             read.end_cycle = start + total
             yield self.env.timeout(first)
             read.first_chunk.succeed()
@@ -153,12 +166,13 @@ class Channel:
             if source is not None:
                 yield source.first_chunk
             start = self.env.now
-            cycles = self.service_cycles(nbytes, efficiency, latency)
+            own = self.service_cycles(nbytes, efficiency, latency)
+            cycles = own
             if source is not None:
                 last_chunk = math.ceil(source.chunk_bytes / (self.bytes_per_cycle * efficiency))
                 cycles = max(cycles, source.end_cycle - start + last_chunk)
             yield self.env.timeout(cycles)
-            self.busy_cycles += self.env.now - start
+            self.busy_cycles += own  # waiting on a slow tier is not link work
             self.bytes += nbytes
             if self.log is not None:
                 self.log.append((start, self.env.now, nbytes, tag))
@@ -338,23 +352,22 @@ class Lxe:
         self.waits: list[tuple[int, int, str]] = []  # (start, end, category) of stalls
 
     # ---- closed forms -------------------------------------------------------------------
-    def gemms(self, *shapes: tuple[int, ...]) -> tuple[int, float]:
-        """(cycles, spilled DRAM bytes) of GEMMs run one after another; a shape is (m, k, n)
-        or (m, k, n, kept output columns) when the VPE reduces the output as it comes out
-        (SiLU(gate) x up keeps half the columns).
+    def gemms(self, *shapes: tuple[int, int, int]) -> tuple[int, float]:
+        """(cycles, spilled DRAM bytes) of GEMMs [m,k] x [k,n] run one after another.
 
-        MAC-tree GEMM [m,k] x [k,n]: each tree makes one output per ceil(k/width) cycles.
-        Cores split the output columns (each streams 1/cores of the weights; the input rows
-        are broadcast) or the rows (the weights are broadcast). The mapper takes the split
-        with the shorter roofline time, max(compute, DRAM bytes of the weights and of its
-        spill (`spill_bytes`)), then the smaller spill: column split for a few rows (a row
-        split idles trees), row split for the vision tower's 577 rows (whose inputs then fit
-        a core's SRAM).
+        Each MAC tree makes one output per ceil(k/width) cycles. Cores split the output
+        columns (each streams 1/cores of the weights; the input rows are broadcast) or the
+        rows (the weights are broadcast). The mapper minimises latency: it keeps the split
+        with the shorter roofline time, max(compute, DRAM bytes of weights and spill
+        (`spill_bytes`)), and on a tie the one that spills less. So more SRAM is never
+        slower, but a split 1 % faster may spill more: the vision tower's 577 rows split
+        columns (577 rows do not divide over 8 cores), broadcasting inputs that do not fit.
+        DRAM-bound GEMMs (frames) tie, and keep the split whose input fits.
         """
         acc, mem = self.system.accel, self.system.memory
         dram_bytes_per_cycle = mem.dram_bandwidth_gbps * 1e9 * mem.dram_efficiency / (acc.clock_mhz * 1e6)
         cycles, spilled = 0, 0.0
-        for m, k, n, *kept in shapes:
+        for m, k, n in shapes:
             k_passes = math.ceil(k / acc.dpe_tree_width)
             n_core, m_core = math.ceil(n / acc.num_cores), math.ceil(m / acc.num_cores)
             weight_bytes = k * n * self.system.model.dtype_bytes
@@ -363,11 +376,10 @@ class Lxe:
                 (m * math.ceil(n_core / acc.dpe_trees) * k_passes, m, n_core),
                 (m_core * math.ceil(n / acc.dpe_trees) * k_passes, m_core, n),
             ):
-                spill = self.spill_bytes(m, k, n, rows, cols, *kept)
+                spill = self.spill_bytes(m, k, n, rows, cols)
                 busy = math.ceil(ideal / acc.gemm_utilization) + acc.pipeline_fill_cycles
-                candidates.append(
-                    (max(busy, (weight_bytes + spill) / dram_bytes_per_cycle), spill, busy, ideal)
-                )
+                roof = max(busy, (weight_bytes + spill) / dram_bytes_per_cycle)
+                candidates.append((roof, spill, busy, ideal))
             _, spill, busy, ideal = min(candidates)
             self.counters.add("dpe_macs", m * k * n)
             self.counters.add("dpe_busy_cycles", ideal)
@@ -377,30 +389,39 @@ class Lxe:
             self.counters.add("dram_spill_bytes", spilled)
         return cycles, spilled
 
-    def spill_bytes(
-        self, m: int, k: int, n: int, rows_per_core: int, cols_per_core: int, kept_cols: int | None = None
-    ) -> float:
-        """DRAM bytes a GEMM adds when its activations do not fit a core's SRAM.
-
-        A core's SRAM holds a double-buffered weight tile (the weights stream from DRAM
-        anyway), its input rows and its FP32 partial sums. With room for its input, the input
-        stays on chip where the previous op left it: nothing spills. Otherwise the input
-        lives in DRAM and the cheaper loop order is taken: k outermost over blocks of the
-        core's output columns whose partial sums fit (the input read once per block), or
-        rows in blocks whose input fits (the weights streamed once more per extra block).
-        An output too large to stay on chip is written to DRAM (the next op reads it back).
-        Broadcast rows are read once for all cores.
-        """
+    def activation_room_bytes(self) -> float:
+        """A core's SRAM for activations: all but the double-buffered weight tile, in two
+        ping-pong halves (an op reads its input from one while it writes its output to the
+        other). One activation tensor must fit a half to stay on chip."""
         acc, db = self.system.accel, self.system.model.dtype_bytes
-        room = acc.sram_kb * 1024 - 2 * acc.dpe_trees * acc.dpe_tree_width * db
-        out_cols = kept_cols or n
-        out_cols_per_core = math.ceil(out_cols * cols_per_core / n)
-        spill = m * out_cols * db if rows_per_core * out_cols_per_core * db > room else 0.0
-        if rows_per_core * k * db > room:
-            column_blocks = math.ceil(rows_per_core * cols_per_core * 4 / room)
-            row_blocks = math.ceil(rows_per_core / max(1, int(room // (k * db))))
-            spill += m * k * db * min(column_blocks, 1 + (row_blocks - 1) * n / m)
-        return spill
+        return (acc.sram_kb * 1024 - 2 * acc.dpe_trees * acc.dpe_tree_width * db) / 2
+
+    def spill_bytes(self, m: int, k: int, n: int, rows_per_core: int, cols_per_core: int) -> float:
+        """DRAM bytes of a GEMM's input [m, k] when a core's share (`rows_per_core` rows)
+        does not fit its half of the activation SRAM: the producer wrote the tensor to DRAM
+        (charged here, with the read) and this GEMM reads it back either once per block of
+        its output columns whose FP32 partial sums fit the other half (k outermost), or once
+        in blocks of rows that fit, streaming the weights once more per extra block; the
+        cheaper of the two. Rows a column split broadcasts are read once for all cores.
+        """
+        half, db = self.activation_room_bytes(), self.system.model.dtype_bytes
+        if rows_per_core * k * db <= half:
+            return 0.0
+        tensor = m * k * db
+        reads = math.ceil(rows_per_core * cols_per_core * 4 / half) * tensor
+        rows_that_fit = int(half // (k * db))
+        if rows_that_fit >= 1:
+            extra_passes = math.ceil(rows_per_core / rows_that_fit) - 1
+            reads = min(reads, tensor + extra_passes * k * n * db)
+        return tensor + reads
+
+    def tensor_spill_bytes(self, nbytes: float, per_core_bytes: float) -> float:
+        """A tensor between two ops (Q/K/V on their way to attention) that a core's half of the
+        activation SRAM cannot hold: written to DRAM and read back once."""
+        if per_core_bytes <= self.activation_room_bytes():
+            return 0.0
+        self.counters.add("dram_spill_bytes", 2 * nbytes)
+        return 2 * nbytes
 
     def flat_cycles(self, macs: float) -> int:
         """Work split evenly over all cores and trees (attention, scoring)."""
@@ -497,8 +518,10 @@ class Lxe:
             model.vision_tokens,
         )
         wbytes = (4 * dv * dv + 2 * dv * fv) * model.dtype_bytes
+        db, cores = model.dtype_bytes, acc.num_cores
         for layer in range(model.vision_layers):
             cycles, spill = self.gemms((mv, dv, 3 * dv), (mv, dv, dv), (mv, dv, fv), (mv, fv, dv))
+            spill += self.tensor_spill_bytes(mv * 3 * dv * db, mv * 3 * dv * db / cores)  # Q, K, V by head
             cycles += self.flat_cycles(2.0 * b * tv * tv * dv) + self.vpe_cycles(
                 b * tv * tv * 5 + mv * (4 * dv + 4 * fv)
             )
@@ -569,6 +592,8 @@ class Lxe:
         attn_macs = 2.0 * b * n * group * hd * device_tokens
         cycles = self.flat_cycles(attn_macs) + self.vpe_cycles(b * n * group * device_tokens * 5)
         write_bytes = m * model.kv_bytes_per_token_layer
+        qkv_bytes = m * qkv_cols * db
+        write_bytes += self.tensor_spill_bytes(qkv_bytes, qkv_bytes / acc.num_cores)
         # no selection (FlexGen-style policy): fetch everything offloaded
         stream_fetches = jobs[layer].streams if step.predict else self.dre.fetch(step, layer)
         yield from self.op(
@@ -588,7 +613,7 @@ class Lxe:
         # 4) output projection, 5) FFN
         cycles, spill = self.gemms((m, nh * hd, d))
         yield from self.op("o_proj", cycles + acc.sync_cycles, nh * hd * d * db + spill, f"o_proj L{layer}")
-        cycles, spill = self.gemms((m, d, 2 * ff, ff), (m, ff, d))
+        cycles, spill = self.gemms((m, d, 2 * ff), (m, ff, d))  # down reads SiLU(gate) x up, [m, ff]
         cycles += self.vpe_cycles(m * d * 4) + self.vpe_cycles(m * ff * 4) + 2 * acc.sync_cycles
         yield from self.op("ffn", cycles, 3 * d * ff * db + spill, f"ffn L{layer}")
 
@@ -666,8 +691,8 @@ def _simulate_groups(
     link = Channel(env, "link", mem.link_bandwidth_gbps * 1e9 / clock_hz, link_latency, link_log)
     tier = OffloadTier(
         env,
-        mem.offload_read_bandwidth_gbps * 1e9 / clock_hz,
-        math.ceil(mem.offload_read_latency_us * 1e-6 * clock_hz),
+        mem.offload("read_bandwidth_gbps") * 1e9 / clock_hz,
+        math.ceil(mem.offload("read_latency_us") * 1e-6 * clock_hz),
         mem.offload_chunk_kib * 1024,
         offload_log,
     )
@@ -733,5 +758,5 @@ def roofline_bound_cycles(system: SystemConfig, counters: dict[str, float]) -> f
     compute = counters.get("dpe_macs", 0.0) / (acc.num_cores * acc.dpe_trees * acc.dpe_tree_width)
     dram = counters.get("dram_bytes", 0.0) / (mem.dram_bandwidth_gbps * 1e9 / clock_hz)
     link = counters.get("link_read_bytes", 0.0) / (mem.link_bandwidth_gbps * 1e9 / clock_hz)
-    tier = counters.get("link_read_bytes", 0.0) / (mem.offload_read_bandwidth_gbps * 1e9 / clock_hz)
+    tier = counters.get("link_read_bytes", 0.0) / (mem.offload("read_bandwidth_gbps") * 1e9 / clock_hz)
     return float(np.max([compute, dram, link, tier]))

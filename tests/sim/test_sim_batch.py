@@ -37,15 +37,21 @@ def test_split_batch_and_candidates():
     assert stream_group_candidates(system, [one]) == [1]
 
 
+# Room for every activation, so that no spilled activation joins the weight bytes.
+NO_SPILL = {"accel.sram_kb": 8192}
+
+
 @pytest.mark.parametrize("batch", [2, 4, 8])
 def test_lockstep_weight_bytes_per_layer_independent_of_batch(batch):
     """One stream group: every layer's weights are streamed once for the whole batch."""
-    single = _weight_bytes_by_layer(simulate("vrex8", {"kv_tokens": 5000}, record_timeline=True))
+    single = _weight_bytes_by_layer(
+        simulate("vrex8", {"kv_tokens": 5000}, overrides=NO_SPILL, record_timeline=True)
+    )
     batched = _weight_bytes_by_layer(
         simulate(
             "vrex8",
             {"kv_tokens": 5000, "batch": batch},
-            overrides={"accel.stream_groups": 1},
+            overrides={"accel.stream_groups": 1, **NO_SPILL},
             record_timeline=True,
         )
     )
@@ -53,12 +59,14 @@ def test_lockstep_weight_bytes_per_layer_independent_of_batch(batch):
 
 
 def test_weight_passes_equal_stream_groups():
-    single = _weight_bytes_by_layer(simulate("vrex8", {"kv_tokens": 40000}, record_timeline=True))
+    single = _weight_bytes_by_layer(
+        simulate("vrex8", {"kv_tokens": 40000}, overrides=NO_SPILL, record_timeline=True)
+    )
     two = _weight_bytes_by_layer(
         simulate(
             "vrex8",
             {"kv_tokens": 40000, "batch": 4},
-            overrides={"accel.stream_groups": 2},
+            overrides={"accel.stream_groups": 2, **NO_SPILL},
             record_timeline=True,
         )
     )

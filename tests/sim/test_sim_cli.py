@@ -111,6 +111,25 @@ def test_trace_breakdowns_are_per_step_like_the_headline(tmp_path, capsys):
     assert sum(rep["energy_breakdown_mj"].values()) == pytest.approx(rep["frame_step_energy_mj"])
     assert rep["roofline_bound_ms"] <= rep["frame_latency_ms"]
     assert rep["breakdown_of"] == "one frame step (mean of 3)" and "kv_tokens" not in rep["scenario"]
+    single = tmp_path / "one.jsonl"
+    single.write_text("\n".join([lines[0], frame]) + "\n")
+    assert vrex_main(["sim", "run", "--trace", str(single), "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert rep["traffic_mb"] == pytest.approx(one["traffic_mb"])  # per step, like the breakdowns
+
+
+def test_run_reports_busy_shares_and_traffic(capsys):
+    assert vrex_main(["sim", "run", "--kv-tokens", "40000", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep["utilization"]) == {"dram", "link", "offload"}
+    assert all(0 < v <= 1 for v in rep["utilization"].values())
+    # the vision tower's activations spill at the paper's 384 KB per core; the fetch is on the link
+    assert 0 < rep["traffic_mb"]["activation_spill"] < rep["traffic_mb"]["dram"]
+    assert rep["traffic_mb"]["link_read"] > 0
+    assert vrex_main(["sim", "run", "--kv-tokens", "40000"]) == 0
+    assert "busy share: dram" in capsys.readouterr().out
+    assert vrex_main(["sim", "run", "--system", "agx-orin", "--kv-tokens", "40000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["utilization"] == {}
 
 
 def test_e2e_scenario_flags(capsys):

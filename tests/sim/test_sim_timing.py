@@ -40,16 +40,26 @@ def test_offload_tier_feeds_the_link_chunk_by_chunk():
     # bottleneck: 5 + 1000/2 = 505 cycles; the second read was read long before it is needed.
     spans, busy = _tier_then_link(10.0, 2.0, [1000, 1000])
     assert spans == [(30, 535), (535, 1040)]
-    assert busy == 2 * (20 + 100)
+    assert busy == 2 * 100  # the tier moves data 200 cycles; latency is not busy time
     # Slow tier: the last chunk is read at 20 + 1000/1 = 1020 and crosses in 100/10 = 10
-    # cycles, so the link ends at 1030 (not 30 + 5 + 1000/10 = 135); the second read starts
-    # in the tier at 1020 and its first chunk is ready at 1020 + 20 + 100 = 1140.
+    # cycles, so the link ends at 1030 (not 30 + 5 + 1000/10 = 135). The second read was
+    # issued with the first, so its latency has passed: its data starts at 1020, its first
+    # chunk is ready at 1120 and its last at 2020.
     spans, busy = _tier_then_link(1.0, 10.0, [1000, 1000])
-    assert spans == [(120, 1030), (1140, 2050)]
-    assert busy == 2 * 1020
+    assert spans == [(120, 1030), (1120, 2030)]
+    assert busy == 2 * 1000
     # A read smaller than a chunk crosses as one piece.
     spans, _ = _tier_then_link(1.0, 10.0, [50])
     assert spans == [(70, 80)]
+
+
+def test_waiting_on_the_tier_is_not_link_busy_time():
+    env = simpy.Environment()
+    tier = OffloadTier(env, bytes_per_cycle=1.0, latency_cycles=0, chunk_bytes=100)
+    link = Channel(env, "link", bytes_per_cycle=10.0, latency_cycles=0, log=None)
+    link.transfer(1000, "r", source=tier.read(1000))
+    env.run()
+    assert env.now == 1010 and link.busy_cycles == 100 and tier.busy_cycles == 1000
 
 
 def test_gemm_cycles_closed_form():
@@ -76,52 +86,60 @@ def _lxe(overrides=None):
 
 def test_activations_that_fit_the_sram_never_spill():
     lxe, counters = _lxe()
-    # A frame's 10 rows: the FFN's 14336-wide input is 280 KiB, within 384 - 16 KiB.
-    assert lxe.gemms((10, 4096, 4096), (10, 4096, 28672, 14336), (10, 14336, 4096))[1] == 0.0
+    # A frame's 10 rows at 384 KiB (two 184 KiB activation halves): the 80 KiB inputs fit;
+    # the down projection's 280 KiB input does not, so the mapper splits rows (2 per core,
+    # 56 KiB): the weights bound its time either way.
+    assert lxe.gemms((10, 4096, 4096), (10, 4096, 28672), (10, 14336, 4096))[1] == 0.0
     assert counters.actions["dram_spill_bytes"] == 0.0
 
 
 def test_spill_closed_form():
-    """At 64 KiB (48 KiB of room) a 40-row GEMM [40,4096] x [4096,4096] split by columns
-    (512 per core): the 320 KiB input lives in DRAM and is read once per block of columns
-    whose FP32 partial sums fit (40 x 512 x 4 = 80 KiB -> 2 blocks); the core's 40 KiB of
-    output stays. (Rows in blocks instead, 6 rows of 8 KiB per block, would stream the
-    32 MiB of weights 6 more times.)"""
-    lxe, counters = _lxe({"accel.sram_kb": 64})
+    """At 96 KiB (two 40 KiB activation halves) a 40-row GEMM [40,4096] x [4096,4096] split
+    by columns (512 per core): its 320 KiB input lives in DRAM, written once and read once
+    per block of columns whose FP32 partial sums fit a half (40 x 512 x 4 = 80 KiB -> 2
+    blocks): 3 x 320 KiB. (Rows in blocks instead, 5 rows per block, would stream the 32 MiB
+    of weights 7 more times.)"""
+    lxe, counters = _lxe({"accel.sram_kb": 96})
     kib = 1024
-    assert lxe.spill_bytes(40, 4096, 4096, 40, 512) == 2 * 320 * kib
-    # The same GEMM split by rows (5 per core: 40 KiB in, 40 KiB out) spills nothing and
-    # takes as many cycles (5 x 64 column groups x 64 passes = 40 x 8 x 64): the mapper's pick.
+    assert lxe.spill_bytes(40, 4096, 4096, 40, 512) == 3 * 320 * kib
+    # Split by rows (5 per core, 40 KiB) it fits, in as many cycles (5 x 64 column groups x
+    # 64 passes = 40 x 8 x 64): the mapper's pick.
     assert lxe.spill_bytes(40, 4096, 4096, 5, 4096) == 0.0
     assert lxe.gemms((40, 4096, 4096))[1] == 0.0
-    # 10 rows: a row split idles trees; the column split reads its 80 KiB input from DRAM.
-    # The weights dominate either way, so the mapper keeps the split that spills nothing.
-    assert lxe.spill_bytes(10, 4096, 4096, 10, 512) == 80 * kib
-    # An output over the room is written: 40 rows x 1024 columns per core x 2 B = 80 KiB.
-    assert lxe.spill_bytes(40, 512, 8192, 40, 1024) == 40 * 8192 * 2  # (the 40 KiB input fits)
+    # 10 rows by columns: written and read once (20 KiB of partial sums fit): 2 x 80 KiB.
+    # The weights bound the time either way, so the mapper keeps the row split, no spill.
+    assert lxe.spill_bytes(10, 4096, 4096, 10, 512) == 2 * 80 * kib
     assert lxe.gemms((10, 4096, 4096))[1] == 0.0
     assert counters.actions["dram_spill_bytes"] == 0.0
-    # A compute-bound 577-row GEMM cannot avoid spilling at 64 KiB: counted where it is taken.
+    # The vision tower's 577 rows cannot avoid spilling at 96 KiB: counted where it is taken.
     _, spill = lxe.gemms((577, 1024, 4096))
     assert spill > 0 and counters.actions["dram_spill_bytes"] == spill
+    # Q, K and V on their way to attention, by head: written and read once when a core's
+    # share does not fit.
+    assert lxe.tensor_spill_bytes(100 * kib, 50 * kib) == 200 * kib
+    assert lxe.tensor_spill_bytes(100 * kib, 40 * kib) == 0.0
 
 
 def test_the_vision_tower_spills_its_activations_at_384_kib():
-    """577 rows (the SigLIP tower): compute-bound, so the mapper keeps the faster column
-    split, whose broadcast input (1.2 MB) does not fit: fc1 reads its input once per block of
-    columns whose partial sums fit (577 x 512 x 4 B -> 4 blocks) and writes its 4.6 MB
-    output; fc2 reads that output back. With 8 MiB per core nothing spills."""
+    """577 rows (the SigLIP tower) at 384 KiB (two 184 KiB activation halves): compute-bound,
+    so the mapper keeps the 1 % faster column split, whose broadcast inputs do not fit. The
+    QKV input (1.2 MB) is written once and read once per block of columns whose partial
+    sums fit (577 x 384 x 4 B -> 5 blocks); fc2's 4.7 MB input in 2 blocks; Q, K, V (443 KiB
+    per core by head) once. With 16 MiB per core nothing spills."""
     lxe, _ = _lxe()
     db = 2
-    assert lxe.gemms((577, 1024, 4096))[1] == 4 * 577 * 1024 * db + 577 * 4096 * db
-    assert lxe.gemms((577, 4096, 1024))[1] == 577 * 4096 * db
-    big, _ = _lxe({"accel.sram_kb": 8192})
-    assert big.gemms((577, 1024, 4096), (577, 4096, 1024))[1] == 0.0
+    assert lxe.gemms((577, 1024, 3072))[1] == 6 * 577 * 1024 * db
+    assert lxe.gemms((577, 4096, 1024))[1] == 3 * 577 * 4096 * db
+    qkv = 577 * 3072 * db
+    assert lxe.tensor_spill_bytes(qkv, qkv / 8) == 2 * qkv
+    big, _ = _lxe({"accel.sram_kb": 16384})
+    assert big.gemms((577, 1024, 3072), (577, 1024, 4096), (577, 4096, 1024))[1] == 0.0
+    assert big.tensor_spill_bytes(qkv, qkv / 8) == 0.0
 
 
 def test_a_smaller_sram_spills_more_and_is_never_faster():
     spill, latency = [], []
-    for kb in (32, 96, 384, 2048, 8192):
+    for kb in (32, 96, 384, 2048, 16384):
         res = simulate(apply_overrides(load_system("vrex8"), {"accel.sram_kb": kb}), {"kv_tokens": 1000})
         frame = res["stages"]["frame"]
         spill.append(frame["counters"].get("dram_spill_bytes", 0.0))
@@ -131,8 +149,9 @@ def test_a_smaller_sram_spills_more_and_is_never_faster():
 
 
 def test_sram_must_hold_the_weight_tiles():
-    with pytest.raises(ValueError, match="accel.sram_kb=16 must exceed the double-buffered weight tile"):
+    with pytest.raises(ValueError, match="accel.sram_kb=16 is too small: it must be at least 32 KB"):
         apply_overrides(load_system("vrex8"), {"accel.sram_kb": 16})
+    apply_overrides(load_system("vrex8"), {"accel.sram_kb": 32})
 
 
 def test_decode_is_weight_streaming_bound():
@@ -213,6 +232,8 @@ def test_gpu_breakdown_sums_to_total():
         ("memory.recent_window_tokens", [0, 5000, 20000, 40000]),
         ("memory.offload_read_bandwidth_gbps", [0.5, 2, 6, 50]),
         ("memory.offload_random_read_iops", [1e5, 8.5e5, 1e7]),
+        ("memory.offload_read_latency_us", [200, 50, 10, 0]),  # lower is better
+        ("memory.offload_chunk_kib", [4096, 1024, 128, 16, 4]),  # finer forwarding is better
     ],
 )
 def test_more_resources_never_slower(field, values):
@@ -223,6 +244,26 @@ def test_more_resources_never_slower(field, values):
         latencies.append((res["frame_latency_ms"], res["tpot_ms"]))
     for (f0, t0), (f1, t1) in zip(latencies, latencies[1:], strict=False):
         assert f1 <= f0 * (1 + 1e-9) and t1 <= t0 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "field, values",
+    [
+        ("memory.offload_read_bandwidth_gbps", [3, 6, 12, 24, 48]),
+        ("memory.offload_read_latency_us", [100, 50, 20, 0]),
+    ],
+)
+def test_uneven_stream_groups_are_at_most_two_percent_off_monotonic(field, values):
+    """Batch 3 runs as groups of 2 and 1 sharing the LXE (list scheduling): a faster tier can
+    shift which group holds the LXE when the other's fetch lands, a known anomaly of greedy
+    schedules (Graham, 1969). Here it costs up to ~1.2 %; it must stay under 2 %."""
+    base = load_system("vrex8")
+    latencies = [
+        simulate(apply_overrides(base, {field: v}), {"kv_tokens": 10000, "batch": 3})["frame_latency_ms"]
+        for v in values
+    ]
+    for i, later in enumerate(latencies[1:], start=1):
+        assert later <= min(latencies[:i]) * 1.02
 
 
 def test_a_slow_offload_tier_is_the_fetch_bottleneck():

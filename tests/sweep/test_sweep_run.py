@@ -187,6 +187,19 @@ def test_points_that_do_not_fit_in_dram_are_recorded_as_infeasible(tmp_path):
     assert res.pareto["memory.dram_capacity_gb"].tolist() == [32]
 
 
+def test_parameters_that_do_not_go_together_are_recorded_as_infeasible(tmp_path):
+    """Each value in range, the pair not: 256 trees of 64 need 64 KB of weight tiles, so 96 KB
+    of SRAM is too small for them and fine for 64 trees."""
+    res = _run(
+        {"sampler": "grid", "parameters": {"accel.dpe_trees": [64, 256], "accel.sram_kb": [96, 384]}},
+        tmp_path / "pairs.parquet",
+    )
+    rows = res.results.set_index(["accel.dpe_trees", "accel.sram_kb"])
+    assert "accel.sram_kb=96 is too small" in rows.loc[(256, 96), "infeasible"]
+    assert pd.isna(rows.loc[(256, 96), "fps"])
+    assert rows["infeasible"].isna().sum() == 3
+
+
 def test_sweep_is_deterministic(tmp_path):
     a = _run(LHS, tmp_path / "a" / "r.parquet").results
     b = _run(LHS, tmp_path / "b" / "r.parquet").results
