@@ -8,6 +8,11 @@ the next layer's selection); the first fetch is exposed. Token-level top-k and R
 clustering/thresholding are data-dependent and run far below roofline on a GPU; their rates
 (`topk_elements_per_us`, `irregular_ops_per_us`) are calibration knobs (documented in the
 system YAML). Energy = module power x time + PCIe + offload tier (SSD / host DRAM).
+
+A fetch runs at the slower of the link and the offload tier's sequential read, plus both
+latencies per layer. Not modelled (a simplification in the baselines' favour): the tier's
+small-read rate for token-granular selections (InfiniGen gathers selected tokens) and
+activation traffic, which V-Rex pays when its SRAM overflows.
 """
 
 from __future__ import annotations
