@@ -135,20 +135,20 @@ def _run_report(system, scenario: dict, stage: str) -> tuple[dict, dict]:
     report["energy_breakdown_mj"] = {k: v / per for k, v in detail["energy_breakdown_mj"].items()}
     bound = detail.get("roofline_bound_ms")
     report["roofline_bound_ms"] = None if bound is None else bound / per
-    # where the time went on the V-Rex side: busy shares of the stage, and its traffic by
-    # kind, per step like the breakdowns (GPU baselines are closed forms and have neither)
+    # Where the time went (V-Rex only; the GPU baselines are closed forms): the share of the
+    # stage each channel spends moving data; and the traffic by kind, per step like the
+    # breakdowns (the GPU rooflines count no activation spill).
     report["utilization"] = {
         k.removesuffix("_utilization"): detail[k]
         for k in ("dram_utilization", "link_utilization", "offload_utilization")
         if k in detail
     }
-    if "cycles" in detail:
-        counters = detail["counters"]
-        report["traffic_mb"] = {
-            "dram": counters.get("dram_bytes", 0.0) / per / 1e6,
-            "activation_spill": counters.get("dram_spill_bytes", 0.0) / per / 1e6,
-            "link_read": counters.get("link_read_bytes", 0.0) / per / 1e6,
-        }
+    counters = detail["counters"]
+    report["traffic_mb"] = {
+        "dram": counters.get("dram_bytes", 0.0) / per / 1e6,
+        "activation_spill": counters.get("dram_spill_bytes", 0.0) / per / 1e6,
+        "link_read": counters.get("link_read_bytes", 0.0) / per / 1e6,
+    }
     return res, report
 
 
@@ -221,9 +221,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if report["utilization"]:
         lines.append(
-            "  busy share: "
+            "  moving data: "
             + ", ".join(f"{k} {v:.0%}" for k, v in report["utilization"].items())
-            + f"; traffic of {report['breakdown_of']}, MB: "
+            + f" of the time; traffic of {report['breakdown_of']}, MB: "
             + ", ".join(f"{k} {v:.1f}" for k, v in report["traffic_mb"].items())
         )
     lines += [f"  note: {note}" for note in res.get("notes", [])]

@@ -278,7 +278,7 @@ RANGES: dict[str, Any] = {
     "accel.dpe_trees": (1, 4096),
     "accel.dpe_tree_width": (1, 4096),
     "accel.vpe_width": (1, 4096),
-    "accel.sram_kb": (1.0, 1_048_576.0),  # and at least twice the weight tile (validate)
+    "accel.sram_kb": (1.0, 1_048_576.0),  # and twice the double-buffered weight tile (validate)
     "accel.hcu_width": (1, 1024),
     "accel.wtu_width": (1, 1024),
     "accel.hcu_buffer_bytes": (0, 1 << 30),
@@ -424,6 +424,13 @@ def _walk(obj: Any, prefix: str = ""):
             yield path, value
 
 
+def weight_tiles_bytes(system: SystemConfig) -> int:
+    """A core's double-buffered weight tile: 2 x accel.dpe_trees x accel.dpe_tree_width x
+    model.dtype_bytes (the weights stream through it; the rest of the SRAM holds activations)."""
+    a = system.accel
+    return 2 * a.dpe_trees * a.dpe_tree_width * system.model.dtype_bytes
+
+
 class InfeasibleDesign(ValueError):
     """A design that cannot work although each field is in range (too little SRAM for its
     weight tiles, too little DRAM for its model): a sweep records the point as infeasible."""
@@ -457,7 +464,7 @@ def validate(obj: Any, prefix: str = "", fields_only: bool = False) -> None:
         if r.layer_ratio_min > r.layer_ratio_max:
             raise ValueError(f"{prefix}resv.layer_ratio_min must be <= resv.layer_ratio_max")
         a = obj.accel
-        weight_tiles_kb = 2 * a.dpe_trees * a.dpe_tree_width * m.dtype_bytes / 1024
+        weight_tiles_kb = weight_tiles_bytes(obj) / 1024
         if a.sram_kb < 2 * weight_tiles_kb:
             raise InfeasibleDesign(
                 f"{prefix}accel.sram_kb={a.sram_kb:g} is too small: it must be at least "

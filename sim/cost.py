@@ -158,7 +158,8 @@ def link_offload_energy_mj(
     """PCIe (W per lane at full load x busy time) and the offload tier (SSD power or host DRAM).
 
     The SSD is active while reads are outstanding: `offload_busy_s`, each read's bytes at the
-    rate of the slower of tier and link (it holds data the link has not taken yet)."""
+    rate of the slower of tier and link (it holds data the link has not taken yet). That is
+    longer than the time it moves data (`offload_utilization` of a run) when the link is slower."""
     mem = system.memory
     link_bytes = counters.get("link_read_bytes", 0.0) + counters.get("link_write_bytes", 0.0)
     full_rate_s = link_bytes / (mem.link_bandwidth_gbps * 1e9)

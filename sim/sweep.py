@@ -124,6 +124,8 @@ def _get(obj: Any, path: str) -> Any:
         obj = getattr(obj, part)
     if obj is None and path.startswith("tech."):  # unpinned: the table's value at the corner
         return tech_for(root)[path[len("tech.") :]]
+    if obj is None and path.startswith("memory.offload_"):  # unset: the tier's own figure
+        return root.memory.offload(path[len("memory.offload_") :])
     return obj
 
 

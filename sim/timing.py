@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import simpy
 
-from sim.config import SystemConfig
+from sim.config import SystemConfig, weight_tiles_bytes
 from sim.workload import Step
 
 
@@ -150,9 +150,11 @@ class Channel:
         efficiency: float = 1.0,
         latency: bool = True,
         source: _Read | None = None,
+        started: simpy.Event | None = None,
     ):
+        """Queue a transfer; returns its completion event (`started` succeeds as it begins)."""
         done = self.env.event()
-        self.queue.put((nbytes, tag, efficiency, latency, source, done))
+        self.queue.put((nbytes, tag, efficiency, latency, source, started, done))
         return done
 
     def service_cycles(self, nbytes: float, efficiency: float = 1.0, latency: bool = True) -> int:
@@ -162,10 +164,12 @@ class Channel:
 
     def _serve(self):
         while True:
-            nbytes, tag, efficiency, latency, source, done = yield self.queue.get()
+            nbytes, tag, efficiency, latency, source, started, done = yield self.queue.get()
             if source is not None:
                 yield source.first_chunk
             start = self.env.now
+            if started is not None:
+                started.succeed()
             own = self.service_cycles(nbytes, efficiency, latency)
             cycles = own
             if source is not None:
@@ -302,19 +306,22 @@ class Dre:
 
     def bring_in(self, nbytes: float, tag: str, request_bytes: float | None = None) -> simpy.Event:
         """Move bytes from the offload tier over the link into device DRAM (reads of
-        `request_bytes` each when not one long burst). The DMA writes them as they arrive,
-        so the DRAM write is issued with the link read (not after it); it takes its share of
-        DRAM time, which a roofline bound on DRAM bytes counts."""
+        `request_bytes` each when not one long burst). The DMA writes them as they arrive:
+        the DRAM write is issued when the link starts forwarding (not after the last byte)
+        and takes its share of DRAM time, which a roofline bound on DRAM bytes counts."""
         mem, clock_hz = self.system.memory, self.system.accel.clock_mhz * 1e6
         self.counters.add("link_read_bytes", nbytes)
         self.counters.add("dram_bytes", nbytes)
         self.counters.add("offload_busy_s", nbytes / mem.fetch_bytes_per_s(request_bytes))
         read = self.tier.read(nbytes, tag, mem.offload_read_bytes_per_s(request_bytes) / clock_hz)
-        on_link = self.link.transfer(nbytes, tag, mem.link_efficiency, source=read)
-        in_dram = self.dram.transfer(
-            nbytes, f"{tag} (to DRAM)", self.system.memory.dram_efficiency, latency=False
-        )
+        forwarding = self.env.event()
+        on_link = self.link.transfer(nbytes, tag, mem.link_efficiency, source=read, started=forwarding)
+        in_dram = self.env.process(self._write_to_dram(forwarding, nbytes, f"{tag} (to DRAM)"))
         return self.env.all_of([on_link, in_dram])
+
+    def _write_to_dram(self, forwarding: simpy.Event, nbytes: float, tag: str):
+        yield forwarding
+        yield self.dram.transfer(nbytes, tag, self.system.memory.dram_efficiency, latency=False)
 
     def token_row_fetch(self, fetched_per_head) -> tuple[float, float]:
         """(bytes, bytes per read request) of one stream's fetch without the KVMU's layout.
@@ -393,8 +400,7 @@ class Lxe:
         """A core's SRAM for activations: all but the double-buffered weight tile, in two
         ping-pong halves (an op reads its input from one while it writes its output to the
         other). One activation tensor must fit a half to stay on chip."""
-        acc, db = self.system.accel, self.system.model.dtype_bytes
-        return (acc.sram_kb * 1024 - 2 * acc.dpe_trees * acc.dpe_tree_width * db) / 2
+        return (self.system.accel.sram_kb * 1024 - weight_tiles_bytes(self.system)) / 2
 
     def spill_bytes(self, m: int, k: int, n: int, rows_per_core: int, cols_per_core: int) -> float:
         """DRAM bytes of a GEMM's input [m, k] when a core's share (`rows_per_core` rows)

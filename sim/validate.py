@@ -304,7 +304,7 @@ def validation_table(quick: bool = False, overrides: dict[str, Any] | list[str] 
         rows += _fig18_rows(ref, systems)
         _explain_batch_rows(ref, rows, systems)
     _explain_energy_rows(ref, rows, systems, base, agx_resv)
-    _explain_kvpu_energy_row(rows, kvpu)
+    _explain_kvpu_energy_row(rows, kvpu, systems["vrex8"])
     return rows
 
 
@@ -449,19 +449,19 @@ def _explain_energy_rows(
     )
 
 
-def _explain_kvpu_energy_row(rows: list[dict], kvpu_40k: dict) -> None:
+def _explain_kvpu_energy_row(rows: list[dict], kvpu_40k: dict, system: SystemConfig) -> None:
     """The KVPU-only energy row sits at the tolerance's edge; say what its last changes cost."""
     row = next(r for r in rows if r["figure"] == "Fig16 V-Rex8 KVPU only energy gain @40K")
-    if row["pass"]:
+    if row["pass"] or row["error_pct"] > 0:
         return
     frame = kvpu_40k["stages"]["frame"]
     spill_mb = frame["counters"].get("dram_spill_bytes", 0.0) / 1e6
     _set_note(
         rows,
         row["figure"],
-        f"{abs(row['error_pct']) - 20:.1f} points outside; the SSD's first-read latency per layer and the "
-        f"vision tower's activation spill at 384 KB per core ({spill_mb:.0f} MB of DRAM traffic per frame), "
-        "modelled since 2026-11-27, moved it from -19.5 %",
+        f"below the band; the SSD's first-read latency per layer and the vision tower's activation "
+        f"spill at {system.accel.sram_kb:g} KB per core ({spill_mb:.0f} MB of DRAM traffic per frame), "
+        "modelled since 2026-11-27, moved it from -19.5 % (at the shipped settings)",
     )
 
 

@@ -200,6 +200,19 @@ def test_parameters_that_do_not_go_together_are_recorded_as_infeasible(tmp_path)
     assert rows["infeasible"].isna().sum() == 3
 
 
+def test_unset_offload_figures_sweep_as_ranges(tmp_path):
+    """The tier's figures are unset (the SSD's or the host's own); a range still works."""
+    res = _run(
+        {
+            "sampler": "grid",
+            "parameters": {"memory.offload_read_bandwidth_gbps": {"low": 0.5, "high": 6, "num": 2}},
+        },
+        tmp_path / "tier.parquet",
+    )
+    lat = res.results.set_index("memory.offload_read_bandwidth_gbps")["frame_latency_ms"]
+    assert list(lat.index) == [0.5, 6.0] and lat[0.5] > 2 * lat[6.0]
+
+
 def test_sweep_is_deterministic(tmp_path):
     a = _run(LHS, tmp_path / "a" / "r.parquet").results
     b = _run(LHS, tmp_path / "b" / "r.parquet").results
