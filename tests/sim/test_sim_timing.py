@@ -290,6 +290,21 @@ def test_a_slow_offload_tier_is_the_fetch_bottleneck():
     assert slow["energy_breakdown_mj"]["offload"] > 5 * base["energy_breakdown_mj"]["offload"]
 
 
+def test_fetched_kv_is_written_to_dram_once_the_link_forwards_it():
+    """With a slow SSD the link waits for the first chunk; the DMA's DRAM write must not run
+    ahead of the data (it started with the read, before the SSD had read anything)."""
+    system = apply_overrides(load_system("vrex8"), {"memory.offload_read_bandwidth_gbps": 0.5})
+    res = simulate(system, {"kv_tokens": 40000}, record_timeline=True)
+    timeline = res["stages"]["frame"]["timeline"]
+    link_start = {tag: start for start, _end, _n, tag in timeline["link"]}
+    writes = [
+        (start, tag.removesuffix(" (to DRAM)"))
+        for start, _e, _n, tag in timeline["dram"]
+        if "(to DRAM)" in tag
+    ]
+    assert writes and all(start >= link_start[tag] for start, tag in writes)
+
+
 def test_empty_selection_moves_no_retrieval_bytes():
     system = apply_overrides(load_system("vrex8"), {"resv.frame_ratio": 0.0, "resv.text_ratio": 0.0})
     res = simulate(system, {"kv_tokens": 40000})
