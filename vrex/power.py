@@ -42,6 +42,8 @@ from pathlib import Path
 
 NO_SAMPLER_NOTE = "no power sampler on this machine"
 
+ALL_RAILS = "sum of all rails"  # the total's source when no rule below matches
+
 # Module-total rules, tried in order: (rails that must all be present, their sum is the total).
 TOTAL_RAIL_RULES: tuple[tuple[str, ...], ...] = (
     ("VDD_IN",),  # Orin Nano/NX, Xavier NX, TX2
@@ -166,7 +168,7 @@ class TegrastatsParser:
         if self.total_rails:
             missing = [r for r in self.total_rails if r not in rails_mw]
             raise ValueError(f"total_rails {missing} not in tegrastats output; it has {sorted(rails_mw)}")
-        return sum(rails_mw.values()), "sum of all rails"
+        return sum(rails_mw.values()), ALL_RAILS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,13 +433,19 @@ def _energy_mj(ts: list[float], ps: list[float], t0_s: float, t1_s: float, max_g
 
 
 def _jtop_power_sample(power: dict) -> tuple[float, dict[str, float]] | None:
-    """jetson-stats 4.x `jtop.power`: {"rail": {NAME: {"power": mW, ...}}, "tot": {"power": mW}}."""
+    """jetson-stats 4.x `jtop.power`: {"rail": {NAME: {"power": mW, ...}}, "tot": {"power": mW}}.
+
+    The module total follows the same rail rules as tegrastats (`TOTAL_RAIL_RULES`) when the
+    rails of one are there: on an AGX Orin jtop's "tot" adds every rail, DRAM I/O included,
+    ~8 % above the module input. jtop's own total only for boards no rule knows."""
     rails = {name: float(v["power"]) for name, v in (power.get("rail") or {}).items() if "power" in v}
+    if rails:
+        total, source = TegrastatsParser()._total(rails)
+        if source != ALL_RAILS:
+            return total, rails
     total = (power.get("tot") or {}).get("power")
     if total is None:
-        if not rails:
-            return None
-        total, _ = TegrastatsParser()._total(rails)
+        return (sum(rails.values()), rails) if rails else None
     return float(total), rails
 
 

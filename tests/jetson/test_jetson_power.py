@@ -245,9 +245,12 @@ def test_missing_tegrastats_binary_says_what_to_do():
 
 
 def test_sampler_reads_the_jtop_service(monkeypatch):
+    agx_orin = {"VDD_GPU_SOC": 5000, "VDD_CPU_CV": 1000, "VIN_SYS_5V0": 3000, "VDDQ_VDD2_1V8AO": 700}
     readings = iter([
         {"rail": {"VDD_GPU_SOC": {"power": 5000}, "VDD_CPU_CV": {"power": 1000}}, "tot": {"power": 9000}},
         {"rail": {"VDD_IN": {"power": 7000}}, "tot": {}},
+        # jtop's "tot" on an AGX Orin adds the DRAM I/O rail too; the module input does not
+        {"rail": {k: {"power": v} for k, v in agx_orin.items()}, "tot": {"power": 9700}},
     ])  # fmt: skip
 
     class FakeJtop:
@@ -272,7 +275,7 @@ def test_sampler_reads_the_jtop_service(monkeypatch):
     ticks = iter(range(100))
     sampler = PowerSampler("jtop", interval_ms=100, clock=lambda: float(next(ticks)))
     sampler._run_jtop()  # the thread body, run inline
-    assert [(s.t_s, s.total_mw) for s in sampler.samples()] == [(0.0, 9000.0), (1.0, 7000.0)]
+    assert [(s.t_s, s.total_mw) for s in sampler.samples()] == [(0.0, 9000.0), (1.0, 7000.0), (2.0, 9000.0)]
     assert sampler.samples()[0].rails_mw == {"VDD_GPU_SOC": 5000.0, "VDD_CPU_CV": 1000.0}
     # detect_sampler prefers jtop when its socket and API are both there.
     sock = Path(sys.prefix) / "definitely-missing.sock"
