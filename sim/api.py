@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from sim.config import (
@@ -159,7 +161,8 @@ def simulate(
     Args:
         system: a SystemConfig or a built-in name / YAML path (vrex8, vrex48, agx-orin, a100).
         scenario: a Scenario or a dict of its fields (kv_tokens, batch, stage, policy, trace, ...).
-        overrides: {dotted.field: value} (or ["dotted.field=value"]) applied to the system.
+        overrides: {dotted.field: value} (or ["dotted.field=value"]) applied to the system;
+            with a trace, after the trace's model and device window (yours win).
         tech_corner: low | nominal | high (technology table column).
         record_timeline: keep DRAM/link transfer logs (for the bandwidth plot).
 
@@ -168,16 +171,21 @@ def simulate(
         latency/energy breakdowns per stage, events, sim_wall_s, config_hash, ...
     """
     start = time.perf_counter()
-    system = resolve_system(system, overrides, tech_corner)
     scenario = resolve_scenario(scenario)
-    traced_policy = None
+    traced_policy, hashed = None, [scenario]
     if scenario.trace:
         from sim.trace_replay import read_trace, system_for_trace, trace_policy
 
         header = read_trace(scenario.trace)[0]
-        system = system_for_trace(system, header)
+        system = system_for_trace(resolve_system(system, None, tech_corner), header, str(scenario.trace))
+        system = resolve_system(system, overrides)  # what the caller sets wins over the trace
         traced_policy = str(header.get("policy"))
         scenario = replace(scenario, policy=trace_policy(header))
+        # what the replay depends on: the trace's content, not its path or the synthetic fields
+        digest = hashlib.sha256(Path(scenario.trace).read_bytes()).hexdigest()[:16]
+        hashed = [{"trace_sha256": digest, "batch": scenario.batch, "stage": scenario.stage}]
+    else:
+        system = resolve_system(system, overrides, tech_corner)
     steps = build_steps(system, scenario)
     check_capacity(system, steps, scenario.policy)
     stages = {}
@@ -199,7 +207,7 @@ def simulate(
         "batch": scenario.batch,
         "tech_corner": system.tech_corner,
         "tech_pinned": pinned(system),
-        "config_hash": config_hash(system, scenario),
+        "config_hash": config_hash(system, *hashed),
         "frame_latency_ms": frame["latency_ms"] / n_frames if frame else None,
         "fps": 1e3 * n_frames / frame["latency_ms"] if frame else None,
         "throughput_fps": 1e3 * n_frames * scenario.batch / frame["latency_ms"] if frame else None,

@@ -51,7 +51,7 @@ def _add_system_args(p: argparse.ArgumentParser, corners: tuple = CORNERS) -> No
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def _system(args: argparse.Namespace):
+def _system(args: argparse.Namespace, apply_set: bool = True):
     from sim.api import resolve_system
     from sim.config import load_system
 
@@ -67,7 +67,7 @@ def _system(args: argparse.Namespace):
         base = override_many(base, data, prefix=f"{args.config}: ")
         validate(base, prefix=f"{args.config}: ", fields_only=True)
     base = with_hf_model(base, args.hf_config)
-    return resolve_system(base, list(args.set), args.tech_corner)
+    return resolve_system(base, list(args.set) if apply_set else None, args.tech_corner)
 
 
 def _tech_label(rep: dict, corner: str | None = None) -> str:
@@ -108,10 +108,10 @@ def _kv_list(text: str) -> list[int]:
     return values
 
 
-def _run_report(system, scenario: dict, stage: str) -> tuple[dict, dict]:
+def _run_report(system, scenario: dict, stage: str, overrides: list[str] | None = None) -> tuple[dict, dict]:
     from sim.api import simulate
 
-    res = simulate(system, scenario)
+    res = simulate(system, scenario, overrides=overrides)
     if (
         stage == "decode"
         and scenario.get("trace")
@@ -122,6 +122,11 @@ def _run_report(system, scenario: dict, stage: str) -> tuple[dict, dict]:
     detail = res["stages"].get(stage)
     if detail is None:
         have = ", ".join(res["stages"])
+        if scenario.get("trace") and stage == "decode":
+            raise ValueError(
+                f"{scenario['trace']} has no answer tokens to report for --stage text (it has {have} steps); "
+                "record a trace with a question and its answer, or pick another --stage"
+            )
         raise ValueError(f"this run has no {stage} steps to report (it has: {have}); pick another --stage")
     report = {k: v for k, v in res.items() if k not in ("stages", "system_config")}
     report["model"] = res["system_config"]["model"]
@@ -152,9 +157,11 @@ def _run_report(system, scenario: dict, stage: str) -> tuple[dict, dict]:
     return res, report
 
 
-def _run_all_corners(args: argparse.Namespace, system, scenario: dict, stage: str) -> int:
+def _run_all_corners(
+    args: argparse.Namespace, system, scenario: dict, stage: str, overrides: list[str] | None
+) -> int:
     """One design point at every technology corner (timing is the same; energy spreads)."""
-    reports = {c: _run_report(replace(system, tech_corner=c), scenario, stage)[1] for c in CORNERS}
+    reports = {c: _run_report(replace(system, tech_corner=c), scenario, stage, overrides)[1] for c in CORNERS}
     if args.json:
         print(json.dumps({"corners": reports}, indent=2, default=float))
         return 0
@@ -174,9 +181,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     all_corners = args.tech_corner == "all"
     if all_corners:
         args.tech_corner = None
-    system = _system(args)
+    if args.trace:
+        given = [
+            flag
+            for flag, value in (
+                ("--kv-tokens", args.kv_tokens),
+                ("--frames", args.frames),
+                ("--question-tokens", args.question_tokens),
+                ("--answer-tokens", args.answer_tokens),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} does not apply to a trace replay: the trace sets the histories and "
+                "steps; drop it"
+            )
+    # with a trace, --set is applied after the trace's model and device window (yours win)
+    system = _system(args, apply_set=not args.trace)
+    overrides = list(args.set) if args.trace else None
     scenario = {
-        "kv_tokens": args.kv_tokens,
+        "kv_tokens": 40000 if args.kv_tokens is None else args.kv_tokens,
         "batch": args.batch,
         "stage": args.stage,
         "policy": args.policy,
@@ -202,8 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
     stage = {"frame": "frame", "text": "decode", "e2e": "e2e"}[args.stage]
     if all_corners:
-        return _run_all_corners(args, system, scenario, stage)
-    res, report = _run_report(system, scenario, stage)
+        return _run_all_corners(args, system, scenario, stage, overrides)
+    res, report = _run_report(system, scenario, stage, overrides)
     if args.json:
         print(json.dumps(report, indent=2, default=float))
         return 0
@@ -346,7 +371,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="simulate one design point")
     _add_system_args(run, corners=(*CORNERS, "all"))
     run.add_argument(
-        "--kv-tokens", type=int, default=40000, help="KV history per stream, tokens (default 40000)"
+        "--kv-tokens", type=int, default=None, help="KV history per stream, tokens (default 40000)"
     )
     run.add_argument("--batch", type=int, default=1, help="streams served together (default 1)")
     run.add_argument(

@@ -13,9 +13,10 @@ free of the other. What is compared, per frame:
 - **baseline**: AGX Orin + FlexGen at the same histories. FlexGen fetches the whole history,
   so its numbers do not depend on ReSV's selection and are the same for both columns.
 
-The simulated system keeps its own vision tower (the trace records only the LLM's shape) and
-its device-resident window is set to what the engine's device KV tier held, so both replay
-the same offload.
+The simulated system takes the streamed model's shape from the trace, its vision tower too
+(the trace carries the model's HF config), and computes in its own precision (BF16, whatever
+the engine recorded in); its device-resident window is what the engine's device KV tier held,
+so both columns replay the same offload.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-RANGE_MAX_WINDOW = 100_000_000  # sim.config RANGES upper bound of memory.recent_window_tokens
+UNBOUNDED_WINDOW = 100_000_000  # sim's largest memory.recent_window_tokens: an unbounded device tier
 
 
 def record_trace(
@@ -80,15 +81,6 @@ def record_trace(
     return {"video": str(path), "model": engine.model_info, "answers": answers, "session": stats}
 
 
-def _window_tokens(header: dict, device_kv_budget_bytes: int | None) -> int:
-    """Tokens the engine's device KV tier held (all layers), as the simulator's recent window."""
-    if device_kv_budget_bytes is None:
-        return RANGE_MAX_WINDOW  # unbounded device tier: nothing was offloaded
-    m = header["model"]
-    per_token = 2 * m["num_kv_heads"] * m["head_dim"] * header["kv_dtype_bytes"] * m["num_layers"]
-    return int(min(RANGE_MAX_WINDOW, device_kv_budget_bytes // max(per_token, 1)))
-
-
 def _mean_over_histories(system, histories: Counter, stage: str, policy: str) -> dict[str, float]:
     """Per-step latency/energy of the synthetic model averaged over the traced histories."""
     from sim.api import simulate
@@ -120,7 +112,7 @@ def simulate_trace(
 
     from sim.api import resolve_system, simulate
     from sim.config import override
-    from sim.trace_replay import read_trace, system_for_trace
+    from sim.trace_replay import device_window_tokens, read_trace, recorded_token_bytes, system_for_trace
     from sim.workload import make_step
 
     header, steps = read_trace(trace)
@@ -129,7 +121,9 @@ def simulate_trace(
     if not frames:
         raise ValueError(f"{trace}: the trace has no frame steps; stream at least one frame")
     tokens_per_frame = sorted(s["new_tokens"] for s in frames)[len(frames) // 2]
-    window = _window_tokens(header, device_kv_budget_bytes)
+    if "device_kv_budget_bytes" not in header:  # an older trace: the tier the caller streamed with
+        header = {**header, "device_kv_budget_bytes": device_kv_budget_bytes}
+    window = device_window_tokens(header)
 
     def shaped(name: str, is_vrex: bool):
         cfg = system_for_trace(resolve_system(name), header)
@@ -142,6 +136,8 @@ def simulate_trace(
     base_cfg = shaped(baseline, False)
     if vrex_cfg.kind != "vrex":
         raise ValueError(f"--system {system!r} is a GPU baseline; give a V-Rex system (vrex8, vrex48)")
+    if base_cfg.kind != "gpu":
+        raise ValueError(f"--baseline {baseline!r} is a V-Rex system; give a GPU baseline (agx-orin, a100)")
     frame_h = Counter(s["history_tokens"] for s in frames)
     decode_h = Counter(s["history_tokens"] for s in decodes)
 
@@ -162,6 +158,7 @@ def simulate_trace(
                 hist += head["history_tokens"]
                 moved = head.get("bytes") or {}
                 fetched += moved.get("host", 0) + moved.get("disk", 0)
+    fetched *= per_token / recorded_token_bytes(header)  # in the simulated precision, like the synthetic
     syn_sel = syn_hist = syn_fetched = 0.0
     for h, count in frame_h.items():
         st = make_step(vrex_cfg, "resv", "frame", int(h), int(tokens_per_frame), 1)
@@ -243,7 +240,7 @@ def format_report(rep: dict[str, Any]) -> str:
         f"history {rep['history_tokens'][0]}-{rep['history_tokens'][1]} tokens; model {m['num_layers']} layers, "
         f"{m['num_heads']}/{m['num_kv_heads']} heads x {m['head_dim']}",
         "device window: "
-        + ("unbounded (nothing offloaded)" if window >= RANGE_MAX_WINDOW else f"{window} tokens"),
+        + ("unbounded (nothing offloaded)" if window >= UNBOUNDED_WINDOW else f"{window} tokens"),
         f"{rep['system']} with ReSV vs {rep['baseline']}",
         f"  {'':28s} {'trace-driven':>14s} {'synthetic':>14s}",
     ]
@@ -303,7 +300,10 @@ def _check_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
     )
     if resolve_system(args.system).kind != "vrex":
         raise ValueError(f"--system {args.system!r} is a GPU baseline; give a V-Rex system (vrex8, vrex48)")
-    resolve_system(args.baseline)
+    if resolve_system(args.baseline).kind != "gpu":
+        raise ValueError(
+            f"--baseline {args.baseline!r} is a V-Rex system; give a GPU baseline (agx-orin, a100)"
+        )
     check_output_path(args.trace, "--trace")
     return budgets
 

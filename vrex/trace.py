@@ -6,10 +6,11 @@ Line 1, the header::
 
     {"kind": "header", "schema": "vrex.trace/1", "model": {num_layers, num_heads, num_kv_heads,
      head_dim, hidden_size, intermediate_size, vocab_size}, "policy": str, "settings": {...},
-     "kv_dtype_bytes": int, "hf_config": {...}}
+     "kv_dtype_bytes": int, "hf_config": {...}, "device_kv_budget_bytes": int | null}
 
 ``hf_config`` (optional) is the streamed model's Hugging Face config as a dict; the simulator
-takes the vision tower's size from it.
+takes the vision tower's size from it. ``device_kv_budget_bytes`` (optional; null: unbounded)
+is what the session's device KV tier could hold; the simulator keeps as many tokens on device.
 
 Then one line per model step::
 
@@ -23,6 +24,7 @@ Then one line per model step::
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +72,11 @@ def validate_header(rec: dict, where: str = "header") -> dict:
     _need(rec, "kv_dtype_bytes", int, where)
     if "hf_config" in rec:
         _need(rec, "hf_config", dict, where)
+    budget = rec.get("device_kv_budget_bytes")
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0):
+        raise TraceError(
+            f"{where}: device_kv_budget_bytes must be a positive integer or null, got {budget!r}"
+        )
     return rec
 
 
@@ -138,17 +145,33 @@ class TraceWriter:
 
 
 def read_trace(path: str | os.PathLike) -> tuple[dict, Iterator[dict]]:
-    """The validated header and an iterator over validated step records."""
-    f = open(path)
-    first = f.readline()
+    """The validated header and an iterator over validated step records.
+
+    A last line without its newline that does not parse is a step still being written (a live
+    session, or one that crashed mid-write): the trace ends before it, and a warning says so.
+    """
+    f = open(path, encoding="utf-8")
+    try:
+        first = f.readline()
+    except UnicodeDecodeError:
+        f.close()
+        raise TraceError(
+            f"{path}: not a text file; a trace is {SCHEMA} JSON lines (vrex run --trace)"
+        ) from None
     if not first:
         f.close()
         raise TraceError(f"{path}: empty trace")
     try:
-        header = validate_header(json.loads(first))
+        header = validate_header(json.loads(first), f"{path}: header")
     except json.JSONDecodeError as exc:
         f.close()
         raise TraceError(f"{path}:1: not JSON ({exc})") from None
+    except TraceError as exc:
+        f.close()
+        hint = (
+            f"; this version reads {SCHEMA}: record the trace again with it" if "schema" in str(exc) else ""
+        )
+        raise TraceError(f"{exc}{hint}") from None
 
     def steps() -> Iterator[dict]:
         with f:
@@ -157,6 +180,13 @@ def read_trace(path: str | os.PathLike) -> tuple[dict, Iterator[dict]]:
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as exc:
+                        if not line.endswith("\n"):  # only the last line can lack it
+                            logging.getLogger("vrex.trace").warning(
+                                "%s:%d: an unfinished last line (being written?); the trace ends before it",
+                                path,
+                                n,
+                            )
+                            return
                         raise TraceError(f"{path}:{n}: not JSON ({exc})") from None
                     yield validate_step(rec, f"{path}:{n}")
 

@@ -79,7 +79,7 @@ def test_trace_replay_reports_the_trace_not_the_scenario(tmp_path, capsys):
     lines = TRACE.read_text().splitlines()
     frames_only.write_text("\n".join([lines[0]] + [x for x in lines[1:] if '"stage": "frame"' in x]) + "\n")
     assert vrex_main(["sim", "run", "--trace", str(frames_only), "--stage", "text"]) == 2
-    assert "no decode steps" in capsys.readouterr().err
+    assert "has no answer tokens to report for --stage text" in capsys.readouterr().err
     question_only = tmp_path / "question.jsonl"
     question_only.write_text("\n".join([lines[0]] + [x for x in lines[1:] if '"stage": "text"' in x]) + "\n")
     assert vrex_main(["sim", "run", "--trace", str(question_only), "--stage", "text", "--json"]) == 0
@@ -98,6 +98,84 @@ def test_trace_replay_reports_the_trace_not_the_scenario(tmp_path, capsys):
     )
     assert vrex_main(["sim", "run", "--trace", str(bad)]) == 2
     assert "selected_clusters exceeds clusters" in capsys.readouterr().err
+
+
+def _header_changed(tmp_path, name: str, **changes) -> Path:
+    lines = TRACE.read_text().splitlines()
+    header = json.loads(lines[0])
+    header.update(changes)
+    out = tmp_path / name
+    out.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    return out
+
+
+def _run_json(*argv) -> dict:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert vrex_main(["sim", "run", *argv, "--json"]) == 0
+    return json.loads(buf.getvalue())
+
+
+def test_a_replay_computes_in_the_systems_precision_not_the_recorded_one(tmp_path):
+    """A CPU records fp32 KV; V-Rex computes in BF16 all the same. The recorded dtype only
+    turns the trace's bytes into tokens, so the fetched tokens (and link bytes) agree."""
+    fp32 = _header_changed(tmp_path, "fp32.jsonl", kv_dtype_bytes=4)
+    bf16, f32 = _run_json("--trace", str(TRACE)), _run_json("--trace", str(fp32))
+    assert bf16["model"]["dtype_bytes"] == f32["model"]["dtype_bytes"] == 2
+    assert f32["frame_latency_ms"] == pytest.approx(bf16["frame_latency_ms"], rel=0.02)
+    # the same bytes at 4 B per value are half the tokens, so half the link traffic
+    assert f32["traffic_mb"]["link_read"] == pytest.approx(bf16["traffic_mb"]["link_read"] / 2)
+    # --set wins over the trace: the recorded precision when asked for
+    asked = _run_json("--trace", str(fp32), "--set", "model.dtype_bytes=4")
+    assert asked["model"]["dtype_bytes"] == 4
+    assert asked["traffic_mb"]["dram"] > 1.5 * f32["traffic_mb"]["dram"]  # weights and KV at 4 B
+    assert asked["config_hash"] != f32["config_hash"]
+
+
+def test_the_replay_takes_the_engines_device_tier_as_its_window(tmp_path):
+    small = _header_changed(tmp_path, "small.jsonl", device_kv_budget_bytes=4096)
+    unbounded = _header_changed(tmp_path, "unbounded.jsonl", device_kv_budget_bytes=None)
+    model = json.loads(TRACE.read_text().splitlines()[0])["model"]  # recorded at 2 B per value
+    per_token = 2 * model["head_dim"] * 2 * model["num_kv_heads"] * model["num_layers"]  # all layers, K and V
+    assert (
+        _run_json("--trace", str(small))["system_config"]["memory"]["recent_window_tokens"]
+        == 4096 // per_token
+    )
+    assert (
+        _run_json("--trace", str(unbounded))["system_config"]["memory"]["recent_window_tokens"] == 100_000_000
+    )
+    # without the field (older traces) the system's own window stays; --set wins over the header
+    assert _run_json("--trace", str(TRACE))["system_config"]["memory"]["recent_window_tokens"] == 5000
+    pinned = _run_json("--trace", str(small), "--set", "memory.recent_window_tokens=7")
+    assert pinned["system_config"]["memory"]["recent_window_tokens"] == 7
+
+
+def test_the_printed_hash_follows_the_traces_content(tmp_path):
+    lines = TRACE.read_text().splitlines()
+    other = tmp_path / "t.jsonl"
+    other.write_text("\n".join(lines) + "\n")
+    first = _run_json("--trace", str(other))["config_hash"]
+    other.write_text("\n".join(lines[:-1]) + "\n")
+    assert _run_json("--trace", str(other))["config_hash"] != first
+
+
+def test_a_replay_refuses_synthetic_scenario_flags_and_self_contradicting_traces(tmp_path, capsys):
+    assert vrex_main(["sim", "run", "--trace", str(TRACE), "--kv-tokens", "9999"]) == 2
+    assert "--kv-tokens does not apply to a trace replay" in capsys.readouterr().err
+    lines = TRACE.read_text().splitlines()
+    step = json.loads(lines[1])
+    missing = dict(step, layers=step["layers"][:1])
+    bad = tmp_path / "missing.jsonl"
+    bad.write_text("\n".join([lines[0], json.dumps(missing)]) + "\n")
+    assert vrex_main(["sim", "run", "--trace", str(bad)]) == 2
+    assert "layer 1 kv_head 0 appears 0 times" in capsys.readouterr().err
+    lying = dict(step, history_tokens=99999)
+    bad.write_text("\n".join([lines[0], json.dumps(lying)]) + "\n")
+    assert vrex_main(["sim", "run", "--trace", str(bad)]) == 2
+    assert "says history_tokens 200, the step 99999" in capsys.readouterr().err
 
 
 def test_trace_breakdowns_are_per_step_like_the_headline(tmp_path, capsys):

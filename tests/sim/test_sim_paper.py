@@ -83,6 +83,32 @@ def test_trace_errors(tmp_path):
         read_trace(bad)
     with pytest.raises(FileNotFoundError):
         read_trace(tmp_path / "missing.jsonl")
+    # a video given as a trace: not text, said as such
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42\xb8\xff\xfe rest of a video\n")
+    with pytest.raises(ValueError, match="bad.jsonl: not a text file"):
+        read_trace(bad)
+    # another schema: the file, and what to do
+    header = json.loads(TRACE.read_text().splitlines()[0])
+    bad.write_text(json.dumps({**header, "schema": "vrex.trace/2"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: header: schema .* record the trace again"):
+        read_trace(bad)
+    bad.write_text(json.dumps({**header, "device_kv_budget_bytes": 0}) + "\n")
+    with pytest.raises(ValueError, match="device_kv_budget_bytes must be a positive integer or null"):
+        read_trace(bad)
+
+
+def test_a_trace_cut_mid_line_ends_before_it(tmp_path, caplog):
+    """A live or crashed session can leave half a step line; the complete steps replay."""
+    lines = TRACE.read_text().splitlines()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    header, steps = read_trace(cut)
+    assert len(steps) == len(lines) - 1
+    assert "unfinished last line" in caplog.text
+    # a broken line with its newline (or lines after it) is an error, not an end
+    cut.write_text("\n".join([*lines, lines[-1][:20], lines[-1]]) + "\n")
+    with pytest.raises(ValueError, match="not JSON"):
+        read_trace(cut)
 
 
 def test_cli_run_area_compare_json(capsys):

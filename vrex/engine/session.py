@@ -197,6 +197,7 @@ class Session:
             },
             "settings": {**dataclasses.asdict(self.settings), "resv": dataclasses.asdict(self.settings.resv)},
             "kv_dtype_bytes": a.dtype.itemsize,
+            "device_kv_budget_bytes": self.engine.config.device_kv_budget_bytes,
             # round-tripped so an exotic config value (an object, a dtype) becomes its string
             "hf_config": json.loads(json.dumps(a.model.config.to_dict(), default=str)),
         }
