@@ -24,6 +24,7 @@ import numpy as np
 from sim.config import POLICIES, RANGES, SystemConfig, validate
 from sim.hf import model_from_hf
 from sim.workload import Step, policy_table
+from vrex.limits import POLICIES as SERVING_POLICIES
 from vrex.trace import MODEL_FIELDS
 from vrex.trace import read_trace as _read_trace
 
@@ -40,9 +41,21 @@ VISION_FIELDS = ("vision_layers", "vision_hidden_size", "vision_intermediate_siz
 def trace_policy(header: dict) -> str:
     """The simulator policy whose costs (prediction kernels, device window) match the traced
     one. The selection itself always comes from the trace; serving policies the simulator has
-    no cost model for (window, topk) are costed like ReSV's scoring pass."""
-    name = str(header.get("policy", "resv"))
+    no cost model for are costed like ReSV (`topk` scores every key as ReSV's scoring pass
+    does; `window` scores nothing: `_predict_stages`)."""
+    name = str(header.get("policy"))
+    if name not in SERVING_POLICIES:
+        raise ValueError(
+            f"the trace's policy {name!r} is not one the engine runs ({', '.join(SERVING_POLICIES)})"
+        )
     return name if name in POLICIES else "resv"
+
+
+def _predict_stages(header: dict) -> list[str]:
+    """Stages whose steps pay a prediction (scoring) pass: none for a recency window."""
+    if header.get("policy") == "window":
+        return []
+    return policy_table()[trace_policy(header)].get("predict_stages", [])
 
 
 def recorded_token_bytes(header: dict) -> int:
@@ -155,8 +168,7 @@ def steps_from_trace(
     """Steps grouped by stage ('frame', 'text', 'decode') for simulate(); with `e2e`, also
     every step in the trace's order as 'e2e' (the whole recorded stream, end to end)."""
     header, records = read_trace(path)
-    spec = policy_table().get(header.get("policy", "resv"), policy_table()["resv"])
-    predict_stages = spec.get("predict_stages", [])
+    predict_stages = _predict_stages(header)
     grouped: dict[str, list[Step]] = {"frame": [], "text": [], "decode": []}
     token_bytes = recorded_token_bytes(header)
     ordered = [_step(record, system, batch, predict_stages, token_bytes, str(path)) for record in records]

@@ -153,6 +153,17 @@ def test_the_replay_takes_the_engines_device_tier_as_its_window(tmp_path):
     assert pinned["system_config"]["memory"]["recent_window_tokens"] == 7
 
 
+def test_a_window_trace_pays_no_scoring_and_an_unknown_policy_is_refused(tmp_path, capsys):
+    window = _run_json(
+        "--system", "agx-orin", "--trace", str(_header_changed(tmp_path, "w.jsonl", policy="window"))
+    )
+    resv = _run_json("--system", "agx-orin", "--trace", str(TRACE))
+    assert window["latency_breakdown_ms"]["kv_predict"] == 0 < resv["latency_breakdown_ms"]["kv_predict"]
+    bogus = _header_changed(tmp_path, "b.jsonl", policy="bogus")
+    assert vrex_main(["sim", "run", "--trace", str(bogus)]) == 2
+    assert "policy 'bogus' is not one the engine runs" in capsys.readouterr().err
+
+
 def test_the_printed_hash_follows_the_traces_content(tmp_path):
     lines = TRACE.read_text().splitlines()
     other = tmp_path / "t.jsonl"
