@@ -63,23 +63,22 @@ def recorded_token_bytes(header: dict) -> int:
     return 2 * int(header["model"]["head_dim"]) * int(header["kv_dtype_bytes"])
 
 
-def device_window_tokens(header: dict, device_kv_budget_bytes: int | None = None) -> int | None:
-    """Tokens (all layers) the engine's device KV tier held, as the simulator's recent window:
-    from `device_kv_budget_bytes` if given, else the header's (None: the trace does not say).
-    An unbounded device tier offloaded nothing: the largest window."""
-    if device_kv_budget_bytes is None:
-        if "device_kv_budget_bytes" not in header:
-            return None
-        device_kv_budget_bytes = header["device_kv_budget_bytes"]
+def device_window_tokens(header: dict) -> int | None:
+    """Tokens (all layers) the engine's device KV tier held, from the header's budget, as the
+    simulator's recent window (None: the trace does not say). An unbounded device tier
+    offloaded nothing: the largest window."""
+    if "device_kv_budget_bytes" not in header:
+        return None
+    budget = header["device_kv_budget_bytes"]
     largest = int(RANGES["memory.recent_window_tokens"][1])
-    if device_kv_budget_bytes is None:
+    if budget is None:
         return largest
     per_token = (
         recorded_token_bytes(header)
         * int(header["model"]["num_kv_heads"])
         * int(header["model"]["num_layers"])
     )
-    return int(min(largest, device_kv_budget_bytes // max(per_token, 1)))
+    return int(min(largest, budget // max(per_token, 1)))
 
 
 def system_for_trace(system: SystemConfig, header: dict, where: str = "trace") -> SystemConfig:
@@ -144,7 +143,7 @@ def _step(
         layer, head = (int(i) for i in np.argwhere(seen != 1)[0])
         raise ValueError(
             f"{here}: layer {layer} kv_head {head} appears {seen[layer, head]} times; a step with a history "
-            f"has every layer (the header says {model.num_layers}) and KV head ({model.num_kv_heads}) once"
+            f"has each of the simulated model's {model.num_layers} layers and {model.num_kv_heads} KV heads once"
         )
     stage = record["stage"]
     return Step(
