@@ -184,7 +184,9 @@ class MemoryConfig:
     # Without the KVMU (ablation) the offloaded KV is read a token row at a time (one
     # request per token and layer); the tier's small-read rate caps that.
     offload_random_read_iops: float | None = None
-    offload_chunk_kib: float = 128.0  # the unit the link forwards (a common NVMe MDTS)
+    # a bulk read's command size (a common NVMe MDTS), the unit the link forwards: smaller
+    # chunks start the link sooner, but each is one read, under the tier's request rate
+    offload_chunk_kib: float = 128.0
     recent_window_tokens: int = 5000  # KVMU keeps the newest tokens in device DRAM
 
     def offload(self, name: str) -> float:
@@ -194,12 +196,10 @@ class MemoryConfig:
         return OFFLOAD_TIERS[self.offload_tier][name] if value is None else value
 
     def offload_read_bytes_per_s(self, request_bytes: float | None = None) -> float:
-        """Read rate of the offload tier: its bandwidth, or, for reads of `request_bytes`
-        each, what its small-read rate allows if that is lower."""
-        rate = self.offload("read_bandwidth_gbps") * 1e9
-        if request_bytes is not None:
-            rate = min(rate, self.offload("random_read_iops") * request_bytes)
-        return rate
+        """Read rate of the offload tier: its bandwidth, or what its request rate allows for
+        reads of `request_bytes` each (default: a bulk read's chunks) if that is lower."""
+        size = self.offload_chunk_kib * 1024 if request_bytes is None else request_bytes
+        return min(self.offload("read_bandwidth_gbps") * 1e9, self.offload("random_read_iops") * size)
 
     def fetch_bytes_per_s(self, request_bytes: float | None = None) -> float:
         """Sustained rate of offload tier -> link -> device: the slower of the two stages."""

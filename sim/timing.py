@@ -5,8 +5,8 @@ the offload tier, SSD or host memory), bounded stores between them, closed-form 
 inside each event. A fetch is a two-stage pipeline: the tier reads (in issue order, at its
 bandwidth, or its small-read rate for token rows; queued reads overlap their latency) and the
 link forwards the data chunk by chunk as it arrives, so it starts after the first chunk and
-ends no earlier than the last. A chunk costs nothing of its own (no per-command overhead is
-modelled), so smaller chunks only shorten the pipeline's fill.
+ends no earlier than the last. Each chunk is one read command, under the tier's request rate
+(IOPS): smaller chunks start the link sooner but can cap the tier's rate.
 
 Scenario: the LXE walks the layers of each step. Per layer it streams the QKV weights from
 DRAM and computes Q/K/V and the hash bits (one op), scores the queries against the cluster

@@ -232,7 +232,7 @@ def test_gpu_breakdown_sums_to_total():
         ("memory.recent_window_tokens", [0, 5000, 20000, 40000]),
         ("memory.offload_read_bandwidth_gbps", [0.5, 2, 6, 50]),
         ("memory.offload_read_latency_us", [200, 50, 10, 0]),  # lower is better
-        ("memory.offload_chunk_kib", [4096, 1024, 128, 16, 4]),  # finer forwarding is better
+        ("memory.offload_chunk_kib", [4096, 1024, 128, 16]),  # finer forwarding is better (IOPS allowing)
     ],
 )
 def test_more_resources_never_slower(field, values):
@@ -274,6 +274,19 @@ def test_uneven_stream_groups_are_at_most_two_percent_off_monotonic(field, value
     ]
     for i, later in enumerate(latencies[1:], start=1):
         assert later <= min(latencies[:i]) * 1.02
+
+
+def test_small_chunks_are_bounded_by_the_tiers_request_rate():
+    """Each chunk is one read: at 100K IOPS, 4 KiB chunks give 0.41 GB/s, far below the link,
+    while 128 KiB chunks are bandwidth-bound; a chunk size is a trade-off, not a free knob."""
+    base = apply_overrides(load_system("vrex8"), {"memory.offload_random_read_iops": 1e5})
+    mem = base.memory
+    assert mem.offload_read_bytes_per_s() == pytest.approx(6e9)  # 1e5 x 128 KiB > 6 GB/s
+    small = apply_overrides(base, {"memory.offload_chunk_kib": 4})
+    assert small.memory.offload_read_bytes_per_s() == pytest.approx(1e5 * 4096)
+    fast = simulate(base, {"kv_tokens": 40000})["frame_latency_ms"]
+    slow = simulate(small, {"kv_tokens": 40000})["frame_latency_ms"]
+    assert slow > 2 * fast
 
 
 def test_a_slow_offload_tier_is_the_fetch_bottleneck():
