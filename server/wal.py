@@ -24,8 +24,11 @@ Record kinds:
     answer  meta {"kind": "answer", "answer_index", "question", "token_ids"}; no payload.
             `token_ids` are the answer tokens the engine fed back into the history.
 
-A record cut short, or whose checksum fails, ends the log: it is a torn write from a crash. It was
-never acknowledged (acks follow the fsync), and it is cut off when the log is next opened.
+A record cut short, or whose checksum fails, ends the log when nothing whole follows it: it is a
+torn write from a crash. It was never acknowledged (acks follow the fsync), and it is cut off
+when the log is next opened (the cut bytes are kept beside the log, `<log>.torn-<ns>`). A bad
+record with whole records after it is not a torn write but damage: reading the log fails
+(the session's resume answers DATA_LOSS) and the file is left as it is.
 
 Answers in flight: an answer's record is appended after its last token is generated and before
 `answer_done` is sent. An answer cut off by a crash has no record, so after the restart the
@@ -40,6 +43,7 @@ import json
 import os
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +90,8 @@ def read_log(path: str | Path) -> LogContents:
     """Every whole record of the log at `path`, in order; a torn tail is reported, not raised.
 
     Raises:
-        ValueError: the file is not a vrex write-ahead log (wrong header).
+        ValueError: the file is not a vrex write-ahead log (wrong header), or a record is
+            damaged and whole records follow it (acknowledged ones: not a torn write).
     """
     data = Path(path).read_bytes()
     if len(data) < len(FILE_HEADER):
@@ -102,7 +107,24 @@ def read_log(path: str | Path) -> LogContents:
             break
         records.append(record[0])
         offset = record[1]
+    later = _whole_record_after(data, offset)
+    if later is not None:
+        raise ValueError(
+            f"{path}: the record at byte {offset} is damaged but a whole record follows at byte {later}: "
+            f"not a torn write, so acknowledged records would be lost ({len(records)} read before it); "
+            "the log is left as it is: move it away to resume from the snapshot alone"
+        )
     return LogContents(records, offset, len(data) - offset)
+
+
+def _whole_record_after(data: bytes, offset: int) -> int | None:
+    """Offset of the first whole record that starts after `offset`, if any."""
+    at = data.find(RECORD_MAGIC, offset + 1)
+    while at != -1:
+        if _decode_at(data, at) is not None:
+            return at
+        at = data.find(RECORD_MAGIC, at + 1)
+    return None
 
 
 def _decode_at(data: bytes, offset: int) -> tuple[WalRecord, int] | None:
@@ -170,6 +192,7 @@ class WriteAheadLog:
             self._reset()
         else:
             if self.recovered.torn_bytes:
+                self._keep_torn_tail()
                 self._file.truncate(self.recovered.good_bytes)
                 _sync(self._file.fileno())
             self._file.seek(self.recovered.good_bytes)
@@ -178,6 +201,15 @@ class WriteAheadLog:
             _sync_dir(self.path.parent.parent)
         self.num_records = len(self.recovered.records)
         self.num_bytes = self._file.tell()
+
+    def _keep_torn_tail(self) -> None:
+        """Keep the bytes about to be cut beside the log: a torn write is never an acked
+        record, but a wrong guess must not destroy anything."""
+        self._file.seek(self.recovered.good_bytes)
+        tail = self._file.read()
+        aside = self.path.with_name(f"{self.path.name}.torn-{time.time_ns()}")
+        aside.write_bytes(tail)
+        _sync_dir(self.path.parent)
 
     def _reset(self) -> None:
         self._file.seek(0)

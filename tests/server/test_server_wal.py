@@ -68,6 +68,27 @@ def test_torn_last_record_is_ignored_at_every_cut(tmp_path):
         with wal.WriteAheadLog(path) as log:  # opening cuts the torn tail off, then appends cleanly
             log.append(second)
         assert wal.read_log(path).records == [first, second]
+    # what was cut is kept beside the log, never destroyed
+    kept = sorted(tmp_path.glob("s.wal.torn-*"))
+    assert [k.read_bytes() for k in kept] == [tail[:cut] for cut in range(1, len(tail))]
+
+
+def test_a_damaged_record_before_whole_ones_is_an_error_and_the_log_stays(tmp_path):
+    """One flipped byte in the first of four records: the three after it were acknowledged,
+    so this is damage, not a torn write; nothing may be cut (it was, silently)."""
+    path = tmp_path / "s.wal"
+    records = [wal.frame_record(bytes(range(200)), i, float(i)) for i in range(4)]
+    with wal.WriteAheadLog(path) as log:
+        for r in records:
+            log.append(r)
+    data = bytearray(path.read_bytes())
+    data[len(wal.FILE_HEADER) + 30] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged but a whole record follows"):
+        wal.read_log(path)
+    with pytest.raises(ValueError, match="damaged"):
+        wal.WriteAheadLog(path)
+    assert path.read_bytes() == bytes(data) and not list(tmp_path.glob("*.torn-*"))
 
 
 def test_checksum_and_garbage_end_the_log(tmp_path):
