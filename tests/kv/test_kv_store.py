@@ -252,6 +252,53 @@ def test_prefetch_matches_fetch_and_checks_request(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("host_bytes", [0, 4 * 256])
+def test_a_full_disk_fails_the_append_and_loses_nothing(tmp_path, monkeypatch, host_bytes):
+    """The disk tier's file is grown with its space taken at once: a full disk is an OSError
+    that names what to do, raised before any block leaves its tier (writing through the memory
+    map into space the disk does not have killed the process with SIGBUS). Once space is back,
+    the stream goes on with every token where it was."""
+    from vrex.kv import arena as arena_module
+
+    gen = torch.Generator().manual_seed(3)
+    store = TieredKVStore(
+        2,
+        2,
+        4,
+        budgets=TierBudgets(device_bytes=8 * 256, host_bytes=host_bytes, disk_dir=tmp_path),
+        block_tokens=8,
+    )
+    reference = Reference(2)
+    real_allocate = arena_module._allocate
+    full = {"on": False}
+
+    def allocate(fd, size):
+        if full["on"]:
+            raise OSError(28, "No space left on device")
+        real_allocate(fd, size)
+
+    monkeypatch.setattr(arena_module, "_allocate", allocate)
+    failures = 0
+    for step in range(60):
+        full["on"] = 20 <= step < 40
+        for layer in range(2):
+            keys, values = _kv(2, 3, 4, gen)
+            try:
+                store.append(layer, keys, values, torch.randint(0, 50, (2, 3), generator=gen))
+            except OSError as exc:
+                assert "disk KV tier" in str(exc) and "--host-kv-budget" in str(exc)
+                failures += 1
+                continue
+            reference.append(layer, keys, values)
+    assert failures > 0
+    for layer in range(2):
+        keys, values = store.fetch_all(layer)
+        want_k, want_v = reference.all(layer)
+        assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    assert store.stats()["resident_tokens_disk"] > 0
+    store.close()
+
+
 # ---------------------------------------------------------------------------- long stream
 
 

@@ -7,6 +7,7 @@ store's bookkeeping (vLLM keeps its block manager apart from the tensors the sam
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -150,6 +151,19 @@ class MemoryArena:
         return self.data.numel() * self.data.element_size()
 
 
+def _allocate(fd: int, size: int) -> None:
+    """Give the file `size` bytes of real disk space (not a sparse hole)."""
+    current = os.fstat(fd).st_size
+    if size <= current:
+        return
+    try:
+        os.posix_fallocate(fd, current, size - current)
+    except (AttributeError, OSError) as exc:  # not on this OS or file system: a sparse file
+        if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
 class DiskArena:
     """KV blocks of one layer in a memory-mapped file `[capacity, 2, block_tokens, head_dim]`.
 
@@ -171,15 +185,27 @@ class DiskArena:
     def block_nbytes(self) -> int:
         return 2 * self.block_tokens * self.head_dim * self.np_dtype.itemsize
 
-    def _grow(self, needed_blocks: int) -> None:
+    def reserve(self, needed_blocks: int) -> None:
+        """Make the file hold `needed_blocks` blocks, its disk space taken now: a write through
+        the memory map into space the disk does not have kills the process (SIGBUS), so a
+        full disk is found here, as an OSError that says what to do, before anything moved.
+        """
         if needed_blocks <= self.capacity:
             return
         new_capacity = max(needed_blocks, 2 * self.capacity, 16)
+        size = new_capacity * self.block_nbytes
+        with open(self.path, "ab") as handle:
+            try:
+                _allocate(handle.fileno(), size)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"disk KV tier {self.path}: no room for {size} bytes ({exc.strerror}); free space "
+                    "there or give the host tier more room (--host-kv-budget)",
+                ) from None
         if self.memmap is not None:
             self.memmap.flush()
             self.memmap = None
-        with open(self.path, "ab") as handle:
-            handle.truncate(new_capacity * self.block_nbytes)
         self.memmap = np.memmap(
             self.path,
             dtype=self.np_dtype,
@@ -189,7 +215,7 @@ class DiskArena:
         self.capacity = new_capacity
 
     def allocate(self, count: int) -> torch.Tensor:
-        self._grow(self.num_used + count)
+        self.reserve(self.num_used + count)
         slots = torch.arange(self.num_used, self.num_used + count, dtype=torch.int64)
         self.num_used += count
         return slots

@@ -513,22 +513,28 @@ class TieredKVStore:
         self._move_down(blocks[pick], tier)
 
     def _move_down(self, victims: torch.Tensor, tier: int) -> None:
-        """Move `victims` (oldest first) from `tier` to the next tier that has room."""
+        """Move `victims` (oldest first) from `tier` to the next tier that has room.
+
+        What can fail (the disk's space, the host tier's own eviction) happens before the
+        victims leave `tier`, so a full disk leaves the store as it was."""
         arena = self._arenas[tier]
-        slots = self._blk_slot.t[victims]
-        data = arena.read_blocks(slots).cpu()
-        arena.release(slots)
-        fill = int(self._blk_fill.t[victims].sum())
-        self._resident_tokens[tier] -= fill
         count = victims.numel()
         to_host = 0
         if tier == DEVICE:
             host_free = self._arenas[HOST].max_blocks
             to_host = count if host_free is None else min(count, host_free)
         direct = count - to_host  # the oldest ones skip a host tier that cannot take them all
+        if direct:
+            self._reserve_disk(victims[:direct])
+        if to_host:
+            self._make_room(HOST, to_host, torch.empty(0, dtype=torch.int64))
+        slots = self._blk_slot.t[victims]
+        data = arena.read_blocks(slots).cpu()
+        arena.release(slots)
+        fill = int(self._blk_fill.t[victims].sum())
+        self._resident_tokens[tier] -= fill
         if to_host:
             host_victims = victims[direct:]
-            self._make_room(HOST, to_host, torch.empty(0, dtype=torch.int64))
             host_slots = self._arenas[HOST].allocate(host_victims)
             self._arenas[HOST].write_blocks(host_slots, data[direct:])
             self._blk_tier.buf[host_victims] = HOST
@@ -539,6 +545,13 @@ class TieredKVStore:
             self._write_disk(victims[:direct], data[:direct])
             key = "evicted_bytes_device_to_disk" if tier == DEVICE else "evicted_bytes_host_to_disk"
             self._counters[key] += direct * self.block_bytes
+
+    def _reserve_disk(self, victims: torch.Tensor) -> None:
+        """Disk space for `victims` in their layers' files (OSError when the disk is full)."""
+        layers, counts = torch.unique(self._cl_layer.t[self._blk_cluster.t[victims]], return_counts=True)
+        for layer, count in zip(layers.tolist(), counts.tolist(), strict=True):
+            disk = self._disk_arena(layer)
+            disk.reserve(disk.num_used + count)
 
     def _write_disk(self, victims: torch.Tensor, data: torch.Tensor) -> None:
         layers = self._cl_layer.t[self._blk_cluster.t[victims]]
@@ -941,7 +954,7 @@ class TieredKVStore:
             if used:
                 bits = np.fromfile(folder / f"disk_layer{layer:03d}.bin", dtype=_int_np(dtype))
                 disk = store._disk_arena(layer)
-                disk._grow(meta["disk_capacity"][layer])
+                disk.reserve(meta["disk_capacity"][layer])
                 slots = disk.allocate(used)
                 disk.write_blocks(slots, from_numpy_bits(bits, dtype).view(used, 2, bt, d))
         return store
