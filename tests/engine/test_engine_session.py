@@ -142,6 +142,26 @@ def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
         engine.resume("no-such-session")
 
 
+def test_a_snapshot_set_aside_by_a_crash_mid_swap_still_resumes(smolvlm_dir, tmp_path):
+    """A snapshot replaces the last one with two renames (old aside, new into place); a crash
+    between them leaves only the set-aside copy. Resume finds it (it answered no session), and
+    the next snapshot clears it away."""
+    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path)))
+    s = engine.open_session(SessionSettings(policy="resv", fps=1))
+    for i, f in enumerate(_frames(3, seed=5)):
+        s.add_frame(f, float(i))
+    s.snapshot()
+    sid, history = s.id, s.history_tokens
+    engine.close_session(sid)
+    folder = engine.snapshot_dir(sid)
+    aside = folder.with_name(f".{sid}.old-abc123def456")
+    folder.rename(aside)
+    restored = engine.resume(sid)
+    assert restored.history_tokens == history
+    restored.snapshot()
+    assert (folder / "session.json").exists() and not aside.exists()
+
+
 def test_sampler_keeps_target_fps_and_reports_drops(smolvlm_dir):
     engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
     s = engine.open_session(SessionSettings(policy="window", fps=2))

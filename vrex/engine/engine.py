@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vrex.kv.snapshot import SnapshotError, resolve_snapshot_folder
 from vrex.memory import check_device, choose_dtype, default_host_kv_budget
 from vrex.models import load_model
 from vrex.models.demo import DEMO_NOTICE, ensure_demo_model, is_demo_model
@@ -219,13 +220,25 @@ class Engine:
         """An open session by id, or one restored from its snapshot; KeyError when neither exists."""
         if session_id in self.sessions:
             return self.sessions[session_id]
-        if not self.config.data_dir or not (self.snapshot_dir(session_id) / "session.json").exists():
+        folder = self._saved_folder(session_id)
+        if folder is None:
             raise KeyError(f"no session {session_id!r} is open or saved")
         if len(self.sessions) >= self.config.max_sessions:
             raise CapacityError(f"the limit of {self.config.max_sessions} sessions is reached")
-        session = Session.restore(self, self.snapshot_dir(session_id))
+        session = Session.restore(self, folder)
         self.sessions[session.id] = session
         return session
+
+    def _saved_folder(self, session_id: str) -> Path | None:
+        """The session's snapshot folder, or the copy a crash between a snapshot's two renames
+        set aside (`resolve_snapshot_folder`); None when there is neither."""
+        if not self.config.data_dir:
+            return None
+        try:
+            folder = resolve_snapshot_folder(self.snapshot_dir(session_id))
+        except SnapshotError:
+            return None
+        return folder if (folder / "session.json").exists() else None
 
     def close_session(self, session_id: str, *, forget: bool = False) -> None:
         session = self.sessions.pop(session_id, None)

@@ -115,6 +115,8 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
         os.close(dir_fd)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+    for leftover in _backups(target):  # set aside by an earlier swap a crash interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def resolve_snapshot_folder(target: str | os.PathLike) -> Path:
