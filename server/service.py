@@ -72,7 +72,7 @@ class VRexServicer(pb_grpc.VRexServicer):
         """Called before an accepted frame is acked: log it (wal) or snapshot (snapshot)."""
         if live.wal is not None:
             record = wal.frame_record(frame.SerializeToString(), result.frame_index, frame.timestamp_s)
-            await asyncio.to_thread(live.wal.append, record)
+            await self._log(live, record, f"frame {result.frame_index}")
         elif self.snapshots_enabled and self.config.durability == "snapshot":
             await self.snapshot(live)
         elif self.snapshots_enabled and self.config.durability == "interval":
@@ -84,7 +84,31 @@ class VRexServicer(pb_grpc.VRexServicer):
         if live.wal is None:
             return  # snapshot modes: the next snapshot holds it
         token_ids, answer_index = self.backend.answer_history(live.engine_session)
-        await asyncio.to_thread(live.wal.append, wal.answer_record(question, token_ids, answer_index))
+        record = wal.answer_record(question, token_ids, answer_index)
+        await self._log(live, record, f"answer {answer_index}")
+
+    async def _log(self, live: LiveSession, record: wal.WalRecord, what: str) -> None:
+        """Append a record the session already holds. If the log cannot take it (a full or
+        failing disk), a full snapshot, which holds it and everything before, stands in; until
+        one succeeds no ack goes out, so an acked record is always durable and the log never
+        skips one (a record missing from the middle would replay a different history)."""
+        if not live.snapshot_before_ack:
+            try:
+                await asyncio.to_thread(live.wal.append, record)
+                return
+            except OSError as exc:
+                live.snapshot_before_ack = True
+                log_event("wal_append_failed", logging.ERROR, session=live.id, error=repr(exc))
+        try:
+            await self.snapshot(live)
+        except Exception as exc:
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE,
+                f"{what} is in the session but not durable: the disk under --data-dir failed ({exc}); "
+                "no ack goes out until a snapshot succeeds (free space there); do not send it again",
+            ) from exc
+        live.snapshot_before_ack = False
 
     def snapshot_due(self, live: LiveSession) -> bool:
         """wal: the log holds snapshot_every_frames records, or the last snapshot is too old."""

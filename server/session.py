@@ -75,6 +75,8 @@ class LiveSession:
     last_snapshot_s: float = 0.0
     dirty: bool = False  # acked frames not yet in a snapshot
     wal: WriteAheadLog | None = None  # --durability wal: acked records since the last snapshot
+    # the log failed to take a record the session already holds: the next ack needs a snapshot
+    snapshot_before_ack: bool = False
     energy: SessionEnergy = field(default_factory=lambda: SessionEnergy(None))
 
     @property
@@ -509,6 +511,8 @@ class StreamHandler:
     async def _make_answer_durable(self, request_id: int, live: LiveSession, question: str) -> None:
         try:
             await self.servicer.make_answer_durable(live, question)
+        except RequestError as exc:
+            await self._emit(error_event(request_id, exc.code, exc.message))
         except Exception as exc:
             log_event("wal_error", logging.ERROR, session=live.id, error=repr(exc))
             await self._emit(
@@ -550,7 +554,11 @@ class StreamHandler:
         live.energy.record("frame", max(t0_s, t1_s - engine_s) if engine_s > 0 else t0_s, t1_s)
         live.dirty = True
         # durable before the ack, so every acknowledged frame survives kill -9
-        await self.servicer.make_frame_durable(live, item.frame, result)
+        try:
+            await self.servicer.make_frame_durable(live, item.frame, result)
+        except RequestError as exc:  # the frame is in the session, not yet durable: no ack
+            await self._emit(error_event(item.request_id, exc.code, exc.message))
+            return
         self.servicer.charge_energy(live)
         stats = live.stats()
         self.servicer.metrics.kv_bytes(live.id, stats.get("kv_bytes", {}))

@@ -224,13 +224,26 @@ class WriteAheadLog:
         with self._lock:
             if self._file.closed:
                 raise ValueError(f"write-ahead log {self.path} is closed")
-            self._file.write(data)
-            self._file.flush()
-            if self.sync:
-                _sync(self._file.fileno())
+            try:
+                self._file.write(data)
+                self._file.flush()
+                if self.sync:
+                    _sync(self._file.fileno())
+            except OSError:
+                self._undo_partial_append()
+                raise
             self.num_records += 1
             self.num_bytes += len(data)
         return len(data)
+
+    def _undo_partial_append(self) -> None:
+        """Cut what a failed append wrote (a full disk can take part of a record), so the next
+        record does not follow garbage; if even that fails, reopening treats it as a torn tail."""
+        try:
+            self._file.seek(self.num_bytes)
+            self._file.truncate(self.num_bytes)
+        except (OSError, ValueError):
+            pass
 
     def truncate(self) -> None:
         """Empty the log: call after a snapshot that holds every logged record."""

@@ -151,6 +151,68 @@ async def test_acks_go_to_the_log_and_snapshots_empty_it(serve, tmp_path):
     assert wal.read_log(path).records == []  # closing snapshots and empties the log
 
 
+async def test_a_full_disk_withholds_acks_until_a_snapshot_holds_everything(serve, tmp_path, monkeypatch):
+    """The log cannot take frame 2 (disk full) and neither can a snapshot: frame 2 gets
+    RESOURCE_EXHAUSTED, no ack, though the session holds it. Once the disk has room, frame 3's
+    ack comes with a full snapshot holding frames 0-3; the log never skips a record (frame 2
+    missing from it would replay another history than the live one)."""
+    from server import backend as backend_module
+
+    data = tmp_path / "data"
+    server, client = await serve(data_dir=data, snapshot_every_frames=100, snapshot_interval_s=0)
+    full = {"on": False}
+    real_append, real_snapshot = wal.WriteAheadLog.append, backend_module.Backend.snapshot
+
+    def append(self, record):
+        if full["on"]:
+            raise OSError(28, "No space left on device")
+        return real_append(self, record)
+
+    async def snapshot(self, session):
+        if full["on"]:
+            raise OSError(28, "No space left on device")
+        await real_snapshot(self, session)
+
+    monkeypatch.setattr(wal.WriteAheadLog, "append", append)
+    monkeypatch.setattr(backend_module.Backend, "snapshot", snapshot)
+    async with client.session(fps=1.0) as s:
+        path = wal.wal_path(data, s.session_id)
+        for i in range(2):
+            assert (await s.send_frame(image(i), float(i), wait=True)).accepted
+        full["on"] = True
+        from vrex.client import VRexError
+
+        with pytest.raises(VRexError) as err:
+            await s.send_frame(image(2), 2.0, wait=True)
+        assert err.value.code == "RESOURCE_EXHAUSTED" and "not durable" in err.value.message
+        assert [r.meta["frame_index"] for r in wal.read_log(path).records] == [0, 1]
+        full["on"] = False
+        assert (await s.send_frame(image(3), 3.0, wait=True)).accepted
+        assert wal.read_log(path).records == []  # the snapshot holds everything now
+        assert _snapshot_state(data, s.session_id)["frames_accepted"] == 4
+        assert (await s.send_frame(image(4), 4.0, wait=True)).accepted  # back to logging
+        assert [r.meta["frame_index"] for r in wal.read_log(path).records] == [4]
+
+
+def test_a_failed_append_leaves_no_partial_record(tmp_path, monkeypatch):
+    path = tmp_path / "s.wal"
+    first, second = wal.frame_record(b"a" * 50, 0, 0.0), wal.frame_record(b"b" * 50, 1, 1.0)
+    with wal.WriteAheadLog(path) as log:
+        log.append(first)
+        real_flush = log._file.flush
+
+        def flush_part():  # a disk that takes part of the record, then fills up
+            real_flush()
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(log._file, "flush", flush_part)
+        with pytest.raises(OSError):
+            log.append(second)
+        monkeypatch.setattr(log._file, "flush", real_flush)
+        log.append(second)
+    assert wal.read_log(path).records == [first, second]
+
+
 async def test_an_answer_that_fails_midway_is_logged_with_what_it_generated(serve, tmp_path):
     """The engine closes a failed answer's turn with its tokens in the history, so the log must
     hold them too, or a replay after a crash would differ from the session that went on."""
