@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -243,6 +244,17 @@ def server_config_from_args(args: argparse.Namespace):
     )
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why the server could not write under `folder` (made if missing), or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vrex-write-check-"):
+            pass
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc}); give a writable folder"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.backend import EngineUnavailable
     from server.logs import setup_logging
@@ -250,9 +262,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging("json" if args.json else args.log_format)
     config = server_config_from_args(args)
-    for folder in (config.data_dir, config.trace_dir):
+    for flag, folder in (("--data-dir", config.data_dir), ("--trace-dir", config.trace_dir)):
         if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            problem = _unwritable(Path(folder))
+            if problem:
+                print(f"vrex serve: {flag} {folder}: {problem}", file=sys.stderr)
+                return 2
     try:
         return asyncio.run(serve(config))
     except EngineUnavailable as exc:

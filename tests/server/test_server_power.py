@@ -216,6 +216,23 @@ def test_serve_flag_errors_name_the_flag(argv, words, tmp_path):
     assert words in str(err.value)
 
 
+def test_a_data_dir_the_server_cannot_write_is_refused_with_the_flag(tmp_path, capsys):
+    """It crashed with a raw traceback (a read-only file system) or started and failed every
+    Open; here the folder sits under a file, which fails the same way for root too."""
+    import argparse
+
+    from server.cli import _unwritable, cmd_serve, register
+
+    (tmp_path / "f").write_text("")
+    assert "cannot write there" in _unwritable(tmp_path / "f" / "sub")
+    assert _unwritable(tmp_path / "ok" / "deep") is None and (tmp_path / "ok" / "deep").is_dir()
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--trace-dir", str(tmp_path / "f" / "traces")])
+    assert cmd_serve(args) == 2
+    assert "--trace-dir" in capsys.readouterr().err
+
+
 def test_tls_pair_check_accepts_a_real_pair(tls_files):
     from server.cli import check_tls_pair
 
