@@ -216,12 +216,16 @@ def test_serve_flag_errors_name_the_flag(argv, words, tmp_path):
     assert words in str(err.value)
 
 
-def test_a_data_dir_the_server_cannot_write_is_refused_with_the_flag(tmp_path, capsys):
+def test_a_data_dir_the_server_cannot_write_is_refused_with_the_flag(tmp_path, capsys, monkeypatch):
     """It crashed with a raw traceback (a read-only file system) or started and failed every
     Open; here the folder sits under a file, which fails the same way for root too."""
     import argparse
 
+    import server.logs
     from server.cli import _unwritable, cmd_serve, register
+
+    # the server's logging setup would keep a handler on this test's captured stderr
+    monkeypatch.setattr(server.logs, "setup_logging", lambda *a, **k: None)
 
     (tmp_path / "f").write_text("")
     assert "cannot write there" in _unwritable(tmp_path / "f" / "sub")
