@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 def lazy_exports(
     package: str, exports: dict[str, tuple[str, ...]]
-) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
-    """``__getattr__`` and ``__dir__`` for ``package``, whose ``exports`` maps a module to the
-    names it defines. In the package's ``__init__``::
+) -> tuple[Callable[[str], object], Callable[[], list[str]], list[str]]:
+    """``__getattr__``, ``__dir__`` and ``__all__`` for ``package``, whose ``exports`` maps a
+    module to the names it defines. In the package's ``__init__``::
 
-        __getattr__, __dir__ = lazy_exports(__name__, {"vrex.engine.engine": ("Engine",)})
+        __getattr__, __dir__, __all__ = lazy_exports(__name__, {"vrex.engine.engine": ("Engine",)})
 
     ``from vrex.engine import Engine`` then imports ``vrex.engine.engine`` at that moment.
     """
@@ -34,4 +34,4 @@ def lazy_exports(
     def __dir__() -> list[str]:
         return sorted({*vars(sys.modules[package]), *module_of})
 
-    return __getattr__, __dir__
+    return __getattr__, __dir__, sorted(module_of)

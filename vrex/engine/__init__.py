@@ -4,7 +4,7 @@ questions and streamed answers, stats, traces and snapshots."""
 from vrex._lazy import lazy_exports
 
 # loaded on first use: vrex.engine.cli (the `vrex run` parser) must not load torch for `--help`
-__getattr__, __dir__ = lazy_exports(
+__getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "vrex.kv.snapshot": ("SnapshotError",),
@@ -14,18 +14,3 @@ __getattr__, __dir__ = lazy_exports(
         "vrex.engine.session": ("AnswerStats", "FrameResult", "Session", "TokenDelta"),
     },
 )
-
-__all__ = [
-    "AnswerStats",
-    "CapacityError",
-    "Engine",
-    "EngineConfig",
-    "FrameResult",
-    "RetrievalPolicy",
-    "Session",
-    "SessionSettings",
-    "SnapshotError",
-    "StepRecord",
-    "TokenDelta",
-    "light_attention",
-]

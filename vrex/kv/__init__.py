@@ -3,7 +3,7 @@
 from vrex._lazy import lazy_exports
 
 # loaded on first use: vrex.kv.cli (the `vrex kv-bench` parser) must not load torch for `--help`
-__getattr__, __dir__ = lazy_exports(
+__getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "vrex.kv.budgets": ("TierBudgets", "parse_bytes"),
@@ -20,17 +20,3 @@ __getattr__, __dir__ = lazy_exports(
         ),
     },
 )
-
-__all__ = [
-    "DEVICE",
-    "DISK",
-    "HOST",
-    "TIER_NAMES",
-    "ClusterTiers",
-    "FetchResult",
-    "PrefetchHandle",
-    "SnapshotError",
-    "TierBudgets",
-    "TieredKVStore",
-    "parse_bytes",
-]

@@ -9,7 +9,7 @@ from vrex._lazy import lazy_exports
 
 # loaded on first use: vrex.models.cli (the `vrex model` parser) must not load torch and
 # transformers for `--help`
-__getattr__, __dir__ = lazy_exports(
+__getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "vrex.models.adapters": (
@@ -35,25 +35,3 @@ __getattr__, __dir__ = lazy_exports(
         "vrex.models.tiny": ("tiny_random",),
     },
 )
-
-__all__ = [
-    "ATTENTION_NAME",
-    "DEFAULT_SYSTEM_PROMPT",
-    "DEMO_NOTICE",
-    "SUPPORTED_MODEL_TYPES",
-    "AttentionPolicy",
-    "FullAttentionPolicy",
-    "LlamaAdapter",
-    "LlavaOnevisionAdapter",
-    "ModelAdapter",
-    "Qwen25VLAdapter",
-    "SmolVLMAdapter",
-    "StepInput",
-    "VrexCache",
-    "causal_attention",
-    "concat_steps",
-    "ensure_demo_model",
-    "is_demo_model",
-    "load_model",
-    "tiny_random",
-]
