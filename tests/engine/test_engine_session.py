@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vrex.resv as resv
-from vrex.engine import Engine, EngineConfig, SessionSettings
+from vrex.engine import Engine, EngineConfig, SessionSettings, SnapshotError
 from vrex.models import load_model, tiny_random
 from vrex.models.tiny import FAMILIES
 from vrex.trace import TraceError, read_trace, validate_step
@@ -160,6 +160,11 @@ def test_a_snapshot_set_aside_by_a_crash_mid_swap_still_resumes(smolvlm_dir, tmp
     assert restored.history_tokens == history
     restored.snapshot()
     assert (folder / "session.json").exists() and not aside.exists()
+    # a snapshot folder without its session.json is damage (DATA_LOSS), not a missing session
+    engine.close_session(sid)
+    (folder / "session.json").unlink()
+    with pytest.raises(SnapshotError, match="session.json is missing"):
+        engine.resume(sid)
 
 
 def test_sampler_keeps_target_fps_and_reports_drops(smolvlm_dir):

@@ -231,14 +231,19 @@ class Engine:
 
     def _saved_folder(self, session_id: str) -> Path | None:
         """The session's snapshot folder, or the copy a crash between a snapshot's two renames
-        set aside (`resolve_snapshot_folder`); None when there is neither."""
+        set aside (`resolve_snapshot_folder`); None when there is neither.
+
+        Raises:
+            SnapshotError: the folder is there without its session.json (damage, not absence)."""
         if not self.config.data_dir:
             return None
         try:
             folder = resolve_snapshot_folder(self.snapshot_dir(session_id))
         except SnapshotError:
             return None
-        return folder if (folder / "session.json").exists() else None
+        if not (folder / "session.json").exists():
+            raise SnapshotError(f"{folder}: session.json is missing, the snapshot is incomplete")
+        return folder
 
     def close_session(self, session_id: str, *, forget: bool = False) -> None:
         session = self.sessions.pop(session_id, None)
