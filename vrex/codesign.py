@@ -28,8 +28,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-UNBOUNDED_WINDOW = 100_000_000  # sim's largest memory.recent_window_tokens: an unbounded device tier
-
 
 def record_trace(
     video: str | Path,
@@ -111,7 +109,6 @@ def simulate_trace(
     from dataclasses import replace
 
     from sim.api import resolve_system, simulate
-    from sim.config import override
     from sim.trace_replay import device_window_tokens, read_trace, recorded_token_bytes, system_for_trace
     from sim.workload import make_step
 
@@ -125,15 +122,13 @@ def simulate_trace(
         header = {**header, "device_kv_budget_bytes": device_kv_budget_bytes}
     window = device_window_tokens(header)
 
-    def shaped(name: str, is_vrex: bool):
+    def shaped(name: str):
+        # the header's device tier becomes V-Rex's recent window (system_for_trace)
         cfg = system_for_trace(resolve_system(name), header)
-        cfg = replace(cfg, model=replace(cfg.model, tokens_per_frame=int(tokens_per_frame)))
-        if is_vrex:
-            cfg = override(cfg, "memory.recent_window_tokens", window)
-        return cfg
+        return replace(cfg, model=replace(cfg.model, tokens_per_frame=int(tokens_per_frame)))
 
-    vrex_cfg = shaped(system, True)
-    base_cfg = shaped(baseline, False)
+    vrex_cfg = shaped(system)
+    base_cfg = shaped(baseline)
     if vrex_cfg.kind != "vrex":
         raise ValueError(f"--system {system!r} is a GPU baseline; give a V-Rex system (vrex8, vrex48)")
     if base_cfg.kind != "gpu":
@@ -233,14 +228,16 @@ def run_codesign(video: str | Path, trace: str | Path | None = None, **kwargs: A
 
 
 def format_report(rep: dict[str, Any]) -> str:
+    from sim.config import RANGES
+
+    unbounded = RANGES["memory.recent_window_tokens"][1]  # what an unbounded device tier becomes
     m = rep["model"]
     window = rep["device_window_tokens"]
     lines = [
         f"trace: {rep['frames']} frames ({rep['tokens_per_frame']} tokens each), {rep['decode_steps']} decode steps, "
         f"history {rep['history_tokens'][0]}-{rep['history_tokens'][1]} tokens; model {m['num_layers']} layers, "
         f"{m['num_heads']}/{m['num_kv_heads']} heads x {m['head_dim']}",
-        "device window: "
-        + ("unbounded (nothing offloaded)" if window >= UNBOUNDED_WINDOW else f"{window} tokens"),
+        "device window: " + ("unbounded (nothing offloaded)" if window >= unbounded else f"{window} tokens"),
         f"{rep['system']} with ReSV vs {rep['baseline']}",
         f"  {'':28s} {'trace-driven':>14s} {'synthetic':>14s}",
     ]
