@@ -62,7 +62,10 @@ def validate_header(rec: dict, where: str = "header") -> dict:
     if rec.get("kind") != "header":
         raise TraceError(f"{where}: the first line must be the header (kind='header')")
     if rec.get("schema") != SCHEMA:
-        raise TraceError(f"{where}: schema {rec.get('schema')!r} is not {SCHEMA!r}")
+        raise TraceError(
+            f"{where}: schema {rec.get('schema')!r} is not {SCHEMA!r}, the one this version reads: "
+            "record the trace again with it"
+        )
     model = _need(rec, "model", dict, where)
     for f in MODEL_FIELDS:
         if _need(model, f, int, f"{where}.model") < 0:
@@ -166,12 +169,9 @@ def read_trace(path: str | os.PathLike) -> tuple[dict, Iterator[dict]]:
     except json.JSONDecodeError as exc:
         f.close()
         raise TraceError(f"{path}:1: not JSON ({exc})") from None
-    except TraceError as exc:
+    except TraceError:
         f.close()
-        hint = (
-            f"; this version reads {SCHEMA}: record the trace again with it" if "schema" in str(exc) else ""
-        )
-        raise TraceError(f"{exc}{hint}") from None
+        raise
 
     def steps() -> Iterator[dict]:
         with f:
