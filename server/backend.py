@@ -82,6 +82,10 @@ class Backend:
         return getattr(self.module, "SnapshotError", ())
 
     @property
+    def session_broken_error(self) -> type[BaseException] | tuple:
+        return getattr(self.module, "SessionBrokenError", ())
+
+    @property
     def model_info(self) -> dict:
         return dict(self.engine.model_info)
 
@@ -107,6 +111,15 @@ class Backend:
 
     async def snapshot(self, session: Any) -> None:
         await self.on_model_thread(session.snapshot)
+
+    @staticmethod
+    def broken(session: Any) -> str | None:
+        """Why the engine session takes no more steps (it lost one half-way), or None."""
+        return getattr(session, "broken", None)
+
+    def has_snapshot(self, session_id: str) -> bool:
+        lister = getattr(self.engine, "list_snapshots", None)
+        return lister is not None and session_id in lister()
 
     @property
     def device_kv_budget_bytes(self) -> int | None:
@@ -175,6 +188,11 @@ class Backend:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, (
                 f"server is at capacity ({exc}); close another session or retry later"
             )
+        if isinstance(exc, self.session_broken_error):
+            return grpc.StatusCode.FAILED_PRECONDITION, (
+                f"{exc} (to resume: end this stream, then open one with Open.resume_session_id set to this "
+                "session's id; without --data-dir, open a new session)"
+            )
         if isinstance(exc, self.snapshot_error):  # before ValueError, which it is
             return grpc.StatusCode.DATA_LOSS, f"{exc}; this session cannot be restored: open a new session"
         if isinstance(exc, KeyError):
@@ -214,6 +232,9 @@ def create_backend(config: ServerConfig) -> Backend:
         per_session = auto_device_kv_budget(config.device, config.max_sessions)
         # Sessions read the budget when they open, so setting it after the load is enough.
         engine.config = dataclasses.replace(engine.config, device_kv_budget_bytes=per_session)
+    check = getattr(engine, "check_device_budget", None)
+    if check is not None:  # refuse now a budget every session would fail to open with
+        check(module.SessionSettings())
     return Backend(module=module, engine=engine)
 
 

@@ -338,6 +338,8 @@ class VRexServicer(pb_grpc.VRexServicer):
         between is safe: replay skips the records the snapshot holds)."""
         if not self.snapshots_enabled:
             return
+        if self.backend.broken(live.engine_session):
+            return  # its last good snapshot and log are what a resume goes back to
         t0 = time.monotonic()
         await self.backend.snapshot(live.engine_session)
         if live.wal is not None:
@@ -366,7 +368,10 @@ class VRexServicer(pb_grpc.VRexServicer):
             try:
                 if self.snapshots_enabled and snapshot:
                     await self.snapshot(live)
-                    resumable = True
+                    # a broken session is not snapshotted: its last snapshot (if any) is kept
+                    resumable = not self.backend.broken(live.engine_session) or self.backend.has_snapshot(
+                        live.id
+                    )
             finally:
                 if live.wal is not None:
                     live.wal.close()

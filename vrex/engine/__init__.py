@@ -10,7 +10,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "vrex.kv.snapshot": ("SnapshotError",),
         "vrex.engine.config": ("EngineConfig", "SessionSettings"),
         "vrex.engine.engine": ("CapacityError", "Engine"),
-        "vrex.engine.retrieval": ("RetrievalPolicy", "StepRecord", "light_attention"),
-        "vrex.engine.session": ("AnswerStats", "FrameResult", "Session", "TokenDelta"),
+        "vrex.engine.retrieval": ("PartialStepError", "RetrievalPolicy", "StepRecord", "light_attention"),
+        "vrex.engine.session": ("AnswerStats", "FrameResult", "Session", "SessionBrokenError", "TokenDelta"),
     },
 )

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from vrex.kv.snapshot import SnapshotError, resolve_snapshot_folder
+from vrex.kv.store import step_bytes_bound
 from vrex.memory import check_device, choose_dtype, default_host_kv_budget
 from vrex.models import load_model
 from vrex.models.demo import DEMO_NOTICE, ensure_demo_model, is_demo_model
+from vrex.resv import selector_class
 
 from .batching import forward_batch
 from .config import EngineConfig, SessionSettings
@@ -66,6 +68,37 @@ class Engine:
         self._pending: deque[_FrameJob] = deque()
         self._pending_lock = threading.Lock()
         self.batch_counters: Counter = Counter()
+
+    def check_device_budget(self, settings: SessionSettings | None = None) -> None:
+        """Refuse a device KV budget no session could work with under ``settings``' policy: one
+        below a block per KV head and layer, or one the prompt prefix or a frame may overflow
+        (`vrex.kv.store.step_bytes_bound`). A server calls this at start, not at each open."""
+        budget = self.config.device_kv_budget_bytes
+        if budget is None:
+            return
+        a, settings = self.adapter, settings or SessionSettings()
+        block_tokens = self.config.block_tokens
+        block_bytes = block_tokens * 2 * a.head_dim * a.dtype.itemsize
+        one_page = selector_class(settings.policy).one_page_per_step
+        prefix = a.prompt_prefix(settings.system_prompt) if settings.system_prompt else a.prompt_prefix()
+        steps = {f"the prompt prefix ({prefix.num_tokens} tokens)": prefix.num_tokens}
+        if self.accepts_frames:
+            steps[f"a frame ({self.frame_tokens} tokens)"] = self.frame_tokens
+        needs = {"one block per KV head and layer": a.num_layers * a.num_kv_heads * block_bytes}
+        for what, tokens in steps.items():
+            needs[what] = step_bytes_bound(
+                tokens,
+                num_kv_heads=a.num_kv_heads,
+                block_tokens=block_tokens,
+                block_bytes=block_bytes,
+                one_page_per_step=one_page,
+            )
+        what, needed = max(needs.items(), key=lambda item: item[1])
+        if needed > budget // block_bytes * block_bytes:
+            raise ValueError(
+                f"--device-kv-budget {budget} bytes is too small for the {settings.policy} policy: {what} "
+                f"may need {needed} bytes of the device KV tier at once; raise it to at least {needed} bytes"
+            )
 
     @property
     def model_info(self) -> dict:
@@ -145,6 +178,10 @@ class Engine:
                 self._prefill_frames(batch)
 
     def _prefill_frames(self, group: list[tuple[_FrameJob, PendingFrame]]) -> None:
+        if len(group) > 1:  # a step one session refuses (its budget, broken) fails that frame alone
+            group = [item for item in group if self._admit(*item)]
+        if not group:
+            return
         self.batch_counters["forwards"] += 1
         self.batch_counters["frame_rows"] += len(group)
         if len(group) == 1:
@@ -157,28 +194,43 @@ class Engine:
             return
         sessions = [job.session for job, _ in group]
         steps = [pending.step for _, pending in group]
+        marks = [s.cache_mark() for s in sessions]
+        t0 = time.perf_counter()
         try:
-            for session, step in zip(sessions, steps, strict=True):
-                session.policy.begin_step("frame", step.num_tokens)
-            t0 = time.perf_counter()
             forward_batch(self.adapter, steps, [s.cache for s in sessions], last_logits_only=True)
-            total_ms = (time.perf_counter() - t0) * 1e3
-            recs = [s.policy.end_step() for s in sessions]
         except Exception as err:  # noqa: BLE001 - reported to every submitter of the batch
-            for job, _ in group:
-                job.future.set_exception(err)
+            for (job, _), session, mark in zip(group, sessions, marks, strict=True):
+                job.future.set_exception(session.step_failed(mark, err) or err)
+            return
+        stored = []
+        for (job, pending), session, mark in zip(group, sessions, marks, strict=True):
+            try:
+                stored.append((job, pending, session.policy.end_step()))
+            except Exception as err:  # noqa: BLE001 - this session's store failed, not the others'
+                job.future.set_exception(session.step_failed(mark, err) or err)
+        total_ms = (time.perf_counter() - t0) * 1e3
+        if not stored:
             return
         self.batch_counters["batched_forwards"] += 1
         self.batch_counters["batched_rows"] += len(group)
         self.batch_counters["max_batch_rows"] = max(self.batch_counters["max_batch_rows"], len(group))
-        retrieval_ms = sum(r.select_ms + r.fetch_ms + r.attention_ms + r.store_ms for r in recs)
+        retrieval_ms = sum(r.select_ms + r.fetch_ms + r.attention_ms + r.store_ms for _, _, r in stored)
         shared_ms = max(0.0, total_ms - retrieval_ms)
-        for (job, pending), rec in zip(group, recs, strict=True):
+        for job, pending, rec in stored:
             session = job.session
             session._record_step(
                 pending.step, "frame", rec, total_ms, batch_rows=len(group), shared_ms=shared_ms
             )
             job.future.set_result(session.finish_frame(pending, rec, total_ms))
+
+    @staticmethod
+    def _admit(job: _FrameJob, pending: PendingFrame) -> bool:
+        try:
+            job.session.begin_step(pending.step, "frame")
+        except Exception as err:  # noqa: BLE001 - reported to the submitter
+            job.future.set_exception(err)
+            return False
+        return True
 
     def stats(self) -> dict:
         """Model-thread counters: ``forwards`` (frame prefill forwards), ``frame_rows`` (frames

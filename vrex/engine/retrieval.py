@@ -2,8 +2,11 @@
 
 Per decoder layer and step (see ``vrex.models.attention`` for the contract):
 select history tokens with the step's queries -> fetch them from whichever tier holds them ->
-attend over them plus the step's own tokens (causal) -> cluster the new keys and store them
-in their clusters' pages. What happened is kept per layer and KV head for stats and the trace.
+attend over them plus the step's own tokens (causal). Once the whole forward has run,
+``end_step`` clusters every layer's new keys and stores them in their clusters' pages: a layer
+reads only its own history, so nothing needs them sooner, and a forward that fails half-way
+leaves the session as it was. What happened is kept per layer and KV head for stats and the
+trace.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from torch import Tensor
 
 from vrex.kv import DEVICE, DISK, HOST, TieredKVStore
 from vrex.resv import Selector
+
+
+class PartialStepError(RuntimeError):
+    """Writing a step's keys failed after some layers took them: the session's history is no
+    longer the same in every layer (a disk that filled up half-way, say), so it cannot go on."""
 
 
 def light_attention(
@@ -128,9 +136,14 @@ class RetrievalPolicy:
         self.token_bytes_per_head = 2 * store.head_dim * store.dtype.itemsize
         self.record = StepRecord(stage="frame")
         self._moved_down = 0
+        self._new_kv: list[tuple[int, Tensor, Tensor]] = []  # (layer, key, value) to store at end_step
 
     def begin_step(self, stage: str, new_tokens: int) -> None:
+        """Start a step; a step the device budget may not hold is refused here, before any
+        layer changes the selector or the store (`StepTooLargeError`)."""
+        self.store.check_step(new_tokens, one_page_per_step=self.selector.one_page_per_step)
         self.record = StepRecord(stage=stage, new_tokens=new_tokens, history_tokens=self.store.length(0))
+        self._new_kv = []
 
     def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
         rec = self.record
@@ -149,13 +162,10 @@ class RetrievalPolicy:
         t2 = time.perf_counter()
         out = light_attention(query, fetched.keys, fetched.values, fetched.lengths, key, value, scaling)
         t3 = time.perf_counter()
-        ids = self.selector.observe(layer, key)
-        store.append(layer, key, value, ids)
-        t4 = time.perf_counter()
+        self._new_kv.append((layer, key, value))
         rec.select_ms += (t1 - t0) * 1e3
         rec.fetch_ms += (t2 - t1) * 1e3
         rec.attention_ms += (t3 - t2) * 1e3
-        rec.store_ms += (t4 - t3) * 1e3
         rec.layers.append(self._layer_record(layer, n, sel, tiers))
         return out
 
@@ -189,19 +199,54 @@ class RetrievalPolicy:
             )
         return {"layer": layer, "heads": heads}
 
+    def abort_step(self) -> None:
+        """Drop what a failed step would have stored."""
+        self._new_kv = []
+
     @torch.inference_mode()
     def end_step(self) -> StepRecord:
-        """Close the clusters whose pages left the device tier: only device-resident clusters
-        take new members (DESIGN.md), so a page never has to be fetched back to grow."""
+        """Store the step's new keys and values of every layer (the selector names their
+        pages), then close the clusters whose pages left the device tier: only device-resident
+        clusters take new members (DESIGN.md), so a page never has to be fetched back to grow.
+
+        Raises:
+            PartialStepError: storing failed after a layer had changed (see its cause).
+        """
+        t0 = time.perf_counter()
+        pending, self._new_kv = self._new_kv, []
+        if pending:  # evictions first: one that fails (a full disk) fails the step with nothing changed
+            self.store.make_room_for_step(
+                self.record.new_tokens, one_page_per_step=self.selector.one_page_per_step
+            )
+        for done, (layer, key, value) in enumerate(pending):
+            observed = False
+            try:
+                ids = self.selector.observe(layer, key)
+                observed = True
+                self.store.append(layer, key, value, ids)
+            except Exception as err:
+                if not (done or observed):
+                    raise  # nothing changed: the step simply did not happen
+                raise PartialStepError(
+                    f"storing the step's keys failed at layer {layer} after {done} of {len(pending)} "
+                    f"layers took them ({type(err).__name__}: {err})"
+                ) from err
+        self.record.store_ms += (time.perf_counter() - t0) * 1e3
         # nothing ever leaves an unbounded device tier
         if self.track_evictions and self.store.budgets.device_bytes is not None:
             stats = self.store.stats()
             moved = sum(v for k, v in stats.items() if k.startswith("evicted_bytes_device"))
             if moved != self._moved_down:
+                try:
+                    for layer in range(self.store.num_layers):
+                        for h in range(self.store.num_kv_heads):
+                            off = self.store.cluster_tier(layer, h).off_device()
+                            if off.numel():
+                                self.selector.on_evicted(layer, h, off)
+                except Exception as err:  # the step is stored: it cannot be undone now
+                    raise PartialStepError(
+                        f"the step was stored but closing the clusters that left the device tier failed "
+                        f"({type(err).__name__}: {err})"
+                    ) from err
                 self._moved_down = moved
-                for layer in range(self.store.num_layers):
-                    for h in range(self.store.num_kv_heads):
-                        off = self.store.cluster_tier(layer, h).off_device()
-                        if off.numel():
-                            self.selector.on_evicted(layer, h, off)
         return self.record

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from vrex.kv import TierBudgets, TieredKVStore
+from vrex.kv import StepTooLargeError, TierBudgets, TieredKVStore
 from vrex.kv.snapshot import atomic_folder, verify_manifest, write_manifest
 from vrex.limits import sampling_error
 from vrex.models.adapters import StepInput
@@ -28,7 +28,7 @@ from vrex.resv import SelectorConfig, make_selector
 from vrex.video import fps_slot
 
 from .config import SessionSettings
-from .retrieval import RetrievalPolicy, StepRecord
+from .retrieval import PartialStepError, RetrievalPolicy, StepRecord
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -63,6 +63,11 @@ class TokenDelta:
     text: str
     token_id: int
     index: int
+
+
+class SessionBrokenError(RuntimeError):
+    """The session lost a step half-way (`PartialStepError`) and takes no more steps: close it,
+    and resume it from its snapshot (and write-ahead log) to go on."""
 
 
 log = logging.getLogger("vrex.engine")
@@ -134,6 +139,7 @@ class Session:
         # step closes it first, so the history never reads as one unfinished turn
         self._turn_open = False
         self._answering: Iterator | None = None  # the answer `ask` is streaming, if any
+        self._broken: str | None = None  # why no step may run any more (SessionBrokenError)
         self.prefix_tokens = 0
         cfg = engine.config
         disk_dir = Path(cfg.data_dir) / "kv-disk" / self.id if cfg.data_dir else None
@@ -204,13 +210,63 @@ class Session:
 
     # -- one model step ------------------------------------------------------------------------
     def _step(self, step, stage: str, last_only: bool = True) -> tuple[torch.Tensor, StepRecord, float]:
-        self.policy.begin_step(stage, step.num_tokens)
+        """One forward of ``step``: all of it, or (on an error) nothing at all."""
+        self.begin_step(step, stage)
+        mark = self.cache_mark()
         t0 = time.perf_counter()
-        logits = self.adapter.forward(step, self.cache, last_logits_only=last_only)
+        try:
+            logits = self.adapter.forward(step, self.cache, last_logits_only=last_only)
+            rec = self.policy.end_step()
+        except BaseException as err:
+            broken = self.step_failed(mark, err)
+            if broken is not None:
+                raise broken from err
+            raise
         total_ms = (time.perf_counter() - t0) * 1e3
-        rec = self.policy.end_step()
         self._record_step(step, stage, rec, total_ms)
         return logits, rec, total_ms
+
+    def begin_step(self, step, stage: str) -> None:
+        """Refuse a step before it changes anything: the session is broken, or the device budget
+        may not hold the step's new keys and values."""
+        if self._broken is not None:
+            raise SessionBrokenError(self._broken)
+        try:
+            self.policy.begin_step(stage, step.num_tokens)
+        except StepTooLargeError as err:
+            budget, n = err.budget_bytes, err.new_tokens
+            fits = self.store.max_step_tokens(one_page_per_step=self.policy.selector.one_page_per_step)
+            what, hint = {
+                "prefix": ("the prompt prefix", ", or a shorter system prompt"),
+                "question": ("this question", ", or ask a shorter question"),
+            }.get(getattr(step, "kind", ""), (f"this {stage} step", ""))
+            raise ValueError(
+                f"{what} ({n} tokens) may need {err.needed_bytes} bytes of the device KV tier at "
+                f"once, over the session's whole device budget of {budget} bytes (--device-kv-budget); "
+                f"steps of up to {fits} tokens fit: raise --device-kv-budget to at least {err.needed_bytes} "
+                f"bytes{hint}"
+            ) from None
+
+    def cache_mark(self) -> tuple[int, list[int]]:
+        """Where the decoder's cache counters stand, to put them back if a step fails."""
+        return self.cache.next_position, [layer.num_tokens for layer in self.cache.layers]
+
+    def step_failed(self, mark: tuple[int, list[int]], err: BaseException) -> SessionBrokenError | None:
+        """Undo a failed step's trace in the cache counters. The policy stored nothing, unless
+        storing itself broke half-way: then the session is broken, and the error to raise instead
+        of ``err`` is returned."""
+        self.policy.abort_step()
+        if isinstance(err, PartialStepError):
+            self._broken = (
+                f"session {self.id} lost a step half-way and takes no more steps ({err}); close it and "
+                "resume it from its snapshot to go on"
+            )
+            log.error("%s", self._broken)
+            return SessionBrokenError(self._broken)
+        self.cache.next_position, counts = mark
+        for layer, count in zip(self.cache.layers, counts, strict=True):
+            layer.num_tokens = count
+        return None
 
     def _record_step(
         self,
@@ -267,6 +323,11 @@ class Session:
                     },
                 }
             )
+
+    @property
+    def broken(self) -> str | None:
+        """Why the session takes no more steps (it lost one half-way), or None."""
+        return self._broken
 
     @property
     def history_tokens(self) -> int:
@@ -562,6 +623,8 @@ class Session:
         Run on the model thread (as servers do). An answer still open here was cut off (its
         stream is gone, or the server is stopping): its turn is closed first, so the snapshot
         never holds half a turn."""
+        if self._broken is not None:  # the last good snapshot stays as it is
+            raise SessionBrokenError(self._broken)
         if self._answering is not None:
             _close_quietly(self._answering, self.id)
         self._close_turn()

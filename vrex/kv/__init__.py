@@ -16,6 +16,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "ClusterTiers",
             "FetchResult",
             "PrefetchHandle",
+            "StepTooLargeError",
             "TieredKVStore",
         ),
     },

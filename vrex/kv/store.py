@@ -178,6 +178,32 @@ def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
     return torch.div(a + (b - 1), b, rounding_mode="floor")
 
 
+def step_bytes_bound(
+    new_tokens: int, *, num_kv_heads: int, block_tokens: int, block_bytes: int, one_page_per_step: bool
+) -> int:
+    """Most device-tier bytes one layer's append of `new_tokens` tokens needs at once: its new
+    blocks plus the partly filled tail blocks it extends, over all KV heads.
+
+    `one_page_per_step`: the step's tokens of a KV head share one new page id (step paging), so
+    they fill ceil(T / block_tokens) fresh blocks; otherwise each token may start a page or
+    extend an old page's tail (ReSV clusters): one block per token at most."""
+    if new_tokens < 0:
+        raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
+    per_head = -(-new_tokens // block_tokens) if one_page_per_step else new_tokens
+    return per_head * num_kv_heads * block_bytes
+
+
+class StepTooLargeError(ValueError):
+    """A step's append could need more device-tier room at once than the whole device budget.
+
+    Raised before anything changes (`TieredKVStore.check_step`), so the caller can refuse
+    the step and go on."""
+
+    def __init__(self, message: str, *, new_tokens: int, needed_bytes: int, budget_bytes: int):
+        super().__init__(message)
+        self.new_tokens, self.needed_bytes, self.budget_bytes = new_tokens, needed_bytes, budget_bytes
+
+
 class TieredKVStore:
     """KV history of one session for all layers, kept in device, host and disk tiers.
 
@@ -329,6 +355,58 @@ class TieredKVStore:
         """History tokens of `layer` (per KV head)."""
         self._check_layer(layer)
         return self._length[layer]
+
+    def max_step_tokens(self, *, one_page_per_step: bool) -> int | None:
+        """The longest step `check_step` lets through; None when the device tier is unbounded."""
+        if self._device_max_blocks is None:
+            return None
+        blocks_per_head = self._device_max_blocks // self.num_kv_heads
+        return blocks_per_head * self.block_tokens if one_page_per_step else blocks_per_head
+
+    def check_step(self, new_tokens: int, *, one_page_per_step: bool) -> None:
+        """Refuse, before anything changes, a step whose append may not fit the device budget
+        (`StepTooLargeError`); a step that passes never hits the append's own budget check."""
+        if self._device_max_blocks is None:
+            return
+        needed = step_bytes_bound(
+            new_tokens,
+            num_kv_heads=self.num_kv_heads,
+            block_tokens=self.block_tokens,
+            block_bytes=self.block_bytes,
+            one_page_per_step=one_page_per_step,
+        )
+        if needed > self._device_max_blocks * self.block_bytes:
+            raise StepTooLargeError(
+                f"TierBudgets.device_bytes={self.budgets.device_bytes} is too small for a step of "
+                f"{new_tokens} tokens: its append may hold up to {needed} bytes on the device tier at once "
+                f"({self.num_kv_heads} KV heads, {self.block_bytes}-byte blocks); raise the device budget to "
+                "at least that or append fewer tokens per step",
+                new_tokens=new_tokens,
+                needed_bytes=needed,
+                budget_bytes=int(self.budgets.device_bytes),
+            )
+
+    def make_room_for_step(self, new_tokens: int, *, one_page_per_step: bool) -> bool:
+        """Move old pages down now, so that appending a step of `new_tokens` tokens to every
+        layer evicts nothing more: a disk that fills up then fails the step before any layer
+        changed. False, with nothing moved, when the device budget cannot hold the step's worst
+        case in all layers at once (each append then makes its own room)."""
+        if self._device_max_blocks is None:
+            return True
+        per_layer = step_bytes_bound(
+            new_tokens,
+            num_kv_heads=self.num_kv_heads,
+            block_tokens=self.block_tokens,
+            block_bytes=self.block_bytes,
+            one_page_per_step=one_page_per_step,
+        )
+        blocks = self.num_layers * per_layer // self.block_bytes
+        if blocks > self._device_max_blocks:
+            return False
+        with self._lock:
+            self._wait_pending_reads()
+            self._make_room(DEVICE, blocks, torch.empty(0, dtype=torch.int64))
+        return True
 
     @_plain_tensors
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, cluster_ids: torch.Tensor) -> None:

@@ -27,6 +27,7 @@ from .selectors import (
     TopKSelector,
     WindowSelector,
     make_selector,
+    selector_class,
 )
 from .wicsum import wicsum_select, wicsum_select_bucketed
 
@@ -53,6 +54,7 @@ __all__ = [
     "make_selector",
     "popcount",
     "preset",
+    "selector_class",
     "wicsum_select",
     "wicsum_select_bucketed",
 ]

@@ -99,6 +99,9 @@ class Selector:
 
     name = "full"
     state_keys: tuple[str, ...] = ("steps",)
+    # observe gives each step's tokens one new page id per KV head (the store sizes a step's
+    # worst case by it); ReSV's clusters take tokens of many steps
+    one_page_per_step = True
 
     def __init__(
         self,
@@ -328,6 +331,7 @@ class ResvSelector(Selector):
     """ReSV: hash-bit clusters of keys, scored by representative, thresholded by WiCSum."""
 
     name = "resv"
+    one_page_per_step = False
     state_keys = ("steps", "tables")
 
     def __init__(self, *args, **kwargs):
@@ -469,6 +473,13 @@ def _mask_rows_led_by_empty_slots(scores: Tensor, rowmax: Tensor, valid: Tensor)
 
 
 _CLASSES = {cls.name: cls for cls in (FullSelector, WindowSelector, TopKSelector, RekvSelector, ResvSelector)}
+
+
+def selector_class(policy: str) -> type[Selector]:
+    """The selector class of a policy name (see ``POLICIES``)."""
+    if policy not in _CLASSES:
+        raise ValueError(f"policy must be one of {', '.join(_CLASSES)}, got {policy!r}")
+    return _CLASSES[policy]
 
 
 def make_selector(
