@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from server.config import DURABILITY_MODES
+from server.retention import parse_keep
 from vrex.host import check_at_least
 from vrex.limits import add_preset_flag, check_fps, check_questions, check_seconds
 from vrex.memory import add_dtype_flag
@@ -72,7 +73,8 @@ def _register_serve(subparsers) -> None:
         default=None,
         metavar="BYTES",
         help="host-RAM tier per session, e.g. 4GiB; 0 = none (evicted KV goes to disk). Default: "
-        "unbounded, or 0 on a GPU sharing DRAM with the CPU (Jetson)",
+        "unbounded below a discrete GPU; 0 on the CPU and on a GPU sharing DRAM with the CPU (Jetson), "
+        "where the device tier already is host RAM",
     )
     p.add_argument(
         "--data-dir", type=Path, default=None, help="where sessions are snapshotted; makes them resumable"
@@ -109,6 +111,13 @@ def _register_serve(subparsers) -> None:
     )
     p.add_argument(
         "--grace", type=float, default=10.0, metavar="SECONDS", help="SIGTERM grace for answers in flight"
+    )
+    p.add_argument(
+        "--keep-closed",
+        default="7d",
+        metavar="DURATION",
+        help="delete a closed session's snapshot and log (in --data-dir) this long after its close: "
+        "7d, 12h, 30m, 90s or 'forever' (default 7d)",
     )
     p.add_argument(
         "--idle-timeout",
@@ -239,6 +248,7 @@ def server_config_from_args(args: argparse.Namespace):
         snapshot_interval_s=args.snapshot_interval,
         snapshot_every_frames=args.snapshot_every,
         idle_timeout_s=args.idle_timeout,
+        keep_closed_s=parse_keep(args.keep_closed),
         metrics_port=args.metrics_port,
         ready_file=args.ready_file,
     )

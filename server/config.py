@@ -73,6 +73,8 @@ class ServerConfig:
     snapshot_every_frames: int = 256
     # A resumed session no stream attaches to is snapshotted and closed after this long.
     idle_timeout_s: float = 60.0
+    # Snapshots and logs of sessions closed longer ago than this are deleted (None: kept forever).
+    keep_closed_s: float | None = 7 * 86400.0
     # Bounded per-session queues: frames waiting for the engine, and questions.
     max_pending_frames: int = 2
     max_pending_questions: int = 2
@@ -99,6 +101,8 @@ class ServerConfig:
             )
         if self.grace_s < 0 or self.snapshot_interval_s < 0 or self.idle_timeout_s <= 0:
             raise ValueError("grace_s and snapshot_interval_s must be >= 0 and idle_timeout_s > 0")
+        if self.keep_closed_s is not None and self.keep_closed_s < 0:
+            raise ValueError(f"keep_closed_s must be >= 0 or None (forever), got {self.keep_closed_s}")
         if self.durability not in DURABILITY_MODES:
             raise ValueError(
                 f"durability must be one of {', '.join(DURABILITY_MODES)}, got {self.durability!r}"

@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import wal
+from server import retention, wal
 from server.backend import Backend, create_backend
 from server.config import ServerConfig
 from server.energy import SessionEnergy, start_sampler
@@ -36,6 +37,7 @@ from vrex.api import vrex_pb2 as pb
 from vrex.api import vrex_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VRex"].full_name  # "vrex.v1.VRex"
+PRUNE_PERIOD_S = 60.0  # how often closed sessions are checked against --keep-closed
 
 
 class VRexServicer(pb_grpc.VRexServicer):
@@ -395,6 +397,19 @@ class VRexServicer(pb_grpc.VRexServicer):
             if not live.attached and now - live.last_used_s > self.config.idle_timeout_s:
                 await self.release(live)
 
+    async def prune_closed(self) -> None:
+        """Delete snapshots and logs of sessions closed more than --keep-closed ago."""
+        keep_s, data_dir = self.config.keep_closed_s, self.config.data_dir
+        if keep_s is None or data_dir is None:
+            return
+        async with self._lock:  # no open, restore or release of these ids can start meanwhile
+            busy = set(self.sessions) | set(self._restoring) | set(self._closing)
+            doomed = await asyncio.to_thread(retention.expired, Path(data_dir), keep_s, busy)
+            moved = {sid: await asyncio.to_thread(retention.set_aside, Path(data_dir), sid) for sid in doomed}
+        for sid, paths in moved.items():
+            freed = await asyncio.to_thread(retention.delete, paths)
+            log_event("session_pruned", session=sid, bytes_freed=freed, keep_closed_s=keep_s)
+
     async def shutdown_sessions(self) -> None:
         for handler in list(self.handlers):
             handler.begin_shutdown()
@@ -551,7 +566,14 @@ class RunningServer:
 
     async def _reap_loop(self) -> None:
         period_s = max(0.5, min(5.0, self.servicer.config.idle_timeout_s / 4))
+        pruned_s = -math.inf
         while True:
+            try:
+                if time.monotonic() - pruned_s >= PRUNE_PERIOD_S:
+                    pruned_s = time.monotonic()
+                    await self.servicer.prune_closed()
+            except Exception:
+                logging.getLogger("vrex.server").exception("pruning closed sessions failed")
             await asyncio.sleep(period_s)
             try:
                 await self.servicer.reap_idle()
@@ -717,6 +739,20 @@ def _bind_probe(host: str, port: int) -> OSError | None:
 async def serve(config: ServerConfig, backend: Backend | None = None) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully. Returns an exit code."""
     check_can_listen(config)  # before the engine loads, which may take minutes
+    lock = None
+    if config.data_dir is not None:
+        lock = retention.DataDirLock(Path(config.data_dir))
+        cleaned = await asyncio.to_thread(retention.clean_scratch, Path(config.data_dir))
+        if cleaned["paths"]:
+            log_event("data_dir_cleaned", files=cleaned["paths"], bytes_freed=cleaned["bytes"])
+    try:
+        return await _serve(config, backend)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _serve(config: ServerConfig, backend: Backend | None) -> int:
     metrics = make_metrics(config.metrics_port is not None)
     if backend is None:
         t0 = time.monotonic()

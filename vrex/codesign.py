@@ -359,7 +359,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--device-kv-budget",
         help="device KV tier per session, e.g. 4MiB (default: unbounded, nothing offloaded)",
     )
-    p.add_argument("--host-kv-budget", help="host KV tier per session (default: unbounded)")
+    p.add_argument(
+        "--host-kv-budget", help="host KV tier per session (default: 0 on the CPU: evictions go to disk)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--trace", help="keep the recorded trace here (default: a temporary file)")
     p.add_argument("--system", default="vrex8", help="simulated V-Rex system (default vrex8)")

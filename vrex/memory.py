@@ -112,11 +112,13 @@ def host_tier_enabled(device: str | object | None = "auto") -> bool:
 
 def default_host_kv_budget(device: str | object | None, requested: int | None) -> int | None:
     """The host-tier budget a session uses: `requested` if given; else 0 (evict straight to
-    disk) on a GPU that shares its DRAM with the CPU (Jetson), where a host tier would hold the
-    evicted pages in the very memory they left; else None (unbounded host RAM)."""
+    disk) where the device tier already lives in host RAM, on the CPU and on a GPU that shares
+    its DRAM with the CPU (Jetson): a host tier would hold the evicted pages in the very memory
+    they left, and --device-kv-budget would not bound the RAM the KV cache takes; else None
+    (unbounded host RAM below a discrete GPU)."""
     if requested is not None:
         return requested
-    if resolve_device(device) != "cpu" and not host_tier_enabled(device):
+    if not host_tier_enabled(device):
         return 0
     return None
 

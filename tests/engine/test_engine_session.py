@@ -109,7 +109,12 @@ def test_long_stream_stays_under_device_budget_and_retrieves_exactly(smolvlm_dir
 
 def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
     engine = Engine(
-        EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path), device_kv_budget_bytes=70_000)
+        EngineConfig(
+            model_dir=str(smolvlm_dir),
+            data_dir=str(tmp_path),
+            device_kv_budget_bytes=70_000,
+            host_kv_budget_bytes=1 << 30,  # a host tier on the CPU too, as below a discrete GPU
+        )
     )
     custom = resv.DEFAULT.replace(frame_ratio=0.5, decode_ratio=0.8, mass="retrievable")
     s = engine.open_session(SessionSettings(policy="resv", fps=1, resv_config=custom))

@@ -86,7 +86,8 @@ def test_jetson_sessions_evict_straight_to_disk_unless_told(orin_nano, monkeypat
     monkeypatch.setattr(memory, "_torch", lambda: pytest.fail("torch consulted on unified memory"))
     assert memory.default_host_kv_budget("cuda", None) == 0
     assert memory.default_host_kv_budget("cuda", 2 * GiB) == 2 * GiB  # an explicit size wins
-    assert memory.default_host_kv_budget("cpu", None) is None  # CPU sessions keep their host tier
+    # on the CPU the device tier is host RAM: the budget must bound it, so evictions go to disk
+    assert memory.default_host_kv_budget("cpu", None) == 0
 
 
 def test_engine_and_serve_take_the_host_budget(monkeypatch):

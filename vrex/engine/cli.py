@@ -60,7 +60,10 @@ def register(sub) -> None:
         help="device KV tier size per session, e.g. 2GiB, or 'auto': free memory once the model is loaded "
         "minus max(1 GiB, 10%% of total) (default: unbounded)",
     )
-    p.add_argument("--host-kv-budget", help="host KV tier size per session (default: unbounded)")
+    p.add_argument(
+        "--host-kv-budget",
+        help="host KV tier size per session (default: unbounded below a discrete GPU, 0 on the CPU and Jetson)",
+    )
     p.add_argument(
         "--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ... (default cpu)"
     )

@@ -60,8 +60,8 @@ class EngineConfig:
     # GPUs (vrex.memory.dtype_name_for); or fp32 / fp16 / bf16
     dtype: str = "auto"
     device_kv_budget_bytes: int | None = None  # per session
-    # per session; 0: no host tier (evictions go to disk); None: unbounded, except on a GPU that
-    # shares DRAM with the CPU (Jetson), where it means 0 (vrex.memory.default_host_kv_budget)
+    # per session; 0: no host tier (evictions go to disk); None: unbounded below a discrete GPU,
+    # 0 where the device tier is host RAM (CPU, Jetson; vrex.memory.default_host_kv_budget)
     host_kv_budget_bytes: int | None = None
     data_dir: str | None = None
     # every session writes its retrieval trace here (<session id>.jsonl; a session restored

@@ -265,7 +265,13 @@ class Engine:
             return []
         root = Path(self.config.data_dir) / "sessions"
         return (
-            sorted(p.name for p in root.iterdir() if (p / "session.json").exists()) if root.exists() else []
+            sorted(
+                p.name
+                for p in root.iterdir()
+                if not p.name.startswith(".") and (p / "session.json").exists()  # not temp or set aside
+            )
+            if root.exists()
+            else []
         )
 
     def resume(self, session_id: str) -> Session:

@@ -687,6 +687,12 @@ class Session:
         if self._trace is not None:
             self._trace.close()
         self.store.close()
+        disk_dir = self.store.budgets.disk_dir
+        if disk_dir is not None:  # the store removed its files; the session's folder goes too
+            try:
+                Path(disk_dir).rmdir()
+            except OSError:  # never made, or not empty (not ours to empty)
+                pass
 
 
 def _close_quietly(answer: Iterator, session_id: str) -> None:

@@ -386,6 +386,7 @@ class TieredKVStore:
                 budget_bytes=int(self.budgets.device_bytes),
             )
 
+    @_plain_tensors
     def make_room_for_step(self, new_tokens: int, *, one_page_per_step: bool) -> bool:
         """Move old pages down now, so that appending a step of `new_tokens` tokens to every
         layer evicts nothing more: a disk that fills up then fails the step before any layer
