@@ -130,9 +130,7 @@ def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
     engine.close_session(sid)
     a = engine.resume(sid)
     assert sid in engine.list_snapshots()
-    b_engine = Engine(
-        EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path)), adapter=engine.adapter
-    )
+    b_engine = Engine(engine.config, adapter=engine.adapter)  # another server, same budgets
     b = b_engine.resume(sid)
     assert a.settings.resv == b.settings.resv == custom  # settings no preset holds survive a snapshot
     for i, f in enumerate(frames[6:], start=6):

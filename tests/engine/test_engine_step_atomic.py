@@ -211,3 +211,31 @@ def test_a_full_disk_fails_the_step_cleanly_and_the_stream_goes_on(adapter, tmp_
     assert _lengths(s) == _lengths(ref)
     if policy == "full":
         assert torch.allclose(_question_logits(s), _question_logits(ref), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "resv"])
+def test_a_restored_session_takes_the_budgets_of_the_engine_it_comes_back_to(adapter, tmp_path, policy):
+    """Saved under a 200 KB device tier with a host tier; resumed by an engine with 60 KB and no
+    host tier: its history moves to the new tiers, whole, and the stream goes on."""
+    saver = _engine(
+        adapter, device_kv_budget_bytes=200_000, host_kv_budget_bytes=1 << 30, data_dir=str(tmp_path)
+    )
+    s = saver.open_session(SessionSettings(policy=policy, fps=1))
+    frames = _frames(8, seed=6)
+    for i, f in enumerate(frames[:6]):
+        assert s.add_frame(f, float(i)).accepted
+    s.snapshot()
+    history = [s.store.fetch_all(layer) for layer in range(s.store.num_layers)]
+    resumer = _engine(adapter, host_kv_budget_bytes=0, data_dir=str(tmp_path))
+    back = resumer.resume(s.id)
+    assert back.store.budgets.device_bytes == BUDGET and back.store.budgets.host_bytes == 0
+    stats = back.store.stats()
+    assert stats["resident_bytes_device"] <= BUDGET and stats["resident_tokens_disk"] > 0
+    for layer, (keys, values) in enumerate(history):
+        got = back.store.fetch_all(layer)
+        assert torch.equal(got[0], keys) and torch.equal(got[1], values)
+    for i, f in enumerate(frames[6:], start=6):
+        assert s.add_frame(f, float(i)).accepted and back.add_frame(f, float(i)).accepted
+    assert _lengths(back) == _lengths(s)
+    if policy == "full":  # exact whatever tier a page is in
+        assert torch.allclose(_question_logits(back), _question_logits(s), atol=1e-5, rtol=1e-5)

@@ -1038,6 +1038,46 @@ class TieredKVStore:
                 disk.write_blocks(slots, from_numpy_bits(bits, dtype).view(used, 2, bt, d))
         return store
 
+    @_plain_tensors
+    def with_budgets(self, budgets: TierBudgets) -> TieredKVStore:
+        """This store's history under other tier budgets, in a new store; this one is closed.
+
+        Each layer's tokens go in again in position order with their cluster ids, in steps the
+        new device budget holds, so every position keeps its keys, values and cluster; the new
+        budgets decide which tier each page lands in. The counters carry over. A store whose
+        budgets already equal `budgets` is returned as it is.
+
+        Raises:
+            ValueError: `budgets` below the minimum (one block per KV head per layer).
+        """
+        if budgets == self.budgets:
+            return self
+        new = TieredKVStore(
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            budgets=budgets,
+            block_tokens=self.block_tokens,
+        )
+        try:
+            chunk = new.max_step_tokens(one_page_per_step=False) or max(self._length, default=1) or 1
+            for layer in range(self.num_layers):
+                keys, values = self.fetch_all(layer)
+                n = self._length[layer]
+                blocks = self._pos_block[layer][:, :n]
+                ids = self._cl_id.t[self._blk_cluster.t[blocks]]
+                for start in range(0, n, chunk):
+                    end = min(n, start + chunk)
+                    new.append(layer, keys[:, start:end], values[:, start:end], ids[:, start:end])
+        except BaseException:
+            new.close()
+            raise
+        new._counters = dict(self._counters)
+        self.close()
+        return new
+
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
