@@ -111,20 +111,42 @@ def clean_scratch(data_dir: Path) -> dict:
     return {"paths": len(doomed), "bytes": _remove(doomed)}
 
 
-def expired(data_dir: Path, keep_s: float, busy: set[str], now_s: float | None = None) -> list[str]:
-    """Ids of saved sessions, none of them in ``busy``, whose last snapshot is older than ``keep_s``."""
-    now_s = time.time() if now_s is None else now_s
-    out = []
-    for folder in sorted((data_dir / "sessions").glob("[!.]*")):
-        if folder.name in busy:
-            continue
-        marker = folder / "session.json"
+def _saved_ids(sessions: Path) -> set[str]:
+    """Ids with a snapshot: its folder, or only the copy a crash mid-swap set aside."""
+    ids = {p.name for p in sessions.glob("[!.]*")}
+    for old in sessions.glob(".*.old-*"):
+        if PRUNED not in old.name:
+            ids.add(old.name[1:].split(".old-")[0])
+    return ids
+
+
+def _last_change_s(data_dir: Path, session_id: str) -> float | None:
+    """When the session last changed on disk: its newest snapshot or log write."""
+    sessions = data_dir / "sessions"
+    candidates = [
+        sessions / session_id / "session.json",
+        sessions / session_id,
+        *sessions.glob(f".{session_id}.old-*"),
+        *(data_dir / "wal").glob(f"{session_id}.wal*"),
+    ]
+    times = []
+    for path in candidates:
         try:
-            age_s = now_s - (marker if marker.exists() else folder).stat().st_mtime
+            times.append(path.stat().st_mtime)
         except FileNotFoundError:
             continue
-        if age_s > keep_s:
-            out.append(folder.name)
+    return max(times, default=None)
+
+
+def expired(data_dir: Path, keep_s: float, busy: set[str], now_s: float | None = None) -> list[str]:
+    """Ids of saved sessions, none of them in ``busy``, unchanged on disk (snapshot and log) for
+    longer than ``keep_s``."""
+    now_s = time.time() if now_s is None else now_s
+    out = []
+    for session_id in sorted(_saved_ids(data_dir / "sessions") - busy):
+        changed_s = _last_change_s(data_dir, session_id)
+        if changed_s is not None and now_s - changed_s > keep_s:
+            out.append(session_id)
     return out
 
 

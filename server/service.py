@@ -739,13 +739,12 @@ def _bind_probe(host: str, port: int) -> OSError | None:
 async def serve(config: ServerConfig, backend: Backend | None = None) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully. Returns an exit code."""
     check_can_listen(config)  # before the engine loads, which may take minutes
-    lock = None
-    if config.data_dir is not None:
-        lock = retention.DataDirLock(Path(config.data_dir))
-        cleaned = await asyncio.to_thread(retention.clean_scratch, Path(config.data_dir))
-        if cleaned["paths"]:
-            log_event("data_dir_cleaned", files=cleaned["paths"], bytes_freed=cleaned["bytes"])
+    lock = retention.DataDirLock(Path(config.data_dir)) if config.data_dir is not None else None
     try:
+        if lock is not None:
+            cleaned = await asyncio.to_thread(retention.clean_scratch, Path(config.data_dir))
+            if cleaned["paths"]:
+                log_event("data_dir_cleaned", files=cleaned["paths"], bytes_freed=cleaned["bytes"])
         return await _serve(config, backend)
     finally:
         if lock is not None:

@@ -226,6 +226,7 @@ def test_a_restored_session_takes_the_budgets_of_the_engine_it_comes_back_to(ada
         assert s.add_frame(f, float(i)).accepted
     s.snapshot()
     history = [s.store.fetch_all(layer) for layer in range(s.store.num_layers)]
+    clusters = [s.store.position_clusters(layer) for layer in range(s.store.num_layers)]
     resumer = _engine(adapter, host_kv_budget_bytes=0, data_dir=str(tmp_path))
     back = resumer.resume(s.id)
     assert back.store.budgets.device_bytes == BUDGET and back.store.budgets.host_bytes == 0
@@ -234,6 +235,10 @@ def test_a_restored_session_takes_the_budgets_of_the_engine_it_comes_back_to(ada
     for layer, (keys, values) in enumerate(history):
         got = back.store.fetch_all(layer)
         assert torch.equal(got[0], keys) and torch.equal(got[1], values)
+        assert torch.equal(back.store.position_clusters(layer), clusters[layer])
+        # moved in the order the steps came: every layer keeps some of its history on the device
+        assert bool((back.store.tier_of(layer) == 0).any(1).all())
+    assert stats["evicted_bytes_device_to_disk"] > s.store.stats()["evicted_bytes_device_to_disk"]
     for i, f in enumerate(frames[6:], start=6):
         assert s.add_frame(f, float(i)).accepted and back.add_frame(f, float(i)).accepted
     assert _lengths(back) == _lengths(s)

@@ -62,6 +62,24 @@ def test_clean_scratch_removes_only_what_no_session_owns(tmp_path):
     assert list((data / "kv-disk").iterdir()) == []
 
 
+def test_expired_counts_from_the_last_snapshot_or_log_write_and_finds_orphan_copies(tmp_path):
+    data = tmp_path / "data"
+    sessions, wal_dir = data / "sessions", data / "wal"
+    wal_dir.mkdir(parents=True)
+    for folder in ("old", "logged", "busy", ".orphan.old-1"):
+        (sessions / folder).mkdir(parents=True)
+        (sessions / folder / "session.json").write_text("{}")
+    (wal_dir / "logged.wal").write_bytes(b"log")  # written after its snapshot
+    now = time.time()
+    for path in [*sessions.rglob("*"), *sessions.iterdir()]:
+        os.utime(path, (now - 7200, now - 7200))
+    assert retention.expired(data, 3600, busy={"busy"}, now_s=now) == ["old", "orphan"]
+    moved = retention.set_aside(data, "orphan")
+    assert [p.name.split(retention.PRUNED)[0] for p in moved] == [".orphan.old-1"]
+    assert retention.expired(data, 3600, busy={"busy"}, now_s=now) == ["old"]
+    assert retention.delete(moved) > 0 and not any(p.exists() for p in moved)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return tiny_random("smolvlm", folder=tmp_path_factory.mktemp("retention-smolvlm"))
@@ -94,11 +112,21 @@ async def test_closed_sessions_are_pruned_after_keep_closed_and_live_ones_stay(t
                 ids.append(s.session_id)
         old, recent = ids
         two_hours_ago = time.time() - 7200
-        os.utime(data / "sessions" / old / "session.json", (two_hours_ago, two_hours_ago))
+        for path in (
+            data / "sessions" / old / "session.json",
+            data / "sessions" / old,
+            wal.wal_path(data, old),
+        ):
+            os.utime(path, (two_hours_ago, two_hours_ago))
         async with client.session(fps=1.0) as live:
             live_id = live.session_id
-            os.utime(data / "sessions" / live_id / "session.json", (two_hours_ago, two_hours_ago))
+            for path in (data / "sessions" / live_id / "session.json", wal.wal_path(data, live_id)):
+                os.utime(path, (two_hours_ago, two_hours_ago))
+            os.utime(data / "sessions" / live_id, (two_hours_ago, two_hours_ago))
             await server.servicer.prune_closed()
+            # a live session is never pruned, however old its snapshot
+            assert (data / "sessions" / live_id / "session.json").exists()
+            assert wal.wal_path(data, live_id).exists()
             assert (await live.send_frame(image(5), 0.0, wait=True, encoding="png")).accepted
         saved = engine.list_snapshots()
         assert old not in saved and {recent, live_id} <= set(saved)
@@ -113,3 +141,14 @@ async def test_closed_sessions_are_pruned_after_keep_closed_and_live_ones_stay(t
     finally:
         await client.close()
         await server.stop(0)
+
+
+async def test_serve_refuses_a_data_dir_another_server_holds(tmp_path):
+    from server.service import serve
+
+    held = retention.DataDirLock(tmp_path / "data")
+    try:  # refused before the engine loads: no model is needed to see it
+        with pytest.raises(ValueError, match="in use by another vrex serve"):
+            await serve(ServerConfig(port=0, data_dir=tmp_path / "data"))
+    finally:
+        held.release()

@@ -667,12 +667,12 @@ class Session:
         disk_dir = (
             Path(cfg.data_dir) / "kv-disk" / f"{self.id}-{uuid.uuid4().hex[:6]}" if cfg.data_dir else None
         )
-        saved = TieredKVStore.read_snapshot_files(
-            folder / "kv", device=self.adapter.device, disk_dir=disk_dir
-        )
-        # the budgets of the engine it comes back to, not of the one that saved it
-        self.store = saved.with_budgets(
-            TierBudgets(cfg.device_kv_budget_bytes, cfg.host_kv_budget_bytes, disk_dir)
+        # under the budgets of the engine it comes back to, not of the one that saved it
+        self.store = TieredKVStore.read_snapshot_files(
+            folder / "kv",
+            device=self.adapter.device,
+            disk_dir=disk_dir,
+            budgets=TierBudgets(cfg.device_kv_budget_bytes, cfg.host_kv_budget_bytes, disk_dir),
         )
         self.prefix_tokens = state["prefix_tokens"]
         self.recent_tokens = state["recent_tokens"]

@@ -816,6 +816,13 @@ class TieredKVStore:
     # ------------------------------------------------------------------ queries
 
     @_plain_tensors
+    def position_clusters(self, layer: int) -> torch.Tensor:
+        """The cluster id each history position of `layer` was appended with, `[Hkv, N]`."""
+        self._check_layer(layer)
+        blocks = self._pos_block[layer][:, : self._length[layer]]
+        return self._cl_id.t[self._blk_cluster.t[blocks]]
+
+    @_plain_tensors
     def tier_of(self, layer: int) -> torch.Tensor:
         """Tier of every history token of `layer`: int8 `[Hkv, N]` (0 device, 1 host, 2 disk)."""
         self._check_layer(layer)
@@ -982,8 +989,13 @@ class TieredKVStore:
         folder: str | os.PathLike,
         device: str | torch.device | None = None,
         disk_dir: str | os.PathLike | None = None,
+        budgets: TierBudgets | None = None,
     ) -> TieredKVStore:
-        """Inverse of `write_snapshot_files` (checksums are the caller's job; `restore` does them)."""
+        """Inverse of `write_snapshot_files` (checksums are the caller's job; `restore` does them).
+
+        `budgets`: the tier budgets to go on under (default the saved ones). When they differ
+        the saved store is read into host memory first and moved over (`with_budgets`), so a
+        GPU never holds the old device tier and the new one at once."""
         folder = Path(folder)
         try:
             meta = json.loads((folder / "meta.json").read_text())
@@ -991,11 +1003,16 @@ class TieredKVStore:
             dtype = _DTYPES[meta["dtype"]]
         except (OSError, json.JSONDecodeError, KeyError) as err:
             raise SnapshotError(f"{folder}/meta.json is missing or unreadable: {err}") from None
-        budgets = TierBudgets(
+        saved_budgets = TierBudgets(
             device_bytes=budgets_meta["device_bytes"],
             host_bytes=budgets_meta["host_bytes"],
             disk_dir=disk_dir if disk_dir is not None else budgets_meta["disk_dir"],
         )
+        if budgets is not None and budgets != saved_budgets:
+            target = meta["device"] if device is None else device
+            saved = cls.read_snapshot_files(folder, device="cpu", disk_dir=disk_dir)
+            return saved.with_budgets(budgets, device=target)
+        budgets = saved_budgets
         store = cls(
             meta["num_layers"],
             meta["num_kv_heads"],
@@ -1039,42 +1056,55 @@ class TieredKVStore:
         return store
 
     @_plain_tensors
-    def with_budgets(self, budgets: TierBudgets) -> TieredKVStore:
-        """This store's history under other tier budgets, in a new store; this one is closed.
+    def with_budgets(self, budgets: TierBudgets, device: str | torch.device | None = None) -> TieredKVStore:
+        """This store's history under other tier budgets (and device), in a new store; this one
+        is closed. A store already under `budgets` on `device` is returned as it is.
 
-        Each layer's tokens go in again in position order with their cluster ids, in steps the
-        new device budget holds, so every position keeps its keys, values and cluster; the new
-        budgets decide which tier each page lands in. The counters carry over. A store whose
-        budgets already equal `budgets` is returned as it is.
+        The tokens go in again as steps the new device budget holds, in position order, each
+        step to every layer before the next (as they came), with their cluster ids: every
+        position keeps its keys, values and cluster, and the new budgets decide which tier each
+        page lands in, the most recent on the device. The counters carry over, plus the
+        evictions the new budgets made.
 
         Raises:
             ValueError: `budgets` below the minimum (one block per KV head per layer).
         """
-        if budgets == self.budgets:
+        device = self.device if device is None else torch.device(device)
+        if budgets == self.budgets and device == self.device:
             return self
         new = TieredKVStore(
             self.num_layers,
             self.num_kv_heads,
             self.head_dim,
             dtype=self.dtype,
-            device=self.device,
+            device=device,
             budgets=budgets,
             block_tokens=self.block_tokens,
         )
+        counters = dict(self._counters)  # before the copy's own fetches
         try:
-            chunk = new.max_step_tokens(one_page_per_step=False) or max(self._length, default=1) or 1
-            for layer in range(self.num_layers):
-                keys, values = self.fetch_all(layer)
-                n = self._length[layer]
-                blocks = self._pos_block[layer][:, :n]
-                ids = self._cl_id.t[self._blk_cluster.t[blocks]]
-                for start in range(0, n, chunk):
-                    end = min(n, start + chunk)
-                    new.append(layer, keys[:, start:end], values[:, start:end], ids[:, start:end])
+            longest = max(self._length, default=0)
+            # a step of every layer fits the device tier at once, so the latest of each stays there
+            most = new.max_step_tokens(one_page_per_step=False)
+            chunk = max(1, most // self.num_layers) if most is not None else max(longest, 1)
+            ids = [self.position_clusters(layer) for layer in range(self.num_layers)]
+            for start in range(0, longest, chunk):
+                for layer in range(self.num_layers):
+                    end = min(self._length[layer], start + chunk)
+                    if end <= start:
+                        continue
+                    got = self.fetch(layer, [torch.arange(start, end)] * self.num_kv_heads)
+                    keys, values = got.keys.to(device), got.values.to(device)
+                    new.append(layer, keys, values, ids[layer][:, start:end])
         except BaseException:
             new.close()
             raise
-        new._counters = dict(self._counters)
+        for name, value in new._counters.items():
+            if name.startswith("evicted_bytes"):
+                counters[name] += value
+            elif name.startswith("peak_"):
+                counters[name] = max(counters[name], value)
+        new._counters = counters
         self.close()
         return new
 
