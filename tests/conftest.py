@@ -86,3 +86,20 @@ def _write_noise_clip(path: Path, seconds: int = 8, fps: int = 10) -> bytes:
 def write_clip() -> Callable[..., bytes]:
     """`write_clip(path, seconds=8, fps=10)`: a small real video to damage or stream (needs PyAV)."""
     return _write_noise_clip
+
+
+@pytest.fixture
+def disk_full(monkeypatch) -> dict:
+    """``disk_full["on"] = True`` makes the disk KV tier's file fail to grow, as on a full disk."""
+    from vrex.kv import arena as arena_module
+
+    real_allocate = arena_module._allocate
+    state = {"on": False}
+
+    def allocate(fd, size):
+        if state["on"]:
+            raise OSError(28, "No space left on device")
+        real_allocate(fd, size)
+
+    monkeypatch.setattr(arena_module, "_allocate", allocate)
+    return state

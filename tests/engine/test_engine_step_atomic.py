@@ -176,21 +176,11 @@ def test_engine_refuses_at_start_a_budget_no_session_could_open_with(adapter):
 
 
 @pytest.mark.parametrize("policy", ["full", "resv"])
-def test_a_full_disk_fails_the_step_cleanly_and_the_stream_goes_on(adapter, tmp_path, monkeypatch, policy):
+def test_a_full_disk_fails_the_step_cleanly_and_the_stream_goes_on(adapter, tmp_path, disk_full, policy):
     """Evictions run before any layer takes the step (RetrievalPolicy.end_step), so a disk tier
     that cannot grow fails that frame alone; resent once space is back, the session is the one
     that never failed (exactly, for full attention)."""
-    from vrex.kv import arena as arena_module
-
-    real_allocate = arena_module._allocate
-    full = {"on": False}
-
-    def allocate(fd, size):
-        if full["on"]:
-            raise OSError(28, "No space left on device")
-        real_allocate(fd, size)
-
-    monkeypatch.setattr(arena_module, "_allocate", allocate)
+    full = disk_full
     engine = _engine(adapter, host_kv_budget_bytes=0, data_dir=str(tmp_path))
     reference = _engine(adapter, device_kv_budget_bytes=None)
     s = engine.open_session(SessionSettings(policy=policy, fps=1))

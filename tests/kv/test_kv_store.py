@@ -253,13 +253,11 @@ def test_prefetch_matches_fetch_and_checks_request(tmp_path):
 
 
 @pytest.mark.parametrize("host_bytes", [0, 4 * 256])
-def test_a_full_disk_fails_the_append_and_loses_nothing(tmp_path, monkeypatch, host_bytes):
+def test_a_full_disk_fails_the_append_and_loses_nothing(tmp_path, disk_full, host_bytes):
     """The disk tier's file is grown with its space taken at once: a full disk is an OSError
     that names what to do, raised before any block leaves its tier (writing through the memory
     map into space the disk does not have killed the process with SIGBUS). Once space is back,
     the stream goes on with every token where it was."""
-    from vrex.kv import arena as arena_module
-
     gen = torch.Generator().manual_seed(3)
     store = TieredKVStore(
         2,
@@ -269,15 +267,7 @@ def test_a_full_disk_fails_the_append_and_loses_nothing(tmp_path, monkeypatch, h
         block_tokens=8,
     )
     reference = Reference(2)
-    real_allocate = arena_module._allocate
-    full = {"on": False}
-
-    def allocate(fd, size):
-        if full["on"]:
-            raise OSError(28, "No space left on device")
-        real_allocate(fd, size)
-
-    monkeypatch.setattr(arena_module, "_allocate", allocate)
+    full = disk_full
     failures = 0
     for step in range(60):
         full["on"] = 20 <= step < 40

@@ -363,18 +363,21 @@ class TieredKVStore:
         blocks_per_head = self._device_max_blocks // self.num_kv_heads
         return blocks_per_head * self.block_tokens if one_page_per_step else blocks_per_head
 
-    def check_step(self, new_tokens: int, *, one_page_per_step: bool) -> None:
-        """Refuse, before anything changes, a step whose append may not fit the device budget
-        (`StepTooLargeError`); a step that passes never hits the append's own budget check."""
-        if self._device_max_blocks is None:
-            return
-        needed = step_bytes_bound(
+    def _step_bytes_bound(self, new_tokens: int, one_page_per_step: bool) -> int:
+        return step_bytes_bound(
             new_tokens,
             num_kv_heads=self.num_kv_heads,
             block_tokens=self.block_tokens,
             block_bytes=self.block_bytes,
             one_page_per_step=one_page_per_step,
         )
+
+    def check_step(self, new_tokens: int, *, one_page_per_step: bool) -> None:
+        """Refuse, before anything changes, a step whose append may not fit the device budget
+        (`StepTooLargeError`); a step that passes never hits the append's own budget check."""
+        if self._device_max_blocks is None:
+            return
+        needed = self._step_bytes_bound(new_tokens, one_page_per_step)
         if needed > self._device_max_blocks * self.block_bytes:
             raise StepTooLargeError(
                 f"TierBudgets.device_bytes={self.budgets.device_bytes} is too small for a step of "
@@ -394,13 +397,7 @@ class TieredKVStore:
         case in all layers at once (each append then makes its own room)."""
         if self._device_max_blocks is None:
             return True
-        per_layer = step_bytes_bound(
-            new_tokens,
-            num_kv_heads=self.num_kv_heads,
-            block_tokens=self.block_tokens,
-            block_bytes=self.block_bytes,
-            one_page_per_step=one_page_per_step,
-        )
+        per_layer = self._step_bytes_bound(new_tokens, one_page_per_step)
         blocks = self.num_layers * per_layer // self.block_bytes
         if blocks > self._device_max_blocks:
             return False
