@@ -81,7 +81,7 @@ def _size(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _remove(paths: list[Path]) -> int:
+def delete(paths: list[Path]) -> int:
     """Delete files and folders; the bytes they held."""
     freed = 0
     for path in paths:
@@ -108,7 +108,7 @@ def clean_scratch(data_dir: Path) -> dict:
             doomed.append(old)
     wal_dir = data_dir / "wal"
     doomed += list(wal_dir.glob(f"*{PRUNED}*"))
-    return {"paths": len(doomed), "bytes": _remove(doomed)}
+    return {"paths": len(doomed), "bytes": delete(doomed)}
 
 
 def _saved_ids(sessions: Path) -> set[str]:
@@ -152,7 +152,7 @@ def expired(data_dir: Path, keep_s: float, busy: set[str], now_s: float | None =
 
 def set_aside(data_dir: Path, session_id: str) -> list[Path]:
     """Rename a session's snapshot (and its set-aside copies) and log out of the way; fast, so
-    it runs while no restore can start. Returns what `_remove` deletes."""
+    it runs while no restore can start. Returns what `delete` deletes."""
     tag = f"{PRUNED}{uuid.uuid4().hex[:8]}"
     sessions, wal_dir = data_dir / "sessions", data_dir / "wal"
     moved = []
@@ -168,7 +168,3 @@ def set_aside(data_dir: Path, session_id: str) -> list[Path]:
         os.rename(path, target)
         moved.append(target)
     return moved
-
-
-def delete(paths: list[Path]) -> int:
-    return _remove(paths)

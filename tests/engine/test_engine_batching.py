@@ -54,25 +54,8 @@ def _question_logits(session):
     return logits
 
 
-def _run_concurrently(sessions, frames, t):
-    """Submit one frame per session while the model thread is held, so all are pending at once."""
-    engine = sessions[0].engine
-    gate = threading.Event()
-
-    async def go():
-        held = asyncio.ensure_future(engine.run(gate.wait))
-        tasks = [asyncio.ensure_future(s.submit_frame(f, t)) for s, f in zip(sessions, frames, strict=True)]
-        while len(engine._pending) < len(tasks):
-            await asyncio.sleep(0.001)
-        gate.set()
-        await held
-        return await asyncio.gather(*tasks)
-
-    return asyncio.run(go())
-
-
 @pytest.mark.parametrize("batch", [True, False])
-def test_batched_prefill_equals_sequential(smolvlm_adapter, batch):
+def test_batched_prefill_equals_sequential(smolvlm_adapter, batch, submit_together):
     adapter = smolvlm_adapter
     seq_engine = Engine(EngineConfig(model_dir=str(adapter.path)), adapter=adapter)
     bat_engine = Engine(EngineConfig(model_dir=str(adapter.path), batch_frames=batch), adapter=adapter)
@@ -82,7 +65,7 @@ def test_batched_prefill_equals_sequential(smolvlm_adapter, batch):
         frames = _frames(3, seed=100 + step)
         t = 10.0 + step
         expected = [s.add_frame(f, t) for s, f in zip(seq, frames, strict=True)]
-        got = _run_concurrently(bat, frames, t)
+        got = submit_together(bat, frames, t)
         for e, g in zip(expected, got, strict=True):
             assert g.accepted and e.accepted
             assert (g.frame_index, g.history_tokens) == (e.frame_index, e.history_tokens)

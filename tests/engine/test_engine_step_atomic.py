@@ -5,9 +5,6 @@ that answers from a history some layers hold and others do not."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -129,7 +126,7 @@ def test_store_failing_half_way_breaks_the_session_and_its_snapshot_resumes(adap
     assert back.add_frame(frames[1], 1.0).accepted
 
 
-def test_a_refused_or_broken_session_fails_only_its_own_row_of_a_batch(adapter):
+def test_a_refused_or_broken_session_fails_only_its_own_row_of_a_batch(adapter, submit_together):
     engine = _engine(adapter, device_kv_budget_bytes=None)
     sessions = [
         engine.open_session(SessionSettings(policy="resv", fps=1), session_id=f"b{i}") for i in range(3)
@@ -141,22 +138,12 @@ def test_a_refused_or_broken_session_fails_only_its_own_row_of_a_batch(adapter):
     _fail_store_at_layer_one(sessions[0])
     frames = _frames(3, seed=4)
 
-    async def go(t):
-        gate = threading.Event()  # holds the model thread until every frame is pending
-        held = asyncio.ensure_future(engine.run(gate.wait))
-        tasks = [asyncio.ensure_future(s.submit_frame(f, t)) for s, f in zip(sessions, frames, strict=True)]
-        while len(engine._pending) < len(tasks):
-            await asyncio.sleep(0.001)
-        gate.set()
-        await held
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    results = asyncio.run(go(1.0))
+    results = submit_together(sessions, frames, 1.0, return_exceptions=True)
     assert isinstance(results[0], SessionBrokenError) and "No space left" in str(results[0])
     assert all(r.accepted for r in results[1:])
     assert engine.stats()["batched_forwards"] == 1
     # the broken session is refused before the next batch's forward; the others go on
-    results = asyncio.run(go(2.0))
+    results = submit_together(sessions, frames, 2.0, return_exceptions=True)
     assert isinstance(results[0], SessionBrokenError) and all(r.accepted for r in results[1:])
     assert ref.add_frame(frames[1], 1.0).accepted and ref.add_frame(frames[1], 2.0).accepted
     assert _lengths(sessions[1]) == _lengths(ref)
