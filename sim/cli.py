@@ -16,9 +16,11 @@ RUN_METRICS = (
     "fps",
     "tpot_ms",
     "energy_per_frame_mj",
+    "frame_step_energy_mj",  # all streams of a batch (printed at batch > 1)
     "energy_per_token_mj",
     "gops_per_w",
     "e2e_latency_ms",
+    "e2e_energy_mj",
 )
 
 
@@ -108,6 +110,17 @@ def _kv_list(text: str) -> list[int]:
     return values
 
 
+def _policy_name(text: str) -> str:
+    """The paper's spelling (InfiniGen-P) names the same policy as infinigen_p."""
+    return text.strip().lower().replace("-", "_")
+
+
+def _metrics(result: dict) -> list[str]:
+    """The headline metrics a run has; a batch's whole-step energy only where it differs."""
+    skip = {"frame_step_energy_mj"} if result["batch"] == 1 else set()
+    return [k for k in RUN_METRICS if result.get(k) is not None and k not in skip]
+
+
 def _run_report(system, scenario: dict, stage: str, overrides: list[str] | None = None) -> tuple[dict, dict]:
     from sim.api import simulate
 
@@ -133,8 +146,11 @@ def _run_report(system, scenario: dict, stage: str, overrides: list[str] | None 
     report["system_config"] = res["system_config"]  # every field the run used, overrides applied
     # per step, like frame_latency_ms / tpot_ms (a trace has many steps per stage); e2e: total
     per = 1 if stage == "e2e" else detail["steps"]
+    streams = f" of all {res['batch']} streams" if res["batch"] > 1 else ""
     report["breakdown_of"] = (
-        "the whole run" if stage == "e2e" else f"one {stage} step" + (f" (mean of {per})" if per > 1 else "")
+        f"the whole run{streams}"
+        if stage == "e2e"
+        else f"one {stage} step{streams}" + (f" (mean of {per})" if per > 1 else "")
     )
     report["latency_breakdown_ms"] = {k: v / per for k, v in detail["latency_breakdown_ms"].items()}
     report["energy_breakdown_mj"] = {k: v / per for k, v in detail["energy_breakdown_mj"].items()}
@@ -170,9 +186,8 @@ def _run_all_corners(
         _run_header(first, "corners"),
         f"  {'metric':22s} " + " ".join(f"{c:>12s}" for c in CORNERS),
     ]
-    for key in RUN_METRICS:
-        if first.get(key) is not None:
-            lines.append(f"  {key:22s} " + " ".join(f"{reports[c][key]:12.3f}" for c in CORNERS))
+    for key in _metrics(first):
+        lines.append(f"  {key:22s} " + " ".join(f"{reports[c][key]:12.3f}" for c in CORNERS))
     print("\n".join(lines))
     return 0
 
@@ -196,6 +211,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"{', '.join(given)} does not apply to a trace replay: the trace sets the histories and "
                 "steps; drop it"
+            )
+    elif args.stage != "e2e":
+        given = [
+            flag
+            for flag, value in (
+                ("--frames", args.frames),
+                ("--question-tokens", args.question_tokens),
+                ("--answer-tokens", args.answer_tokens),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} shapes the COIN scenario of --stage e2e only; --stage {args.stage} "
+                "simulates one step: add --stage e2e or drop it"
             )
     # with a trace, --set is applied after the trace's model and device window (yours win)
     system = _system(args, apply_set=not args.trace)
@@ -233,9 +263,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=float))
         return 0
     lines = [_run_header(report)]
-    for key in RUN_METRICS:
-        if res.get(key) is not None:
-            lines.append(f"  {key:22s} {res[key]:.3f}")
+    for key in _metrics(res):
+        lines.append(f"  {key:22s} {res[key]:.3f}")
     lines.append(
         f"  latency breakdown of {report['breakdown_of']}, ms: "
         + ", ".join(f"{k} {v:.2f}" for k, v in report["latency_breakdown_ms"].items())
@@ -381,7 +410,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what the breakdowns show: one frame step (default), one answer token (text: a decode "
         "step), or a whole COIN question end to end (e2e)",
     )
-    run.add_argument("--policy", choices=POLICIES, default=None, help="retrieval policy (default resv)")
+    run.add_argument(
+        "--policy", type=_policy_name, choices=POLICIES, default=None, help="retrieval policy (default resv)"
+    )
     scenario = run.add_argument_group(
         "e2e scenario (--stage e2e without --trace; default: the paper's average COIN question)"
     )
@@ -402,7 +433,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp_ = sub.add_parser("compare", help="speedup and energy-efficiency gain over a GPU baseline")
     _add_system_args(cmp_)
     cmp_.add_argument("--baseline", default="agx-orin")
-    cmp_.add_argument("--policy", choices=POLICIES, default="flexgen", help="the baseline's retrieval policy")
+    cmp_.add_argument(
+        "--policy",
+        type=_policy_name,
+        choices=POLICIES,
+        default="flexgen",
+        help="the baseline's retrieval policy",
+    )
     cmp_.add_argument("--kv-tokens", default="1000,5000,10000,20000,40000")
     cmp_.add_argument("--batch", type=int, default=1)
     cmp_.add_argument(
@@ -438,7 +475,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_system_args(sens)
     sens.add_argument("--kv-tokens", type=int, default=40000)
     sens.add_argument("--batch", type=int, default=1)
-    sens.add_argument("--policy", choices=POLICIES, default="resv")
+    sens.add_argument("--policy", type=_policy_name, choices=POLICIES, default="resv")
     sens.add_argument("--min-pct", type=float, default=1.0, help="hide rows that move no objective this much")
     sens.set_defaults(func=cmd_sensitivity)
 

@@ -456,6 +456,7 @@ def validate(obj: Any, prefix: str = "", fields_only: bool = False) -> None:
         if not (low <= value <= high):
             raise ValueError(f"{prefix}{path}={value} is out of range; allowed range is [{low}, {high}]")
     if isinstance(obj, SystemConfig) and not fields_only:
+        _check_fields_apply(obj, prefix)
         m, r = obj.model, obj.resv
         if m.num_heads % m.num_kv_heads:
             raise ValueError(
@@ -471,6 +472,43 @@ def validate(obj: Any, prefix: str = "", fields_only: bool = False) -> None:
                 f"{2 * weight_tiles_kb:g} KB, twice the double-buffered weight tile ({weight_tiles_kb:g} KB = "
                 "2 x accel.dpe_trees x accel.dpe_tree_width x model.dtype_bytes), the rest holding activations"
             )
+
+
+# The technology entries a GPU baseline's energy uses (sim/cost.py link_offload_energy_mj);
+# its module power is gpu.power_w / gpu.idle_power_w.
+GPU_TECH_ENTRIES = ("pcie_w_per_lane", "ssd_active_w", "ssd_idle_w", "ddr4_energy_pj_per_bit")
+
+
+def field_applies(kind: str, path: str) -> bool:
+    """Whether a system of `kind` reads the dotted field: a V-Rex system has no GPU roofline;
+    a GPU baseline has no accelerator, no DRAM efficiency of its own (gpu.dram_efficiency)
+    and no per-action energies (its module power is gpu.power_w / gpu.idle_power_w)."""
+    if kind == "gpu":
+        if path.startswith("accel.") or path == "memory.dram_efficiency":
+            return False
+        return not path.startswith("tech.") or path.removeprefix("tech.") in GPU_TECH_ENTRIES
+    return not path.startswith("gpu.")
+
+
+def _check_fields_apply(system: SystemConfig, prefix: str = "") -> None:
+    """Refuse fields set on a system whose kind never reads them (they would change nothing)."""
+    defaults = dict(_walk(SystemConfig()))
+    unused = [
+        f"{path}={value!r}"
+        for path, value in _walk(system)
+        if not field_applies(system.kind, path) and value != defaults[path]
+    ]
+    if unused:
+        other = "V-Rex" if system.kind == "gpu" else "GPU"
+        raise ValueError(
+            f"{prefix}{', '.join(unused)}: not read by {system.name!r}, a {system.kind} system; drop "
+            f"{'it' if len(unused) == 1 else 'them'} or pick a {other} system"
+            + (
+                f" (a GPU baseline's technology entries: {', '.join(GPU_TECH_ENTRIES)})"
+                if other == "V-Rex"
+                else ""
+            )
+        )
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

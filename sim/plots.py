@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sim.api import resolve_system, simulate  # noqa: E402
-from sim.config import SystemConfig  # noqa: E402
+from sim.config import SystemConfig, make_scenario  # noqa: E402
 
 KV_SWEEP = (1000, 5000, 10000, 20000, 40000)
 
@@ -167,12 +167,16 @@ def make_all(
     V-Rex48 layer traffic as in Fig. 17, V-Rex8 roofline at batch 4 as in Fig. 18). With one,
     every plot shows it, at `batch` (default 1), the traffic and roofline at the largest KV size."""
     _timeline_system(system or "vrex48", layer)  # fail before drawing anything
+    if batch is not None:
+        make_scenario(batch=batch)  # its range, before drawing anything
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kv_max = max(kv_tokens)
     paper = system is None
     return [
-        plot_latency_breakdown(out, system or "vrex8", baseline, kv_tokens, batch or 1),
+        plot_latency_breakdown(out, system or "vrex8", baseline, kv_tokens, 1 if batch is None else batch),
         plot_layer_bandwidth(out, system or "vrex48", kv_max, layer),
-        plot_roofline(out, kv_max, batch or (4 if paper else 1), system or "vrex8", baseline),
+        plot_roofline(
+            out, kv_max, (4 if paper else 1) if batch is None else batch, system or "vrex8", baseline
+        ),
     ]

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sim.api import area, compare, resolve_system, simulate
-from sim.config import BUILTIN_SYSTEMS, SystemConfig
+from sim.config import BUILTIN_SYSTEMS, SystemConfig, field_applies, load_system
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGED_REFERENCE = Path(__file__).parent / "data" / "reference_vrex_paper.json"
@@ -88,9 +88,18 @@ def _range_rows(figure: str, published: list[float], values: list[float], rel_to
 
 
 def _systems(overrides: dict[str, Any] | list[str] | None) -> dict[str, SystemConfig]:
-    """The built-in systems, each with the same overrides (a calibration sensitivity check:
-    `tech.<entry>=value` or `tech_corner=low` changes every system's technology table)."""
-    return {name: resolve_system(name, overrides) for name in BUILTIN_SYSTEMS}
+    """The built-in systems, each with the same overrides where it reads them (a calibration
+    sensitivity check: `tech.<entry>=value` or `tech_corner=low` changes every system's
+    technology table that has the entry)."""
+    systems = {}
+    for name in BUILTIN_SYSTEMS:
+        kind = load_system(name).kind
+        if isinstance(overrides, list):  # "field=value" items
+            mine: Any = [i for i in overrides if field_applies(kind, i.partition("=")[0].strip())]
+        else:
+            mine = {k: v for k, v in (overrides or {}).items() if field_applies(kind, k)}
+        systems[name] = resolve_system(name, mine)
+    return systems
 
 
 def validation_table(quick: bool = False, overrides: dict[str, Any] | list[str] | None = None) -> list[dict]:

@@ -43,6 +43,7 @@ MODEL_FIELDS = (
 )
 HEAD_FIELDS = ("kv_head", "history_tokens", "clusters", "selected_clusters", "selected_tokens")
 TIERS = ("device", "host", "disk")
+KV_DTYPE_BYTES = (1, 2, 4)  # int8/fp8, fp16/bf16, fp32
 
 
 class TraceError(ValueError):
@@ -68,11 +69,15 @@ def validate_header(rec: dict, where: str = "header") -> dict:
         )
     model = _need(rec, "model", dict, where)
     for f in MODEL_FIELDS:
-        if _need(model, f, int, f"{where}.model") < 0:
-            raise TraceError(f"{where}.model: {f} must be >= 0")
+        if _need(model, f, int, f"{where}.model") < 1:
+            raise TraceError(f"{where}.model: {f} must be >= 1, got {model[f]}")
     _need(rec, "policy", str, where)
     _need(rec, "settings", dict, where)
-    _need(rec, "kv_dtype_bytes", int, where)
+    if _need(rec, "kv_dtype_bytes", int, where) not in KV_DTYPE_BYTES:
+        raise TraceError(
+            f"{where}: kv_dtype_bytes must be one of {KV_DTYPE_BYTES} (bytes per KV element), "
+            f"got {rec['kv_dtype_bytes']}"
+        )
     if "hf_config" in rec:
         _need(rec, "hf_config", dict, where)
     budget = rec.get("device_kv_budget_bytes")

@@ -286,3 +286,26 @@ def test_validate_strict_exit_code_follows_the_rows(capsys):
     rows = json.loads(capsys.readouterr().out)["rows"]
     rc = vrex_main(["sim", "validate", "--quick", "--strict"])
     assert rc == (0 if all(r["pass"] for r in rows) else 1)
+
+
+def test_scenario_flags_of_e2e_are_refused_elsewhere_and_policy_takes_the_papers_spelling(capsys):
+    assert vrex_main(["sim", "run", "--frames", "5", "--kv-tokens", "1000"]) == 2
+    assert "--frames shapes the COIN scenario of --stage e2e only" in capsys.readouterr().err
+    assert vrex_main(["sim", "run", "--stage", "text", "--answer-tokens", "3", "--kv-tokens", "1000"]) == 2
+    assert "--answer-tokens" in capsys.readouterr().err
+    args = ["sim", "run", "--system", "agx-orin", "--policy", "InfiniGen-P", "--kv-tokens", "1000", "--json"]
+    assert vrex_main(args) == 0
+    assert json.loads(capsys.readouterr().out)["policy"] == "infinigen_p"
+
+
+def test_batched_text_report_names_the_whole_step_and_e2e_prints_its_energy(capsys):
+    assert vrex_main(["sim", "run", "--batch", "4", "--kv-tokens", "1000"]) == 0
+    text = capsys.readouterr().out
+    per_stream = float(text.split("energy_per_frame_mj")[1].split()[0])
+    whole = float(text.split("frame_step_energy_mj")[1].split()[0])
+    assert whole == pytest.approx(4 * per_stream, rel=1e-3)
+    line = next(x for x in text.splitlines() if "energy breakdown of one frame step of all 4 streams" in x)
+    parts = sum(float(p.split()[-1]) for p in line.split("mJ: ")[1].split(", "))
+    assert parts == pytest.approx(whole, rel=1e-3)
+    assert vrex_main(["sim", "run", "--stage", "e2e", "--kv-tokens", "1000", "--frames", "2"]) == 0
+    assert "e2e_energy_mj" in capsys.readouterr().out

@@ -85,3 +85,28 @@ def test_scenario_validation():
     with pytest.raises(ValueError, match="batch"):
         make_scenario(batch=0)
     assert override(Scenario(), "stage", "e2e").stage == "e2e"
+
+
+@pytest.mark.parametrize(
+    "system, item, field",
+    [
+        ("agx-orin", "accel.num_cores=48", "accel.num_cores=48"),
+        ("a100", "memory.dram_efficiency=0.5", "memory.dram_efficiency=0.5"),
+        ("a100", "tech.dpe_mac_energy_pj=1", "tech.dpe_mac_energy_pj=1.0"),
+        ("vrex8", "gpu.power_w=1", "gpu.power_w=1.0"),
+    ],
+)
+def test_a_field_the_system_never_reads_is_refused(system, item, field):
+    with pytest.raises(ValueError, match=rf"{field}: not read by '{system}'"):
+        apply_overrides(load_system(system), [item])
+
+
+def test_fields_a_gpu_baseline_reads_are_taken(tmp_path):
+    s = apply_overrides(
+        load_system("agx-orin"), ["tech.pcie_w_per_lane=1", "gpu.power_w=30", "resv.hash_bits=16"]
+    )
+    assert s.tech.pcie_w_per_lane == 1 and s.gpu.power_w == 30
+    f = tmp_path / "orin.yaml"  # a file's accelerator section on a GPU base is refused too
+    f.write_text("base: agx-orin\naccel:\n  sram_kb: 512\n")
+    with pytest.raises(ValueError, match="accel.sram_kb=512.0: not read by 'orin'"):
+        load_system(str(f))

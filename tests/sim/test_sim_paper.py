@@ -95,6 +95,14 @@ def test_trace_errors(tmp_path):
     bad.write_text(json.dumps({**header, "device_kv_budget_bytes": 0}) + "\n")
     with pytest.raises(ValueError, match="device_kv_budget_bytes must be a positive integer or null"):
         read_trace(bad)
+    # sizes that would divide by zero or cost negative bytes
+    for dtype_bytes in (0, -2, 3):
+        bad.write_text(json.dumps({**header, "kv_dtype_bytes": dtype_bytes}) + "\n")
+        with pytest.raises(ValueError, match=r"kv_dtype_bytes must be one of \(1, 2, 4\)"):
+            read_trace(bad)
+    bad.write_text(json.dumps({**header, "model": {**header["model"], "num_kv_heads": 0}}) + "\n")
+    with pytest.raises(ValueError, match="num_kv_heads must be >= 1, got 0"):
+        read_trace(bad)
 
 
 def test_a_trace_cut_mid_line_ends_before_it(tmp_path, caplog):
@@ -156,3 +164,6 @@ def test_plots_of_any_system_and_bad_layer(tmp_path, capsys):
     assert not bad.exists()  # failed before drawing anything
     assert sim_main(["sim", "plot", "--system", "agx-orin", "--out", str(bad)]) == 2
     assert "GPU baseline" in capsys.readouterr().err
+    assert sim_main(["sim", "plot", "--system", "vrex8", "--batch", "0", "--out", str(bad)]) == 2
+    assert "batch=0 is out of range" in capsys.readouterr().err
+    assert not bad.exists()
