@@ -243,7 +243,7 @@ def simulate(
     if "e2e" in stages:
         result["e2e_latency_ms"] = stages["e2e"]["latency_ms"]
         result["e2e_energy_mj"] = stages["e2e"]["energy_mj"]
-    result["notes"] = []
+    result["notes"] = list(system.model.source_notes)
     if not scenario.trace and scenario.kv_tokens > FITTED_MAX_HISTORY_TOKENS:
         result["notes"].append(
             f"a {scenario.kv_tokens}-token history is beyond the {FITTED_MAX_HISTORY_TOKENS} that the "

@@ -47,6 +47,10 @@ class ModelConfig:
     vision_intermediate_size: int = 4096
     vision_tokens: int = 577  # 24x24 patches + CLS at 384 px
     projector_hidden_size: int = 4096  # 2-layer MLP vision_hidden -> hidden -> hidden
+    ffn_gated: bool = True  # SwiGLU/GeGLU: gate, up and down matrices; False: up and down (GPT-2, OPT)
+    tie_word_embeddings: bool = False  # the LM head reuses the embedding matrix (held once)
+    # what the model's source did not say and was assumed (sim/hf.py); reported with each run
+    source_notes: tuple[str, ...] = ()
 
     @property
     def kv_bytes_per_token_layer(self) -> int:
@@ -59,18 +63,28 @@ class ModelConfig:
         return 2 * self.head_dim * self.dtype_bytes
 
     @property
-    def weight_bytes(self) -> int:
-        """Every weight held in device DRAM: LLM layers, embedding and LM head (untied), vision
-        tower and projector (bytes)."""
+    def ffn_matrices(self) -> int:
+        return 3 if self.ffn_gated else 2
+
+    @property
+    def layer_weights(self) -> int:
+        """Weights of one LLM layer's projections: QKV, output and FFN (count, not bytes)."""
         d, hd = self.hidden_size, self.head_dim
-        layer = d * (self.num_heads + 2 * self.num_kv_heads) * hd + self.num_heads * hd * d
-        layer += 3 * d * self.intermediate_size
+        attention = d * (self.num_heads + 2 * self.num_kv_heads) * hd + self.num_heads * hd * d
+        return attention + self.ffn_matrices * d * self.intermediate_size
+
+    @property
+    def weight_bytes(self) -> int:
+        """Every weight held in device DRAM: LLM layers, embedding and LM head (once if tied),
+        vision tower and projector (bytes)."""
+        d = self.hidden_size
         dv = self.vision_hidden_size
         tower = self.vision_layers * (4 * dv * dv + 2 * dv * self.vision_intermediate_size)
         projector = (
             (dv * self.projector_hidden_size + self.projector_hidden_size * d) if self.vision_layers else 0
         )
-        params = self.num_layers * layer + 2 * self.vocab_size * d + tower + projector
+        embeddings = (1 if self.tie_word_embeddings else 2) * self.vocab_size * d
+        params = self.num_layers * self.layer_weights + embeddings + tower + projector
         return params * self.dtype_bytes
 
 

@@ -69,12 +69,11 @@ def simulate_gpu_steps(system: SystemConfig, steps: list[Step], policy: str) -> 
     model, g, mem = system.model, system.gpu, system.memory
     spec = policy_table()[policy]
     predictor = spec.get("predictor", "none")
-    d, hd, nh, nkv, ff, db = (
+    d, hd, nh, nkv, db = (
         model.hidden_size,
         model.head_dim,
         model.num_heads,
         model.num_kv_heads,
-        model.intermediate_size,
         model.dtype_bytes,
     )
     launch = g.kernel_launch_us * 1e-6
@@ -111,8 +110,8 @@ def simulate_gpu_steps(system: SystemConfig, steps: list[Step], policy: str) -> 
         layer_s = []
         for layer in range(model.num_layers):
             attended = float(step.selected_tokens[layer].sum()) + nkv * n
-            proj_flops = 2.0 * m * d * ((nh + 2 * nkv) * hd + nh * hd + 3 * ff)
-            proj_bytes = d * ((nh + 2 * nkv) * hd + nh * hd + 3 * ff) * db
+            proj_flops = 2.0 * m * model.layer_weights
+            proj_bytes = model.layer_weights * db
             attn_flops = 4.0 * b * n * (nh // nkv) * hd * attended
             attn_bytes = b * attended * model.kv_bytes_per_token_head
             compute = _roof(system, proj_flops, proj_bytes) + _roof(system, attn_flops, attn_bytes)

@@ -1,15 +1,20 @@
 """A simulated model from a Hugging Face `config.json` (text-only or vision-language).
 
-Read without transformers (the simulator stays light): the fields every HF decoder config
-names the same way, from `text_config` when there is one (LLaVA, SmolVLM/Idefics3,
-LLaVA-OneVision) or from the top level (Llama, Qwen2-VL), and the vision tower from
-`vision_config` (CLIP/SigLIP names, or Qwen2-VL's `depth`/`embed_dim`/`mlp_ratio`).
+Read as JSON: the fields HF decoder configs name alike, from the language model's section
+(`text_config`: LLaVA, Gemma 3, SmolVLM/Idefics3, LLaVA-OneVision; `llm_config`: InternVL's
+remote-code configs; `language_config`: DeepSeek-VL) or the top level (Llama, Qwen2-VL, GPT-2,
+Falcon), and the vision tower from `vision_config` (CLIP/SigLIP names, or Qwen2-VL's
+`depth`/`embed_dim`/`mlp_ratio`). transformers is imported only for a section that leaves
+required fields to its class's defaults (LLaVA-1.5's text_config names only vocab_size).
+KV heads: `num_key_value_heads` and its aliases, `multi_query` = one. The MLP is gated (three
+matrices) except for the model types in _UNGATED (GPT-2, OPT, Falcon, ...).
 
-What a config does not say keeps the default (VideoLLM-online's) and can be set afterwards
-with `--set model.<field>=...`:
-- `tokens_per_frame`: Idefics3/SmolVLM pixel-shuffle (`scale_factor`) gives
-  patches / scale_factor**2; otherwise the tower's patch count, unpooled (video models that
-  pool frames, e.g. VideoLLM-online's 10 tokens, need `--set model.tokens_per_frame`);
+What a config does not say keeps the default (VideoLLM-online's), is listed in the model's
+`source_notes` (printed with every run) and can be set with `--set model.<field>=...`:
+- `tokens_per_frame`: Gemma 3's `mm_tokens_per_image`, the pixel shuffle of Idefics3/SmolVLM
+  (`scale_factor`) or Qwen2-VL's `spatial_merge_size`; otherwise the tower's patch count,
+  unpooled (video models that pool frames, e.g. VideoLLM-online's 10 tokens, need
+  `--set model.tokens_per_frame`);
 - `vision_tokens` of towers without a fixed `image_size` (Qwen2-VL's dynamic resolution);
 - `dtype_bytes`: V-Rex computes in BF16 whatever dtype the checkpoint was saved in.
 """
@@ -44,6 +49,7 @@ def _load(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str, str
 
 
 def _int(cfg: dict[str, Any], where: str, *names: str, default: int | None = None) -> int:
+    """The first of `names` the section has, as a whole number; `where` ends in ": " or "."."""
     for name in names:
         value = cfg.get(name)
         if value is not None:
@@ -53,14 +59,14 @@ def _int(cfg: dict[str, Any], where: str, *names: str, default: int | None = Non
                 or value < 0
                 or value != int(value)
             ):
-                raise ValueError(f"{where}.{name} must be a non-negative integer, got {value!r}")
+                raise ValueError(f"{where}{name} must be a non-negative integer, got {value!r}")
             return int(value)
     if default is None:
-        raise ValueError(f"{where}.{names[0]} is missing")
+        raise ValueError(f"{where}{names[0]} is missing")
     return default
 
 
-def _vision(vis: dict[str, Any], where: str, base: ModelConfig) -> dict[str, int]:
+def _vision(vis: dict[str, Any], where: str, base: ModelConfig, notes: list[str]) -> dict[str, int]:
     layers = _int(vis, where, "num_hidden_layers", "depth")
     hidden = _int(vis, where, "embed_dim", "hidden_size")  # Qwen2-VL: hidden_size is the output
     ffn = vis.get("intermediate_size")
@@ -78,46 +84,136 @@ def _vision(vis: dict[str, Any], where: str, base: ModelConfig) -> dict[str, int
         out["_patches"] = side * side
     else:
         out["_patches"] = base.vision_tokens
+        notes.append(
+            f"the vision tower has no fixed image_size (dynamic resolution): it is costed at "
+            f"{base.vision_tokens} patches per frame; set model.vision_tokens for your frame size"
+        )
     return out
 
 
 # config keys that give a mixture-of-experts model's expert count (Mixtral, Qwen-MoE, DeepSeek)
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# where a vision-language config keeps its language model (LLaVA/Gemma-3/SmolVLM, InternVL's
+# remote-code configs, DeepSeek-VL); a text-only config keeps it at the top level
+_TEXT_SECTIONS = ("text_config", "llm_config", "language_config")
+# the text fields every model needs; the rest have defaults
+_REQUIRED = (
+    ("hidden_size", "n_embd", "d_model"),
+    ("num_attention_heads", "n_head"),
+    ("num_hidden_layers", "n_layer"),
+    ("vocab_size",),
+)
+# KV heads by name (Llama/Qwen/Mistral; Falcon-40B; early Falcon; ChatGLM); `multi_query`
+# without a count (Falcon-7B, GPT-BigCode) means one
+_KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
+# model types whose MLP is up -> activation -> down, without a gate (two matrices)
+_UNGATED = frozenset(
+    {
+        "gpt2",
+        "gpt_bigcode",
+        "gpt_neo",
+        "gpt_neox",
+        "gptj",
+        "opt",
+        "falcon",
+        "bloom",
+        "phi",
+        "mpt",
+        "starcoder2",
+        "codegen",
+        "biogpt",
+    }
+)
+
+
+def _with_library_defaults(text: dict[str, Any], where: str, notes: list[str]) -> dict[str, Any]:
+    """A section that leaves required fields to its class's defaults (LLaVA-1.5's text_config
+    names only vocab_size) gets them from transformers' config class for its model_type."""
+    missing = [names[0] for names in _REQUIRED if all(text.get(n) is None for n in names)]
+    model_type = text.get("model_type")
+    if not missing or not model_type:
+        return text
+    try:
+        from transformers import CONFIG_MAPPING
+
+        defaults = CONFIG_MAPPING[model_type]().to_dict()
+    except (ImportError, KeyError, ValueError, TypeError):
+        return text  # no defaults to take: the missing field is reported by name below
+    filled = {k: v for k, v in defaults.items() if text.get(k) is None}
+    notes.append(
+        f"{where.rstrip(': .')} does not give {', '.join(missing)}: taken from transformers' "
+        f"{model_type!r} defaults"
+    )
+    return {**text, **filled}
+
+
+def _kv_heads(text: dict[str, Any], where: str, heads: int) -> int:
+    for key in _KV_HEAD_KEYS:
+        if text.get(key) is not None:
+            return _int(text, where, key)
+    return 1 if text.get("multi_query") else heads
+
+
+def _tokens_per_frame(
+    cfg: dict[str, Any], where: str, vis: dict[str, Any], patches: int, notes: list[str]
+) -> int:
+    """Tokens one frame adds to the LLM: what the config says, else the tower's patches
+    after its pixel shuffle or spatial merge, else every patch (unpooled)."""
+    if cfg.get("mm_tokens_per_image"):  # Gemma 3: pooled to a fixed count
+        return _int(cfg, f"{where}: ", "mm_tokens_per_image")
+    if cfg.get("scale_factor"):  # Idefics3/SmolVLM pixel shuffle
+        return max(1, patches // int(cfg["scale_factor"]) ** 2)
+    if vis.get("spatial_merge_size"):  # Qwen2-VL / Qwen2.5-VL merge 2x2 patches
+        return max(1, patches // int(vis["spatial_merge_size"]) ** 2)
+    notes.append(
+        f"tokens_per_frame is the tower's {patches} patches, unpooled: a video model that pools "
+        "frames (VideoLLM-online keeps 10) needs --set model.tokens_per_frame"
+    )
+    return patches
 
 
 def model_from_hf(source: str | Path | dict[str, Any], base: ModelConfig | None = None) -> ModelConfig:
     """ModelConfig from a config.json path, a model folder, or the parsed dict."""
     base = base or ModelConfig()
     cfg, where, folder = _load(source)
-    text = cfg.get("text_config") or cfg
-    text_where = f"{where}: text_config" if "text_config" in cfg else f"{where}:"
+    notes: list[str] = []
+    section = next((k for k in _TEXT_SECTIONS if isinstance(cfg.get(k), dict)), None)
+    text = cfg[section] if section else cfg
+    text_where = f"{where}: {section}." if section else f"{where}: "
     for key in _EXPERT_KEYS:
         if int(text.get(key) or 0) > 1:
             raise ValueError(
-                f"{text_where} {key}={text[key]}: mixture-of-experts models are not modelled (the timing "
+                f"{text_where}{key}={text[key]}: mixture-of-experts models are not modelled (the timing "
                 "core streams one dense FFN per layer); describe a dense equivalent with --set "
                 "model.intermediate_size=<active experts x expert FFN size> instead"
             )
-    hidden = _int(text, text_where, "hidden_size", "n_embd", "d_model")
-    heads = _int(text, text_where, "num_attention_heads", "n_head")
+    text = _with_library_defaults(text, text_where, notes)
+    hidden = _int(text, text_where, *_REQUIRED[0])
+    heads = _int(text, text_where, *_REQUIRED[1])
+    model_type = str(text.get("model_type") or cfg.get("model_type") or "")
+    tied = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings"))
     changes: dict[str, Any] = {
         "name": str(cfg.get("_name_or_path") or folder or cfg.get("model_type") or base.name),
-        "num_layers": _int(text, text_where, "num_hidden_layers", "n_layer"),
+        "num_layers": _int(text, text_where, *_REQUIRED[2]),
         "hidden_size": hidden,
         "num_heads": heads,
-        "num_kv_heads": _int(text, text_where, "num_key_value_heads", default=heads),
+        "num_kv_heads": _kv_heads(text, text_where, heads),
         "head_dim": _int(text, text_where, "head_dim", default=hidden // heads if heads else 0),
-        "intermediate_size": _int(text, text_where, "intermediate_size", "n_inner", default=4 * hidden),
-        "vocab_size": _int(text, text_where, "vocab_size"),
+        "intermediate_size": _int(
+            text, text_where, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden
+        ),
+        "vocab_size": _int(text, text_where, *_REQUIRED[3]),
         "projector_hidden_size": hidden,
+        "ffn_gated": model_type not in _UNGATED,
+        "tie_word_embeddings": base.tie_word_embeddings if tied is None else bool(tied),
     }
     vis = cfg.get("vision_config")
     if isinstance(vis, dict):
-        tower = _vision(vis, f"{where}: vision_config", base)
+        tower = _vision(vis, f"{where}: vision_config.", base, notes)
         patches = tower.pop("_patches")
         changes.update(tower)
-        scale = cfg.get("scale_factor")
-        changes["tokens_per_frame"] = max(1, patches // int(scale) ** 2) if scale else patches
+        changes["tokens_per_frame"] = _tokens_per_frame(cfg, where, vis, patches, notes)
     else:  # a text-only model: no tower, frames arrive as already-embedded tokens
         changes.update(vision_layers=0, vision_hidden_size=0, vision_intermediate_size=0, vision_tokens=0)
+    changes["source_notes"] = tuple(f"{Path(where).name}: {note}" for note in notes)
     return replace(base, **changes)

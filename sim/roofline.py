@@ -39,15 +39,9 @@ def dense_frame_workload(system: SystemConfig, kv_tokens: int, batch: int) -> di
     step = make_step(system, "full", "frame", kv_tokens, model.tokens_per_frame, batch)
     macs = step_macs(model, step)
     ops = 2.0 * (macs["llm"] + macs["lm_head"])
-    d, hd, nh, nkv, ff = (
-        model.hidden_size,
-        model.head_dim,
-        model.num_heads,
-        model.num_kv_heads,
-        model.intermediate_size,
-    )
+    d = model.hidden_size
     rows = batch * model.tokens_per_frame
-    layer_weights = d * (nh + 2 * nkv) * hd + nh * hd * d + 3 * d * ff
+    layer_weights = model.layer_weights
     gemm_ops = 2.0 * (model.num_layers * rows * layer_weights + macs["lm_head"])
     weight_bytes = (model.num_layers * layer_weights + model.vocab_size * d) * model.dtype_bytes
     kv_layer = model.kv_bytes_per_token_layer * model.num_layers

@@ -621,9 +621,10 @@ class Lxe:
         # 4) output projection, 5) FFN
         cycles, spill = self.gemms((m, nh * hd, d))
         yield from self.op("o_proj", cycles + acc.sync_cycles, nh * hd * d * db + spill, f"o_proj L{layer}")
-        cycles, spill = self.gemms((m, d, 2 * ff), (m, ff, d))  # down reads SiLU(gate) x up, [m, ff]
+        # gate and up in one GEMM (up alone when not gated); down reads act(gate) x up, [m, ff]
+        cycles, spill = self.gemms((m, d, (model.ffn_matrices - 1) * ff), (m, ff, d))
         cycles += self.vpe_cycles(m * d * 4) + self.vpe_cycles(m * ff * 4) + 2 * acc.sync_cycles
-        yield from self.op("ffn", cycles, 3 * d * ff * db + spill, f"ffn L{layer}")
+        yield from self.op("ffn", cycles, model.ffn_matrices * d * ff * db + spill, f"ffn L{layer}")
 
     def run_step(self, step: Step, link: Channel):
         model = self.system.model

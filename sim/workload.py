@@ -203,14 +203,8 @@ def step_macs(model: ModelConfig, step: Step) -> dict[str, float]:
     that GOPS/W counts on every system, so energy-efficiency gains compare equal work."""
     b, n, h = step.batch, step.new_tokens, step.history_tokens
     m = b * n
-    hd, nh, nkv, d, ff = (
-        model.head_dim,
-        model.num_heads,
-        model.num_kv_heads,
-        model.hidden_size,
-        model.intermediate_size,
-    )
-    per_layer = m * d * (nh + 2 * nkv) * hd + m * nh * hd * d + 3 * m * d * ff
+    hd, nh, d = model.head_dim, model.num_heads, model.hidden_size
+    per_layer = m * model.layer_weights
     attn = 2 * b * n * nh * hd * (h + n)
     macs = {"llm": model.num_layers * (per_layer + attn), "lm_head": b * d * model.vocab_size}
     if step.vision and model.vision_layers:

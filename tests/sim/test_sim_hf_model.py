@@ -67,7 +67,7 @@ QWEN2_VL = {
 
 
 def _dims(m: ModelConfig) -> dict:
-    return {k: v for k, v in vars(m).items() if k not in ("name", "tokens_per_frame")}
+    return {k: v for k, v in vars(m).items() if k not in ("name", "tokens_per_frame", "source_notes")}
 
 
 def test_llama3_with_clip_tower_is_the_default_model():
@@ -155,3 +155,107 @@ def test_baseline_runs_the_same_model():
     assert by_name["baseline_tpot_ms"] < 0.5 * llama["baseline_tpot_ms"]  # the AGX runs the 135M model
     with pytest.raises(ValueError, match="same model"):
         compare(small, load_system("agx-orin"), kv_tokens=[5000])
+
+
+CLIP_336 = LLAMA3_CLIP["vision_config"]
+
+
+def test_a_text_config_that_leaves_fields_to_its_class_takes_the_library_defaults():
+    # LLaVA-1.5's text_config names little more than its vocabulary: Llama-2-7B by default
+    m = model_from_hf(
+        {
+            "model_type": "llava",
+            "text_config": {"model_type": "llama", "vocab_size": 32064},
+            "vision_config": CLIP_336,
+        }
+    )
+    assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size) == (
+        4096,
+        32,
+        32,
+        32,
+        11008,
+    )
+    assert m.vocab_size == 32064 and m.ffn_gated
+    assert any("taken from transformers' 'llama' defaults" in n for n in m.source_notes)
+    with pytest.raises(ValueError, match=r"config: text_config\.hidden_size is missing"):
+        model_from_hf({"text_config": {"vocab_size": 10}})  # no model_type: nothing to take
+
+
+def test_kv_heads_multi_query_and_ungated_mlps():
+    falcon7 = {
+        "model_type": "falcon",
+        "hidden_size": 4544,
+        "n_head": 71,
+        "n_layer": 32,
+        "multi_query": True,
+        "vocab_size": 65024,
+    }
+    m = model_from_hf(falcon7)
+    assert (m.num_heads, m.num_kv_heads, m.intermediate_size, m.ffn_gated) == (71, 1, 4 * 4544, False)
+    falcon40 = {
+        **falcon7,
+        "n_head": 128,
+        "hidden_size": 8192,
+        "num_kv_heads": 8,
+        "new_decoder_architecture": True,
+    }
+    assert model_from_hf(falcon40).num_kv_heads == 8
+    gpt2 = model_from_hf(
+        {
+            "model_type": "gpt2",
+            "n_embd": 768,
+            "n_head": 12,
+            "n_layer": 12,
+            "vocab_size": 50257,
+            "tie_word_embeddings": True,
+        }
+    )
+    gated = replace(gpt2, ffn_gated=True, tie_word_embeddings=False)
+    d, ff = 768, 4 * 768
+    assert gated.weight_bytes - gpt2.weight_bytes == (12 * d * ff + 50257 * d) * 2  # gate matrices, LM head
+    runs = [simulate(replace(load_system("vrex8"), model=m), {"kv_tokens": 1000}) for m in (gpt2, gated)]
+    ffn = [r["stages"]["frame"]["latency_breakdown_ms"]["ffn"] for r in runs]
+    assert ffn[0] < ffn[1]
+
+
+def test_tokens_per_frame_from_the_projector_and_notes_for_what_is_assumed(capsys, tmp_path):
+    gemma3 = {
+        "model_type": "gemma3",
+        "mm_tokens_per_image": 256,
+        "text_config": {**SMOLVLM["text_config"], "model_type": "gemma3_text"},
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "image_size": 896,
+            "patch_size": 14,
+        },
+    }
+    assert model_from_hf(gemma3).tokens_per_frame == 256
+    merged = model_from_hf(
+        {**QWEN2_VL, "vision_config": {**QWEN2_VL["vision_config"], "spatial_merge_size": 2}}
+    )
+    assert merged.tokens_per_frame == ModelConfig().vision_tokens // 4
+    assert any("dynamic resolution" in n for n in merged.source_notes)
+    internvl = {
+        "model_type": "internvl_chat",
+        "llm_config": QWEN2_VL | {"model_type": "qwen2"},
+        "vision_config": CLIP_336,
+    }
+    m = model_from_hf(internvl)
+    assert (m.num_layers, m.num_kv_heads, m.tokens_per_frame) == (28, 2, 576)
+    assert any("576 patches, unpooled" in n for n in m.source_notes)
+    # the notes travel with the run and are printed
+    cfg = tmp_path / "internvl.json"
+    cfg.write_text(json.dumps(internvl))
+    assert sim_main(["sim", "run", "--hf-config", str(cfg), "--kv-tokens", "1000"]) == 0
+    assert "note: internvl.json: tokens_per_frame is the tower's 576 patches" in capsys.readouterr().out
+    cfg.write_text(json.dumps({**internvl, "llm_config": {"vocab_size": 5}}))
+    with pytest.raises(ValueError, match=r"internvl.json: llm_config\.hidden_size is missing"):
+        model_from_hf(cfg)
+    top = tmp_path / "top.json"
+    top.write_text(json.dumps({"vocab_size": 5}))
+    with pytest.raises(ValueError, match=r"top.json: hidden_size is missing"):  # no stray ':.'
+        model_from_hf(top)
