@@ -25,7 +25,7 @@ def core_area_mm2(system: SystemConfig, tech: dict[str, float]) -> dict[str, flo
         + acc.hcu_buffer_bytes / 1024 * tech["dre_buffer_area_um2_per_kb"],
         "wtu": acc.wtu_width * tech["wtu_lane_area_um2"]
         + acc.wtu_buffer_bytes / 1024 * tech["dre_buffer_area_um2_per_kb"],
-        "kvmu": tech["kvmu_area_um2"],
+        "kvmu": tech["kvmu_bytes_per_cycle"] * tech["kvmu_area_um2_per_byte_lane"],
     }
     return {k: v * 1e-6 for k, v in um2.items()}
 
