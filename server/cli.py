@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import sys
 import tempfile
@@ -110,7 +111,11 @@ def _register_serve(subparsers) -> None:
         help="'wal': full snapshot, and an empty log, after this many logged frames and answers (default 256)",
     )
     p.add_argument(
-        "--grace", type=float, default=10.0, metavar="SECONDS", help="SIGTERM grace for answers in flight"
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="SIGTERM grace for answers in flight (default 10)",
     )
     p.add_argument(
         "--keep-closed",
@@ -124,7 +129,7 @@ def _register_serve(subparsers) -> None:
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="close resumed, unattached sessions after this",
+        help="close resumed, unattached sessions after this (default 60)",
     )
     p.add_argument("--max-frame-bytes", type=int, default=None, help="largest frame payload (default 8 MiB)")
     p.add_argument(
@@ -272,17 +277,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging("json" if args.json else args.log_format)
     config = server_config_from_args(args)
+    # before the model loads (seconds): every path the server will write
     for flag, folder in (("--data-dir", config.data_dir), ("--trace-dir", config.trace_dir)):
         if folder is not None:
             problem = _unwritable(Path(folder))
             if problem:
-                print(f"vrex serve: {flag} {folder}: {problem}", file=sys.stderr)
-                return 2
+                raise ValueError(f"{flag} {folder}: {problem}")
+    if config.ready_file is not None:
+        ready = Path(config.ready_file)
+        problem = "is a folder; give a file path" if ready.is_dir() else _unwritable(ready.parent)
+        if problem:
+            raise ValueError(f"--ready-file {ready}: {problem}")
     try:
         return asyncio.run(serve(config))
     except EngineUnavailable as exc:
-        print(f"vrex serve: {exc}", file=sys.stderr)
-        return 2
+        raise ValueError(str(exc)) from None
 
 
 # ====================================================================== stream
@@ -340,11 +349,15 @@ def _register_stream(subparsers) -> None:
         help="answer length limit, up to the server's limit (0 = server default)",
     )
     p.add_argument(
-        "--speed", type=float, default=1.0, help="1 = real time; 2 = twice as fast; 0 = as fast as possible"
+        "--speed",
+        type=float,
+        default=1.0,
+        help="1 = real time; 2 = twice as fast; 0 = as fast as the server takes them (each frame waits "
+        "for room in the server's queue, so none is dropped for backpressure)",
     )
     p.add_argument(
         "--resume",
-        default="",
+        default=None,
         metavar="SESSION_ID",
         help="attach to an existing session instead of opening one; the source's timestamps are "
         "shifted to continue after the session's last frame",
@@ -471,6 +484,15 @@ def _check_stream_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--ask-at must be >= 0 seconds of stream time, got {at_s}")
     if args.synthetic:
         _parse_size(args.size)
+    host, sep, port = args.server.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--server must be HOST:PORT (e.g. 127.0.0.1:50051), got {args.server!r}")
+    if args.resume is not None and not args.resume.strip():
+        raise ValueError("--resume needs the session id a previous run printed, got an empty one")
+    if args.tls_ca is not None and not Path(args.tls_ca).is_file():
+        raise ValueError(
+            f"--tls-ca {args.tls_ca}: no such file; give the CA certificate (PEM) the server's was signed with"
+        )
 
 
 def _check_server_limits(args: argparse.Namespace, limits) -> None:
@@ -501,11 +523,22 @@ def cmd_stream(args: argparse.Namespace) -> int:
     asks = [(args.ask_at[i] if i < len(args.ask_at) else None, text) for i, text in enumerate(args.ask)]
     from vrex.client import VRexError
 
+    report = StreamReport()
     try:
-        report = asyncio.run(run_stream(args, frames, asks))
+        asyncio.run(run_stream(args, frames, asks, report))
     except VRexError as exc:
-        print(f"vrex stream: server said {exc}", file=sys.stderr)
+        print(f"vrex stream: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"event": "error", "error": str(exc), **_summary(report)}), flush=True)
         return 1
+    except KeyboardInterrupt:
+        if report.session_id:
+            print(
+                f"\nvrex stream: interrupted; session {report.session_id} can go on with "
+                f"--resume {report.session_id} (a server with --data-dir keeps it)",
+                file=sys.stderr,
+            )
+        raise
     if report.frames_out_of_order:
         _warn(f"{report.frames_out_of_order} frames were dropped as earlier than the session's last frame")
     if args.json:
@@ -540,14 +573,16 @@ def _summary(report: StreamReport) -> dict:
     }
 
 
-async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | None, str]]) -> StreamReport:
+async def run_stream(
+    args: argparse.Namespace, frames, asks: list[tuple[float | None, str]], report: StreamReport | None = None
+) -> StreamReport:
     """Send `frames` paced by their timestamps, ask questions on time, print progress.
 
     `--ask-at` times are source times; questions are asked (and reported) at the session's
     video time, which on --resume continues after the session's last frame."""
     from vrex.client import Client, VRexError
 
-    report = StreamReport()
+    report = StreamReport() if report is None else report
     out_lock = asyncio.Lock()
 
     def on_ack(ack) -> None:
@@ -611,10 +646,12 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
         if info is not None:
             _check_server_limits(args, info.limits)
         async with client.session(
-            fps=args.fps, resume_session_id=args.resume, on_ack=on_ack, on_error=on_error
+            fps=args.fps, resume_session_id=args.resume or "", on_ack=on_ack, on_error=on_error
         ) as session:
             report.session_id = session.session_id
-            if not args.json:
+            if args.json:  # first, so a consumer has the id to resume with whatever follows
+                print(json.dumps({"event": "opened", "session_id": session.session_id}), flush=True)
+            else:
                 print(f"session {session.session_id} open on {args.server}", file=sys.stderr)
             offset_s = await _resume_offset_s(client, session) if args.resume else 0.0
             video_s = offset_s  # session video time of the last frame sent
@@ -628,15 +665,23 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
                 if args.interactive
                 else None
             )
+            in_flight: collections.deque[asyncio.Task] = collections.deque()
             for ts, image in frames:
                 if args.speed > 0:
                     delay = start + ts / args.speed - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
+                elif len(in_flight) >= SPEED0_FRAMES_IN_FLIGHT:  # paced by the server's acks
+                    await in_flight.popleft()
                 while pending and pending[0][0] <= ts:
                     at, text = pending.pop(0)
                     tasks.append(asyncio.create_task(ask(session, text, at + offset_s)))
-                await session.send_frame(image, ts + offset_s, encoding=args.encoding)
+                if args.speed > 0:
+                    await session.send_frame(image, ts + offset_s, encoding=args.encoding)
+                else:
+                    sent = session.send_frame(image, ts + offset_s, encoding=args.encoding, wait=True)
+                    in_flight.append(asyncio.create_task(sent))
+                    await asyncio.sleep(0)  # let it go out in order before the next frame
                 video_s = ts + offset_s
                 report.frames_sent += 1
                 now = time.monotonic()
@@ -645,6 +690,7 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
                     last_progress = now
                     report.elapsed_s = now - start
                     _progress(report, args.json)
+            await asyncio.gather(*in_flight)
             for at, text in pending:  # asked after the source ended: at the last frame's time
                 tasks.append(asyncio.create_task(ask(session, text, min(at + offset_s, video_s))))
             if tasks:
@@ -652,14 +698,24 @@ async def run_stream(args: argparse.Namespace, frames, asks: list[tuple[float | 
             for text in at_end:
                 await ask(session, text, video_s)
             if stdin_task is not None:
-                print("\nsource ended; type more questions, or an empty line to quit", file=sys.stderr)
+                async with out_lock:  # not inside an answer being printed
+                    print("\nsource ended; type more questions, or an empty line to quit", file=sys.stderr)
                 await stdin_task
+            try:  # the acks' history misses the tokens answers added since the last frame
+                stats = await client.session_stats(session.session_id)
+                report.history_tokens = stats.history_tokens
+            except VRexError:
+                pass
             await session.close()
             report.elapsed_s = time.monotonic() - start
             report.frames_accepted = session.frames_accepted or report.frames_accepted
             report.frames_dropped = session.frames_dropped or report.frames_dropped
     return report
 
+
+# frames a `--speed 0` stream keeps unacknowledged: one in the engine, one waiting (the server
+# keeps max_pending_frames, default 2, before it drops the oldest)
+SPEED0_FRAMES_IN_FLIGHT = 2
 
 # The engine's name for a session's last frame time; SessionStats.extra carries the engine's
 # numeric stats, so a server whose engine reports it lets a resumed stream continue after it.

@@ -269,7 +269,7 @@ class VRexServicer(pb_grpc.VRexServicer):
                 engine_session = await self.backend.resume(session_id)
             except KeyError as exc:
                 hint = (
-                    ""
+                    self._pruning_hint()
                     if self.snapshots_enabled
                     else " (this server has no --data-dir, so nothing is resumable)"
                 )
@@ -307,6 +307,12 @@ class VRexServicer(pb_grpc.VRexServicer):
         self.metrics.session_opened()
         log_event("session_resume", session=live.id, **(vars(replayed) if replayed else {}))
         return live
+
+    def _pruning_hint(self) -> str:
+        keep_s = self.config.keep_closed_s
+        if keep_s is None:
+            return ""
+        return f" (closed sessions are deleted {keep_s / 3600:g} h after their last snapshot: --keep-closed)"
 
     async def _replay_log(self, live: LiveSession) -> wal.ReplayReport:
         """Bring a restored session up to its last acknowledged record (see server/wal.py).
@@ -801,7 +807,13 @@ async def _serve(config: ServerConfig, backend: Backend | None) -> int:
         power_sampler=sampler.source if sampler is not None else None,
     )
     if config.ready_file is not None:
-        _write_atomic(Path(config.ready_file), json.dumps({"port": running.port, "pid": os.getpid()}))
+        try:
+            _write_atomic(Path(config.ready_file), json.dumps({"port": running.port, "pid": os.getpid()}))
+        except OSError as exc:  # checked at start; the folder may have gone since
+            await running.stop()
+            raise ValueError(
+                f"--ready-file {config.ready_file}: cannot write it ({exc.strerror or exc})"
+            ) from None
     await stop.wait()
     await running.stop()
     return 0

@@ -389,7 +389,12 @@ class StreamSession:
 
     async def _write(self, event: pb.ClientEvent) -> None:
         if self._closed.is_set():
-            raise VRexError("UNAVAILABLE", f"stream has ended ({self.end_status}); {self._ended_advice()}")
+            how = (
+                "the server ended the stream (it may be shutting down)"
+                if self.end_status in (None, grpc.StatusCode.OK)
+                else f"the stream ended with {self.end_status.name}"
+            )
+            raise VRexError("UNAVAILABLE", f"{how}; {self._ended_advice()}")
         try:
             async with self._write_lock:  # grpc.aio allows one write in flight per call
                 await self._call.write(event)

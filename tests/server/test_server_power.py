@@ -219,10 +219,9 @@ def test_serve_flag_errors_name_the_flag(argv, words, tmp_path):
 def test_a_data_dir_the_server_cannot_write_is_refused_with_the_flag(tmp_path, capsys, monkeypatch):
     """It crashed with a raw traceback (a read-only file system) or started and failed every
     Open; here the folder sits under a file, which fails the same way for root too."""
-    import argparse
-
     import server.logs
-    from server.cli import _unwritable, cmd_serve, register
+    from server.cli import _unwritable
+    from vrex.cli import main
 
     # the server's logging setup would keep a handler on this test's captured stderr
     monkeypatch.setattr(server.logs, "setup_logging", lambda *a, **k: None)
@@ -230,11 +229,13 @@ def test_a_data_dir_the_server_cannot_write_is_refused_with_the_flag(tmp_path, c
     (tmp_path / "f").write_text("")
     assert "cannot write there" in _unwritable(tmp_path / "f" / "sub")
     assert _unwritable(tmp_path / "ok" / "deep") is None and (tmp_path / "ok" / "deep").is_dir()
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--trace-dir", str(tmp_path / "f" / "traces")])
-    assert cmd_serve(args) == 2
-    assert "--trace-dir" in capsys.readouterr().err
+    assert main(["serve", "--trace-dir", str(tmp_path / "f" / "traces")]) == 2
+    assert "vrex: error: --trace-dir" in capsys.readouterr().err
+    # the ready file too, before the model loads (it was written after, with a traceback)
+    assert main(["serve", "--ready-file", str(tmp_path / "f" / "ready.json")]) == 2
+    assert "vrex: error: --ready-file" in capsys.readouterr().err
+    assert main(["serve", "--ready-file", str(tmp_path / "ok")]) == 2
+    assert "is a folder; give a file path" in capsys.readouterr().err
 
 
 def test_tls_pair_check_accepts_a_real_pair(tls_files):

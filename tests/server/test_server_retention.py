@@ -133,7 +133,9 @@ async def test_closed_sessions_are_pruned_after_keep_closed_and_live_ones_stay(t
         assert not wal.wal_path(data, old).exists()
         assert not any(p.name.startswith(".") for p in (data / "sessions").iterdir())
         assert list((data / "kv-disk").iterdir()) == []  # closed sessions leave no folder behind
-        with pytest.raises(VRexError, match="NOT_FOUND"):
+        with pytest.raises(
+            VRexError, match=r"NOT_FOUND.* deleted 1 h after their last snapshot: --keep-closed"
+        ):
             async with client.session(resume_session_id=old):
                 pass
         async with client.session(resume_session_id=recent) as back:

@@ -178,3 +178,41 @@ def test_every_stream_option_has_help():
     register(sub)
     missing = [a.option_strings[0] for a in sub.choices["stream"]._actions if a.option_strings and not a.help]
     assert missing == []
+
+
+async def test_speed_zero_takes_every_frame_at_the_servers_pace(serve, capsys, monkeypatch):
+    # a slow engine (40 ms a frame): sent without waiting, most frames met backpressure
+    monkeypatch.setenv("VREX_FAKE_FRAME_MS", "40")
+    server, _ = await serve()
+    flags = ("--synthetic", "--fps", "4", "--duration", "3", "--speed", "0")
+    rc, lines, err = await stream(capsys, f"127.0.0.1:{server.port}", *flags)
+    summary = lines[-1]
+    assert rc == 0, err
+    assert lines[0] == {"event": "opened", "session_id": summary["session_id"]}  # the id comes first
+    assert (
+        summary["frames_sent"] == 12 and summary["frames_accepted"] == 12 and summary["frames_dropped"] == 0
+    )
+
+
+async def test_the_summary_counts_the_history_answers_added(serve, capsys):
+    server, _ = await serve()
+    rc, lines, err = await stream(capsys, f"127.0.0.1:{server.port}", *SYNTH, "--ask", "what is it now?")
+    assert rc == 0, err
+    summary = lines[-1]
+    frames_only = summary["frames_accepted"] * fake_engine().TOKENS_PER_FRAME
+    assert summary["history_tokens"] > frames_only  # the question and its answer are history too
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--resume", ""), "--resume needs the session id"),
+        (("--tls-ca", "/nonexistent/ca.pem"), "--tls-ca /nonexistent/ca.pem: no such file"),
+    ],
+)
+async def test_client_flags_fail_before_connecting(serve, capsys, flags, message):
+    server, _ = await serve()
+    rc, lines, err = await stream(capsys, f"127.0.0.1:{server.port}", *SYNTH, *flags)
+    assert rc == 2 and lines == [] and message in err
+    rc, lines, err = await stream(capsys, "127.0.0.1", *SYNTH)  # no port: at once, not after a timeout
+    assert rc == 2 and "--server must be HOST:PORT" in err
