@@ -489,10 +489,13 @@ def _check_stream_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--server must be HOST:PORT (e.g. 127.0.0.1:50051), got {args.server!r}")
     if args.resume is not None and not args.resume.strip():
         raise ValueError("--resume needs the session id a previous run printed, got an empty one")
-    if args.tls_ca is not None and not Path(args.tls_ca).is_file():
-        raise ValueError(
-            f"--tls-ca {args.tls_ca}: no such file; give the CA certificate (PEM) the server's was signed with"
-        )
+    if args.tls_ca is not None:
+        if not Path(args.tls_ca).is_file():
+            raise ValueError(
+                f"--tls-ca {args.tls_ca}: no such file; give the CA certificate (PEM) the server's was signed with"
+            )
+        if b"-----BEGIN CERTIFICATE-----" not in Path(args.tls_ca).read_bytes():
+            raise ValueError(f"--tls-ca {args.tls_ca}: not a PEM certificate (no BEGIN CERTIFICATE line)")
 
 
 def _check_server_limits(args: argparse.Namespace, limits) -> None:

@@ -208,6 +208,7 @@ async def test_the_summary_counts_the_history_answers_added(serve, capsys):
     [
         (("--resume", ""), "--resume needs the session id"),
         (("--tls-ca", "/nonexistent/ca.pem"), "--tls-ca /nonexistent/ca.pem: no such file"),
+        (("--tls-ca", __file__), "not a PEM certificate"),
     ],
 )
 async def test_client_flags_fail_before_connecting(serve, capsys, flags, message):
