@@ -196,32 +196,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     all_corners = args.tech_corner == "all"
     if all_corners:
         args.tech_corner = None
+    coin = {
+        "--frames": args.frames,
+        "--question-tokens": args.question_tokens,
+        "--answer-tokens": args.answer_tokens,
+    }
     if args.trace:
-        given = [
-            flag
-            for flag, value in (
-                ("--kv-tokens", args.kv_tokens),
-                ("--frames", args.frames),
-                ("--question-tokens", args.question_tokens),
-                ("--answer-tokens", args.answer_tokens),
-            )
-            if value is not None
-        ]
+        given = [flag for flag, value in {"--kv-tokens": args.kv_tokens, **coin}.items() if value is not None]
         if given:
             raise ValueError(
                 f"{', '.join(given)} does not apply to a trace replay: the trace sets the histories and "
                 "steps; drop it"
             )
     elif args.stage != "e2e":
-        given = [
-            flag
-            for flag, value in (
-                ("--frames", args.frames),
-                ("--question-tokens", args.question_tokens),
-                ("--answer-tokens", args.answer_tokens),
-            )
-            if value is not None
-        ]
+        given = [flag for flag, value in coin.items() if value is not None]
         if given:
             raise ValueError(
                 f"{', '.join(given)} shapes the COIN scenario of --stage e2e only; --stage {args.stage} "
