@@ -109,3 +109,35 @@ def test_damaged_videos_still_get_their_answers(smolvlm_dir, tmp_path, capsys, w
         assert captured.err.count("vrex run: warning: ") == 1 and warning in captured.err
         out = json.loads(captured.out)
         assert len(out["answers"]) == 1 and out["stats"]["frames_accepted"] >= 3
+
+
+def test_the_first_ctrl_c_ends_the_video_and_still_answers(smolvlm_dir, tmp_path, write_clip):
+    """It quit with exit code 130 and printed nothing: no answer, no stats."""
+    import signal
+    import subprocess
+    import sys
+
+    write_clip(tmp_path / "long.mp4", seconds=60, fps=2)
+    args = ["run", "--video", str(tmp_path / "long.mp4"), "--model", str(smolvlm_dir), "--fps", "2"]
+    args += ["--ask", "what?", "--ask-at", "55", "--max-new-tokens", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from vrex.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        progress = 0
+        while progress < 3:  # off a terminal, one progress line per frame kept
+            line = proc.stderr.readline()
+            assert line, "the run ended before it streamed three frames"
+            progress += "frames" in line and "kept" in line
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "interrupted: the video ends after this frame" in err
+    assert "Q: what?" in out and "stats" in out
+    kept = int(out.split("frames_accepted")[1].split()[0].replace(",", ""))
+    assert 3 <= kept < 110  # stopped early, and the frame in progress was kept whole

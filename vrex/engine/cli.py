@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 
 from vrex.host import check_output_path
@@ -93,6 +96,33 @@ def _warn(message: str) -> None:
     print(f"vrex run: warning: {message}", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def _first_interrupt_ends_the_video():
+    """The first Ctrl-C ends the video after the frame in progress (a step is never cut half-way),
+    so the questions still due are asked and the stats printed; a second one quits at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers belong to the main thread: Ctrl-C quits as usual
+        return
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(
+            "\nvrex run: interrupted: the video ends after this frame; questions still due are asked "
+            "now (Ctrl-C again to quit)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _main(args: argparse.Namespace) -> int:
     from vrex.kv import parse_bytes
     from vrex.video import FileSource, resolve_video
@@ -175,9 +205,11 @@ def _main(args: argparse.Namespace) -> int:
             }
         )
 
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(source.close)
+        interrupted = cleanup.enter_context(_first_interrupt_ends_the_video())
         for ts, image in source:
-            if args.max_seconds is not None and ts > args.max_seconds:
+            if interrupted.is_set() or (args.max_seconds is not None and ts > args.max_seconds):
                 break
             while pending and pending[0][0] <= ts:
                 at, q = pending.pop(0)
@@ -206,8 +238,6 @@ def _main(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
             answer(q, min(at, last_t))
-    finally:
-        source.close()
     stats = session.stats()
     session.close()
     if sampler is not None:
