@@ -48,7 +48,7 @@ def register_resv(bench_sub) -> None:
     p.add_argument("--quick", action="store_true", help="histories 1K and 5K only")
     p.add_argument("--shape", action="append", choices=sorted(RESV_SHAPES), help="model shape (repeatable)")
     p.add_argument("--history", action="append", type=int, help="history tokens (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--out", help="also write the JSON rows to this file")
     p.set_defaults(func=_lazy_main("benchmarks.resv_micro"))
@@ -89,7 +89,7 @@ def register_fidelity(bench_sub) -> None:
         help="PNG of fetched fraction per layer and KV head ('' = none)",
     )
     p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--raw", help="append every needle trial to this JSON-lines file as it ends")
     p.add_argument(
         "--variant",
@@ -151,7 +151,7 @@ def register_latency(bench_sub) -> None:
         action="append",
         help=f"tokens per KV block (repeatable, to compare sizes in one run; default {ENGINE_BLOCK_TOKENS})",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--raw", help="append every measured point to this JSON-lines file as it ends")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--out", help="also write the JSON rows to this file")

@@ -85,8 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds to wait for --server to answer before giving up (default 10)",
     )
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--tls-ca", default=None)
+    p.add_argument(
+        "--api-key", default=None, help="API key, for a server started with --api-key or --api-keys-file"
+    )
+    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM), for a server with --tls-cert")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

@@ -34,7 +34,7 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of the engine (default cpu)")
     p.add_argument("--frames", type=int, default=12, help="frames to stream (default 12)")
     p.add_argument("--at", default="3,6,12", help="history lengths (frames) to measure at (default 3,6,12)")
     p.add_argument("--size", default="320x240", help="frame size WxH (default 320x240)")

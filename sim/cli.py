@@ -420,7 +420,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     cmp_ = sub.add_parser("compare", help="speedup and energy-efficiency gain over a GPU baseline")
     _add_system_args(cmp_)
-    cmp_.add_argument("--baseline", default="agx-orin")
+    cmp_.add_argument("--baseline", default="agx-orin", help="GPU baseline system (default agx-orin)")
     cmp_.add_argument(
         "--policy",
         type=_policy_name,
@@ -428,8 +428,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="flexgen",
         help="the baseline's retrieval policy",
     )
-    cmp_.add_argument("--kv-tokens", default="1000,5000,10000,20000,40000")
-    cmp_.add_argument("--batch", type=int, default=1)
+    cmp_.add_argument(
+        "--kv-tokens", default="1000,5000,10000,20000,40000", help="KV histories per stream, comma-separated"
+    )
+    cmp_.add_argument("--batch", type=int, default=1, help="streams per batch (default 1)")
     cmp_.add_argument(
         "--baseline-set",
         action="append",
@@ -461,9 +463,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sensitivity", help="which technology numbers matter: each table entry alone at its low/high value"
     )
     _add_system_args(sens)
-    sens.add_argument("--kv-tokens", type=int, default=40000)
-    sens.add_argument("--batch", type=int, default=1)
-    sens.add_argument("--policy", type=_policy_name, choices=POLICIES, default="resv")
+    sens.add_argument("--kv-tokens", type=int, default=40000, help="KV history per stream (default 40000)")
+    sens.add_argument("--batch", type=int, default=1, help="streams per batch (default 1)")
+    sens.add_argument(
+        "--policy",
+        type=_policy_name,
+        choices=POLICIES,
+        default="resv",
+        help="retrieval policy (default resv)",
+    )
     sens.add_argument("--min-pct", type=float, default=1.0, help="hide rows that move no objective this much")
     sens.set_defaults(func=cmd_sensitivity)
 
@@ -473,8 +481,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the paper's figures",
     )
     _add_system_args(plot)
-    plot.add_argument("--baseline", default="agx-orin")
-    plot.add_argument("--kv-tokens", default="1000,5000,10000,20000,40000")
+    plot.add_argument("--baseline", default="agx-orin", help="GPU baseline system (default agx-orin)")
+    plot.add_argument(
+        "--kv-tokens", default="1000,5000,10000,20000,40000", help="KV histories per stream, comma-separated"
+    )
     plot.add_argument("--batch", type=int, default=None, help="default 1 (the paper's roofline: 4)")
     plot.add_argument("--layer", type=int, default=16, help="layer of the bandwidth-over-time plot")
     plot.add_argument("--out", default="sim-plots", help="folder for the PNGs (default sim-plots)")

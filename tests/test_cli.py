@@ -1,5 +1,6 @@
 """The one `vrex` command: every area's commands register, and help works."""
 
+import argparse
 import importlib
 import json
 import subprocess
@@ -29,6 +30,18 @@ def test_each_command_builds_alone_and_has_help(command, capsys):
         parser.parse_args([command, "--help"])
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith("usage: vrex " + command)
+
+
+def test_every_option_of_every_command_has_help():
+    def undocumented(parser: argparse.ArgumentParser, path: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from undocumented(child, f"{path} {name}")
+            elif action.option_strings and not action.help:
+                yield f"{path} {action.option_strings[0]}"
+
+    assert list(undocumented(build_parser([]), "vrex")) == []
 
 
 def test_help_loads_no_heavy_module():

@@ -353,7 +353,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=1.0, help="frames per second kept (default 1)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop streaming after this much video")
     p.add_argument("--ask", action="append", default=[], help="question asked at the end (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=8, help="longest answer in tokens (default 8)")
     add_preset_flag(p, "--preset", "--resv-preset")
     p.add_argument(
         "--device-kv-budget",
@@ -362,10 +362,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--host-kv-budget", help="host KV tier per session (default: 0 on the CPU: evictions go to disk)"
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device to stream on: cpu, cuda, ... (default cpu)")
     p.add_argument("--trace", help="keep the recorded trace here (default: a temporary file)")
     p.add_argument("--system", default="vrex8", help="simulated V-Rex system (default vrex8)")
     p.add_argument("--baseline", default="agx-orin", help="GPU baseline system (default agx-orin)")
-    p.add_argument("--baseline-policy", default="flexgen", choices=POLICIES)
+    p.add_argument(
+        "--baseline-policy",
+        default="flexgen",
+        choices=POLICIES,
+        help="the baseline's retrieval policy (default flexgen)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd)

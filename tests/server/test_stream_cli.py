@@ -4,7 +4,6 @@ videos. The CLI runs in a thread (it has its own event loop) while the server ru
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -14,7 +13,6 @@ import pytest
 
 import vrex.video as video
 from server.cli import main as cli_main
-from server.cli import register
 from vrex.client import FrameTooLargeError
 
 
@@ -171,13 +169,6 @@ async def test_damaged_videos_still_get_their_answers(serve, capsys, tmp_path, w
         assert err.count("vrex stream: warning: ") == 1 and warning in err
         summary = lines[-1]
         assert summary["frames_sent"] >= 6 and len(summary["answers"]) == 1
-
-
-def test_every_stream_option_has_help():
-    sub = argparse.ArgumentParser().add_subparsers()
-    register(sub)
-    missing = [a.option_strings[0] for a in sub.choices["stream"]._actions if a.option_strings and not a.help]
-    assert missing == []
 
 
 async def test_speed_zero_takes_every_frame_at_the_servers_pace(serve, capsys, monkeypatch):

@@ -42,7 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--repeats", type=int, default=defaults.repeats, help=f"timed repeats (default {defaults.repeats})"
     )
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["float16", "bfloat16", "float32"])
+    parser.add_argument(
+        "--dtype",
+        default=defaults.dtype,
+        choices=["float16", "bfloat16", "float32"],
+        help=f"KV precision (default {defaults.dtype})",
+    )
     parser.add_argument("--device", default=defaults.device, help="compute device, e.g. cpu or cuda")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run_kv_bench)
