@@ -88,6 +88,14 @@ def write_clip() -> Callable[..., bytes]:
     return _write_noise_clip
 
 
+@pytest.fixture(scope="session")
+def tiny_smolvlm_dir(tmp_path_factory):
+    """A tiny random SmolVLM checkpoint (a few MB), for the tests that load a real model."""
+    from vrex.models import tiny_random
+
+    return tiny_random("smolvlm", folder=tmp_path_factory.mktemp("tiny-smolvlm"))
+
+
 @pytest.fixture
 def disk_full(monkeypatch) -> dict:
     """``disk_full["on"] = True`` makes the disk KV tier's file fail to grow, as on a full disk."""

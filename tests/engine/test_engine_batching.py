@@ -12,14 +12,14 @@ import torch
 
 from vrex.engine import Engine, EngineConfig, SessionSettings
 from vrex.engine.batching import forward_batch
-from vrex.models import load_model, tiny_random
+from vrex.models import load_model
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def smolvlm_adapter(tmp_path_factory):
-    return load_model(tiny_random("smolvlm", folder=tmp_path_factory.mktemp("batch-smolvlm")))
+def smolvlm_adapter(tiny_smolvlm_dir):
+    return load_model(tiny_smolvlm_dir)
 
 
 def _frames(n, seed):

@@ -80,14 +80,7 @@ def test_the_flags_limits_are_the_engines():
         SessionSettings(max_new_tokens=run_cli.MAX_NEW_TOKENS + 1)
 
 
-@pytest.fixture(scope="module")
-def smolvlm_dir(tmp_path_factory):
-    from vrex.models import tiny_random
-
-    return tiny_random("smolvlm", folder=tmp_path_factory.mktemp("smolvlm"))
-
-
-def test_damaged_videos_still_get_their_answers(smolvlm_dir, tmp_path, capsys, write_clip):
+def test_damaged_videos_still_get_their_answers(tiny_smolvlm_dir, tmp_path, capsys, write_clip):
     data = write_clip(tmp_path / "clip.mp4")
     middle = len(data) // 2
     (tmp_path / "corrupt.mp4").write_bytes(
@@ -95,7 +88,7 @@ def test_damaged_videos_still_get_their_answers(smolvlm_dir, tmp_path, capsys, w
     )
     (tmp_path / "cut.mp4").write_bytes(data[:middle])
     for name, warning in (("corrupt.mp4", "undecodable data after"), ("cut.mp4", "of its declared 8.0 s")):
-        args = ["run", "--video", str(tmp_path / name), "--model", str(smolvlm_dir), "--fps", "1"]
+        args = ["run", "--video", str(tmp_path / name), "--model", str(tiny_smolvlm_dir), "--fps", "1"]
         assert main([*args, "--ask", "what?", "--max-new-tokens", "2", "--json"]) == 0
         captured = capsys.readouterr()
         assert captured.err.count("vrex run: warning: ") == 1 and warning in captured.err
@@ -103,14 +96,14 @@ def test_damaged_videos_still_get_their_answers(smolvlm_dir, tmp_path, capsys, w
         assert len(out["answers"]) == 1 and out["stats"]["frames_accepted"] >= 3
 
 
-def test_the_first_ctrl_c_ends_the_video_and_still_answers(smolvlm_dir, tmp_path, write_clip):
+def test_the_first_ctrl_c_ends_the_video_and_still_answers(tiny_smolvlm_dir, tmp_path, write_clip):
     """It quit with exit code 130 and printed nothing: no answer, no stats."""
     import signal
     import subprocess
     import sys
 
     write_clip(tmp_path / "long.mp4", seconds=60, fps=2)
-    args = ["run", "--video", str(tmp_path / "long.mp4"), "--model", str(smolvlm_dir), "--fps", "2"]
+    args = ["run", "--video", str(tmp_path / "long.mp4"), "--model", str(tiny_smolvlm_dir), "--fps", "2"]
     args += ["--ask", "what?", "--ask-at", "55", "--max-new-tokens", "2"]
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from vrex.cli import main; sys.exit(main(sys.argv[1:]))", *args],

@@ -18,11 +18,6 @@ from vrex.trace import TraceError, read_trace, validate_step
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def smolvlm_dir(tmp_path_factory):
-    return tiny_random("smolvlm", folder=tmp_path_factory.mktemp("smolvlm"))
-
-
 def _frames(n, seed=0, h=48, w=64):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(n)]
@@ -70,8 +65,8 @@ def test_full_policy_over_tiered_store_equals_one_forward(family, tmp_path):
         assert st["kv_resident_tokens_disk"] > 0, "the budget should have pushed history to disk"
 
 
-def test_resv_ratio_one_matches_full(smolvlm_dir):
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+def test_resv_ratio_one_matches_full(tiny_smolvlm_dir):
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     frames = _frames(5, seed=1)
     _, full = _logits_of_session(engine, SessionSettings(policy="full"), frames)
     # ratio 1 keeps every cluster with positive weight: all of them under the softmax form
@@ -81,11 +76,11 @@ def test_resv_ratio_one_matches_full(smolvlm_dir):
     assert s.stats()["fetched_fraction_frame"] == pytest.approx(1.0)
 
 
-def test_long_stream_stays_under_device_budget_and_retrieves_exactly(smolvlm_dir):
+def test_long_stream_stays_under_device_budget_and_retrieves_exactly(tiny_smolvlm_dir):
     budget = 150_000
     engine = Engine(
         EngineConfig(
-            model_dir=str(smolvlm_dir),
+            model_dir=str(tiny_smolvlm_dir),
             device_kv_budget_bytes=budget,
             host_kv_budget_bytes=150_000,
             block_tokens=4,
@@ -107,10 +102,10 @@ def test_long_stream_stays_under_device_budget_and_retrieves_exactly(smolvlm_dir
         assert torch.equal(got.keys, k_all) and torch.equal(got.values, v_all)
 
 
-def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
+def test_snapshot_restore_continues_identically(tiny_smolvlm_dir, tmp_path):
     engine = Engine(
         EngineConfig(
-            model_dir=str(smolvlm_dir),
+            model_dir=str(tiny_smolvlm_dir),
             data_dir=str(tmp_path),
             device_kv_budget_bytes=70_000,
             host_kv_budget_bytes=1 << 30,  # a host tier on the CPU too, as below a discrete GPU
@@ -145,11 +140,11 @@ def test_snapshot_restore_continues_identically(smolvlm_dir, tmp_path):
         engine.resume("no-such-session")
 
 
-def test_a_snapshot_set_aside_by_a_crash_mid_swap_still_resumes(smolvlm_dir, tmp_path):
+def test_a_snapshot_set_aside_by_a_crash_mid_swap_still_resumes(tiny_smolvlm_dir, tmp_path):
     """A snapshot replaces the last one with two renames (old aside, new into place); a crash
     between them leaves only the set-aside copy. Resume finds it (it answered no session), and
     the next snapshot clears it away."""
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path)))
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir), data_dir=str(tmp_path)))
     s = engine.open_session(SessionSettings(policy="resv", fps=1))
     for i, f in enumerate(_frames(3, seed=5)):
         s.add_frame(f, float(i))
@@ -170,8 +165,8 @@ def test_a_snapshot_set_aside_by_a_crash_mid_swap_still_resumes(smolvlm_dir, tmp
         engine.resume(sid)
 
 
-def test_sampler_keeps_target_fps_and_reports_drops(smolvlm_dir):
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+def test_sampler_keeps_target_fps_and_reports_drops(tiny_smolvlm_dir):
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     s = engine.open_session(SessionSettings(policy="window", fps=2))
     frame = _frames(1)[0]
     kept = [s.add_frame(frame, t / 10).accepted for t in range(20)]  # 10 fps for 2 s
@@ -182,7 +177,7 @@ def test_sampler_keeps_target_fps_and_reports_drops(smolvlm_dir):
     assert not s.add_frame(frame, 0.0).accepted  # backwards
 
 
-def test_sampler_keeps_every_frame_a_client_sampler_picked(smolvlm_dir):
+def test_sampler_keeps_every_frame_a_client_sampler_picked(tiny_smolvlm_dir):
     from vrex.video import FpsSampler
 
     # a 25 fps file read at 2 fps: the client keeps 0.0, 0.52, 1.0, 1.52, ... (first of each
@@ -190,14 +185,14 @@ def test_sampler_keeps_every_frame_a_client_sampler_picked(smolvlm_dir):
     picker = FpsSampler(2.0)
     picks = [t / 25 for t in range(75) if picker.keep(t / 25)]
     assert picks[:3] == [0.0, 0.52, 1.0]
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     s = engine.open_session(SessionSettings(policy="window", fps=2))
     frame = _frames(1)[0]
     assert all(s.add_frame(frame, t).accepted for t in picks)
 
 
-def test_ask_streams_multi_turn_and_trace_validates(smolvlm_dir, tmp_path):
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+def test_ask_streams_multi_turn_and_trace_validates(tiny_smolvlm_dir, tmp_path):
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     trace = tmp_path / "t.jsonl"
     s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=4), trace_path=str(trace))
 
@@ -235,10 +230,10 @@ def test_ask_streams_multi_turn_and_trace_validates(smolvlm_dir, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["cancelled", "error"])
-def test_an_answer_cut_short_closes_its_turn(smolvlm_dir, monkeypatch, how):
+def test_an_answer_cut_short_closes_its_turn(tiny_smolvlm_dir, monkeypatch, how):
     """An answer that stops early (the caller stops reading, or sampling fails) leaves the
     history as a finished answer of the tokens it fed back would: the next step is the same."""
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     settings = SessionSettings(policy="resv", fps=1, max_new_tokens=32, temperature=1.0)
     frames = _frames(2, seed=3)
 
@@ -290,10 +285,10 @@ def _assert_same_next_step(engine, a, b):
     assert torch.equal(got, want)
 
 
-def test_ask_closed_early_closes_the_turn_on_the_model_thread(smolvlm_dir, monkeypatch):
+def test_ask_closed_early_closes_the_turn_on_the_model_thread(tiny_smolvlm_dir, monkeypatch):
     import threading
 
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=32, temperature=1.0))
     closed_on = []
     real = engine.adapter.next_turn_input
@@ -317,8 +312,8 @@ def test_ask_closed_early_closes_the_turn_on_the_model_thread(smolvlm_dir, monke
     assert s.stats()["answers"] == 2
 
 
-def test_a_failing_close_keeps_the_original_error_and_is_retried(smolvlm_dir, monkeypatch):
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+def test_a_failing_close_keeps_the_original_error_and_is_retried(tiny_smolvlm_dir, monkeypatch):
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     settings = SessionSettings(policy="resv", fps=1, max_new_tokens=32, temperature=1.0)
     from vrex.engine import session as session_mod
 
@@ -353,9 +348,9 @@ def test_a_failing_close_keeps_the_original_error_and_is_retried(smolvlm_dir, mo
     _assert_same_next_step(engine, cut, whole)
 
 
-def test_a_snapshot_during_a_cut_off_answer_holds_a_closed_turn(smolvlm_dir, tmp_path):
+def test_a_snapshot_during_a_cut_off_answer_holds_a_closed_turn(tiny_smolvlm_dir, tmp_path):
     """A server stopping mid-answer snapshots before the stream's own clean-up runs."""
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=32, temperature=1.0))
 
     async def go():
@@ -371,8 +366,8 @@ def test_a_snapshot_during_a_cut_off_answer_holds_a_closed_turn(smolvlm_dir, tmp
     assert restored.history_tokens == s.history_tokens
 
 
-def test_sampling_settings_are_checked_and_tiny_temperatures_sample(smolvlm_dir):
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+def test_sampling_settings_are_checked_and_tiny_temperatures_sample(tiny_smolvlm_dir):
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     s = engine.open_session(SessionSettings(fps=1, max_new_tokens=3))
     before = s.history_tokens
     for bad in ({"temperature": 6.0}, {"temperature": float("nan")}, {"top_p": 0.0}):
@@ -388,7 +383,7 @@ def test_sampling_settings_are_checked_and_tiny_temperatures_sample(smolvlm_dir)
     assert s2.answers[-1].history_token_ids == s.answers[-1].history_token_ids
 
 
-def test_bad_input_errors(smolvlm_dir, tmp_path):
+def test_bad_input_errors(tiny_smolvlm_dir, tmp_path):
     with pytest.raises(ValueError, match="policy"):
         SessionSettings(policy="nope")
     with pytest.raises(ValueError, match="fps"):
@@ -396,7 +391,7 @@ def test_bad_input_errors(smolvlm_dir, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError):
         Engine(EngineConfig(model_dir=str(tmp_path)))
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir), max_question_tokens=5, max_sessions=1))
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir), max_question_tokens=5, max_sessions=1))
     s = engine.open_session()
     with pytest.raises(ValueError, match="limit"):
         list(s.generate("a very long question " * 10))
@@ -405,7 +400,7 @@ def test_bad_input_errors(smolvlm_dir, tmp_path):
     with pytest.raises(CapacityError):
         engine.open_session()
     with pytest.raises(ValueError):
-        Engine(EngineConfig(model_dir=str(smolvlm_dir), device_kv_budget_bytes=10)).open_session()
+        Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir), device_kv_budget_bytes=10)).open_session()
 
 
 def _sample(name):
@@ -437,7 +432,7 @@ def test_demo_model_on_a_real_video_answers():
     assert "paris" in text.lower()
 
 
-def test_vrex_run_cli_json(smolvlm_dir, tmp_path, capsys):
+def test_vrex_run_cli_json(tiny_smolvlm_dir, tmp_path, capsys):
     from vrex.cli import main
 
     trace = tmp_path / "run.jsonl"
@@ -447,7 +442,7 @@ def test_vrex_run_cli_json(smolvlm_dir, tmp_path, capsys):
             "--video",
             str(_sample("bikes.mp4")),
             "--model",
-            str(smolvlm_dir),
+            str(tiny_smolvlm_dir),
             "--fps",
             "1",
             "--ask",
@@ -479,14 +474,14 @@ def test_vrex_run_cli_json(smolvlm_dir, tmp_path, capsys):
     assert out["model"]["dtype"] == "float32"  # --dtype auto on CPU
 
 
-def test_vrex_run_dtype_flag(smolvlm_dir, capsys):
-    assert _run_json(smolvlm_dir, capsys, "--dtype", "bf16")["model"]["dtype"] == "bfloat16"
+def test_vrex_run_dtype_flag(tiny_smolvlm_dir, capsys):
+    assert _run_json(tiny_smolvlm_dir, capsys, "--dtype", "bf16")["model"]["dtype"] == "bfloat16"
 
 
-def test_vrex_run_progress_is_one_line_per_frame_off_a_terminal(smolvlm_dir, capsys):
+def test_vrex_run_progress_is_one_line_per_frame_off_a_terminal(tiny_smolvlm_dir, capsys):
     from vrex.cli import main
 
-    args = ["run", "--video", str(_sample("bikes.mp4")), "--model", str(smolvlm_dir), "--fps", "1"]
+    args = ["run", "--video", str(_sample("bikes.mp4")), "--model", str(tiny_smolvlm_dir), "--fps", "1"]
     assert main([*args, "--ask", "what?", "--max-new-tokens", "2", "--max-seconds", "3"]) == 0
     err = capsys.readouterr().err
     # captured stderr is not a terminal: one line per frame, no in-place rewrites in logs
@@ -495,16 +490,16 @@ def test_vrex_run_progress_is_one_line_per_frame_off_a_terminal(smolvlm_dir, cap
     assert all(line.count("kept /") == 1 and "\r" not in line for line in progress)
 
 
-def _run_json(smolvlm_dir, capsys, *extra):
+def _run_json(tiny_smolvlm_dir, capsys, *extra):
     from vrex.cli import main
 
-    args = ["run", "--video", str(_sample("bikes.mp4")), "--model", str(smolvlm_dir), "--fps", "1"]
+    args = ["run", "--video", str(_sample("bikes.mp4")), "--model", str(tiny_smolvlm_dir), "--fps", "1"]
     args += ["--ask", "what?", "--max-new-tokens", "2", "--max-seconds", "3", "--json", *extra]
     assert main(args) == 0
     return json.loads(capsys.readouterr().out)
 
 
-def test_vrex_run_reports_measured_energy(smolvlm_dir, capsys, monkeypatch):
+def test_vrex_run_reports_measured_energy(tiny_smolvlm_dir, capsys, monkeypatch):
     import sys
     from pathlib import Path
 
@@ -512,7 +507,7 @@ def test_vrex_run_reports_measured_energy(smolvlm_dir, capsys, monkeypatch):
 
     # off a Jetson: no sampler, a note, and no numbers
     monkeypatch.setattr(power, "detect_sampler", lambda interval_ms=100: None)
-    stats = _run_json(smolvlm_dir, capsys)["stats"]
+    stats = _run_json(tiny_smolvlm_dir, capsys)["stats"]
     assert stats["power_sampler"] is None and stats["power_note"] == power.NO_SAMPLER_NOTE
     assert "energy_per_frame_mj" not in stats
     # a recorded Orin Nano tegrastats line (VDD_IN 7432 mW) every 20 ms
@@ -524,19 +519,19 @@ def test_vrex_run_reports_measured_energy(smolvlm_dir, capsys, monkeypatch):
         "detect_sampler",
         lambda interval_ms=100: power.PowerSampler("tegrastats", 20, command=[sys.executable, "-c", script]),
     )
-    stats = _run_json(smolvlm_dir, capsys)["stats"]
+    stats = _run_json(tiny_smolvlm_dir, capsys)["stats"]
     assert stats["power_sampler"] == "tegrastats"
     assert stats["energy_answers_measured"] == 1 and stats["energy_frames_measured"] >= 1
     assert stats["average_power_mw"] == pytest.approx(7432.0, rel=1e-6)
     assert stats["energy_per_frame_mj"] > 0
 
 
-def test_engine_trace_replays_in_the_simulator(smolvlm_dir, tmp_path, capsys):
+def test_engine_trace_replays_in_the_simulator(tiny_smolvlm_dir, tmp_path, capsys):
     """The two halves meet in the trace: what a session recorded, the simulator replays."""
     from vrex.cli import main
 
     trace = tmp_path / "t.jsonl"
-    engine = Engine(EngineConfig(model_dir=str(smolvlm_dir)))
+    engine = Engine(EngineConfig(model_dir=str(tiny_smolvlm_dir)))
     s = engine.open_session(SessionSettings(policy="resv", fps=1, max_new_tokens=3), trace_path=str(trace))
     for i, f in enumerate(_frames(4)):
         s.add_frame(f, float(i))
@@ -551,13 +546,15 @@ def test_engine_trace_replays_in_the_simulator(smolvlm_dir, tmp_path, capsys):
     assert report["model"]["vision_hidden_size"] == vision.hidden_size
 
 
-def test_trace_dir_records_every_session_and_each_restore(smolvlm_dir, tmp_path):
+def test_trace_dir_records_every_session_and_each_restore(tiny_smolvlm_dir, tmp_path):
     """`EngineConfig.trace_dir` (`vrex serve --trace-dir`): one replayable trace per session,
     readable while the session is open, and a fresh file when a snapshot is restored."""
     from vrex.cli import main
 
     traces = tmp_path / "traces"
-    cfg = EngineConfig(model_dir=str(smolvlm_dir), data_dir=str(tmp_path / "data"), trace_dir=str(traces))
+    cfg = EngineConfig(
+        model_dir=str(tiny_smolvlm_dir), data_dir=str(tmp_path / "data"), trace_dir=str(traces)
+    )
     engine = Engine(cfg)
     s = engine.open_session(SessionSettings(policy="resv", fps=1))
     for i, f in enumerate(_frames(3)):

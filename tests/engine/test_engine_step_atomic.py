@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vrex.engine import Engine, EngineConfig, PartialStepError, SessionBrokenError, SessionSettings
-from vrex.models import load_model, tiny_random
+from vrex.models import load_model
 
 torch.set_num_threads(1)
 
@@ -22,8 +22,8 @@ LONG_QUESTION = "describe the scene in great detail please " * 4
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    return load_model(tiny_random("smolvlm", folder=tmp_path_factory.mktemp("atomic-smolvlm")))
+def adapter(tiny_smolvlm_dir):
+    return load_model(tiny_smolvlm_dir)
 
 
 def _engine(adapter, **overrides) -> Engine:

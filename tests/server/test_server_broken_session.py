@@ -18,24 +18,20 @@ from server.backend import Backend, create_backend
 from server.config import ServerConfig
 from server.service import create_server
 from vrex.client import Client, VRexError
-from vrex.models import load_model, tiny_random
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tiny_random("smolvlm", folder=tmp_path_factory.mktemp("broken-smolvlm"))
-    load_model(folder)  # fails here, not inside the server, if the model is bad
-    return folder
 
 
 def image(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 
 
-async def test_broken_session_refuses_requests_and_resumes_from_its_snapshot_and_log(tiny_dir, tmp_path):
+async def test_broken_session_refuses_requests_and_resumes_from_its_snapshot_and_log(
+    tiny_smolvlm_dir, tmp_path
+):
     data = tmp_path / "data"
-    config = ServerConfig(port=0, model_dir=tiny_dir, data_dir=data)
-    engine = engine_module.Engine(engine_module.EngineConfig(model_dir=str(tiny_dir), data_dir=str(data)))
+    config = ServerConfig(port=0, model_dir=tiny_smolvlm_dir, data_dir=data)
+    engine = engine_module.Engine(
+        engine_module.EngineConfig(model_dir=str(tiny_smolvlm_dir), data_dir=str(data))
+    )
     server = await create_server(config, Backend(module=engine_module, engine=engine))
     await server.start()
     client = Client(f"127.0.0.1:{server.port}")
@@ -75,9 +71,9 @@ async def test_broken_session_refuses_requests_and_resumes_from_its_snapshot_and
         await server.stop(0)
 
 
-def test_create_backend_refuses_a_device_budget_below_the_prompt_prefix(tiny_dir, monkeypatch):
+def test_create_backend_refuses_a_device_budget_below_the_prompt_prefix(tiny_smolvlm_dir, monkeypatch):
     monkeypatch.delenv("VREX_TEST_FAKE_ENGINE", raising=False)
-    config = ServerConfig(port=0, model_dir=tiny_dir, device_kv_budget_bytes=20_000)
+    config = ServerConfig(port=0, model_dir=tiny_smolvlm_dir, device_kv_budget_bytes=20_000)
     with pytest.raises(ValueError, match=r"--device-kv-budget 20000 bytes is too small.*prompt prefix"):
         create_backend(config)
     backend = create_backend(dataclasses.replace(config, device_kv_budget_bytes=200_000))

@@ -15,7 +15,6 @@ from server.backend import Backend
 from server.config import ServerConfig
 from server.service import create_server
 from vrex.client import Client, VRexError
-from vrex.models import tiny_random
 
 
 def test_keep_closed_durations():
@@ -80,21 +79,19 @@ def test_expired_counts_from_the_last_snapshot_or_log_write_and_finds_orphan_cop
     assert retention.delete(moved) > 0 and not any(p.exists() for p in moved)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_random("smolvlm", folder=tmp_path_factory.mktemp("retention-smolvlm"))
-
-
 def image(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 
 
-async def test_closed_sessions_are_pruned_after_keep_closed_and_live_ones_stay(tiny_dir, tmp_path):
+async def test_closed_sessions_are_pruned_after_keep_closed_and_live_ones_stay(tiny_smolvlm_dir, tmp_path):
     data = tmp_path / "data"
-    config = ServerConfig(port=0, model_dir=tiny_dir, data_dir=data, keep_closed_s=3600)
+    config = ServerConfig(port=0, model_dir=tiny_smolvlm_dir, data_dir=data, keep_closed_s=3600)
     # a device tier that overflows at once, straight to disk: each session makes a disk tier
     engine_config = engine_module.EngineConfig(
-        model_dir=str(tiny_dir), data_dir=str(data), device_kv_budget_bytes=30_000, host_kv_budget_bytes=0
+        model_dir=str(tiny_smolvlm_dir),
+        data_dir=str(data),
+        device_kv_budget_bytes=30_000,
+        host_kv_budget_bytes=0,
     )
     engine = engine_module.Engine(engine_config)
     server = await create_server(config, Backend(module=engine_module, engine=engine))

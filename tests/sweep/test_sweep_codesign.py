@@ -21,13 +21,11 @@ def _sample(name):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tiny_smolvlm_dir):
     import torch
 
-    from vrex.models import tiny_random
-
     torch.set_num_threads(1)
-    return tiny_random("smolvlm", folder=tmp_path_factory.mktemp("tiny") / "smolvlm")
+    return tiny_smolvlm_dir
 
 
 def test_simulate_trace_columns_are_consistent():
