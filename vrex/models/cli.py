@@ -21,7 +21,8 @@ def _prepare_demo(args: argparse.Namespace) -> int:
         "path": str(folder),
         "elapsed_s": round(time.perf_counter() - started, 2),
         "conversion_s": marker.get("conversion_s"),
-        "visual_tokens_per_frame": marker.get("visual_tokens_per_frame"),
+        # the vision tower's tokens; a frame in the LLM adds its wrapper tokens (`vrex model info`)
+        "image_tokens_per_frame": marker.get("visual_tokens_per_frame"),
         "notice": DEMO_NOTICE,
     }
     if args.json:
