@@ -485,8 +485,11 @@ def _check_stream_args(args: argparse.Namespace) -> None:
     if args.synthetic:
         _parse_size(args.size)
     host, sep, port = args.server.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"--server must be HOST:PORT (e.g. 127.0.0.1:50051), got {args.server!r}")
+    unix_socket = args.server.startswith(("unix:", "unix-abstract:"))  # gRPC's own target names
+    if not unix_socket and not (sep and host and port.isdigit()):
+        raise ValueError(
+            f"--server must be HOST:PORT (e.g. 127.0.0.1:50051, [::1]:50051) or unix:PATH, got {args.server!r}"
+        )
     if args.resume is not None and not args.resume.strip():
         raise ValueError("--resume needs the session id a previous run printed, got an empty one")
     if args.tls_ca is not None:

@@ -208,3 +208,16 @@ async def test_client_flags_fail_before_connecting(serve, capsys, flags, message
     assert rc == 2 and lines == [] and message in err
     rc, lines, err = await stream(capsys, "127.0.0.1", *SYNTH)  # no port: at once, not after a timeout
     assert rc == 2 and "--server must be HOST:PORT" in err
+
+
+@pytest.mark.parametrize(
+    "target", ["127.0.0.1:50051", "[::1]:50051", "dns:///localhost:50051", "unix:/tmp/vrex.sock"]
+)
+def test_server_addresses_grpc_takes_pass_the_local_check(target):
+    import argparse
+
+    from server.cli import _check_stream_args, register
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    _check_stream_args(sub.choices["stream"].parse_args(["--server", target, "--synthetic"]))
