@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from sim.config import (
     SystemConfig,
     apply_overrides,
     config_hash,
+    field_applies,
     load_system,
     make_scenario,
     override,
@@ -262,7 +263,9 @@ def baseline_for(
     statistics (a GPU running ReSV in software) and the same pinned technology entries
     (PCIe and SSD energy); the baseline's own overrides apply on top."""
     base = resolve_system(name, None, tech_corner or system.tech_corner)
-    base = replace(base, model=system.model, resv=system.resv, tech=system.tech)
+    # the pins it reads: a GPU baseline has no per-action energies (see field_applies)
+    pins = {f.name: None for f in fields(system.tech) if not field_applies(base.kind, f"tech.{f.name}")}
+    base = replace(base, model=system.model, resv=system.resv, tech=replace(system.tech, **pins))
     return resolve_system(base, overrides)
 
 

@@ -514,15 +514,14 @@ def _check_fields_apply(system: SystemConfig, prefix: str = "") -> None:
     ]
     if unused:
         other = "V-Rex" if system.kind == "gpu" else "GPU"
-        raise ValueError(
+        message = (
             f"{prefix}{', '.join(unused)}: not read by {system.name!r}, a {system.kind} system; drop "
             f"{'it' if len(unused) == 1 else 'them'} or pick a {other} system"
-            + (
-                f" (a GPU baseline's technology entries: {', '.join(GPU_TECH_ENTRIES)})"
-                if other == "V-Rex"
-                else ""
-            )
         )
+        if system.kind == "gpu":
+            message += f"; of the technology table a GPU baseline reads only {', '.join(GPU_TECH_ENTRIES)}"
+        message += "; a field set by a `base:` file comes with it: base a file on a system of its own kind"
+        raise ValueError(message)
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -47,6 +47,7 @@ from sim.config import (
     Scenario,
     SystemConfig,
     config_hash,
+    field_applies,
     override,
     read_yaml_mapping,
     validate,
@@ -656,7 +657,12 @@ def tech_sensitivity(
     """Which technology numbers matter for one design point: every table entry with a range
     moved alone to its low and its high value (one_at_a_time). Rows are sorted by the widest
     swing of any objective; technology changes energy and area, never timing."""
-    knobs = {f"tech.{name}": (e.low, e.high) for name, e in load_entries().items() if e.low != e.high}
+    kind = (resolve_system(system) if isinstance(system, str) else system).kind
+    knobs = {
+        f"tech.{name}": (e.low, e.high)
+        for name, e in load_entries().items()
+        if e.low != e.high and field_applies(kind, f"tech.{name}")  # a GPU baseline reads a few
+    }
     df = one_at_a_time(system, knobs, scenario, objectives)
     swing = (df["high_pct"] - df["low_pct"]).abs().groupby(df["knob"]).max()
     order = {knob: rank for rank, knob in enumerate(swing.sort_values(ascending=False).index)}

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sim.api import compare, simulate
-from sim.config import apply_overrides, load_system
+from sim.config import GPU_TECH_ENTRIES, apply_overrides, load_system
 from sim.tech import load_entries, tech_for, tech_values
 from sim.validate import validation_table
 from vrex.cli import main as sim_main
@@ -98,3 +98,24 @@ def test_tech_sensitivity_moves_energy_and_area_never_timing(capsys):
     shown = list(dict.fromkeys(r["knob"] for r in rows))
     order = list(dict.fromkeys(full["knob"]))
     assert shown == [k for k in order if k in shown]  # widest swing first, as the function ranks
+
+
+def test_a_pin_the_baseline_does_not_read_stays_with_our_system(capsys):
+    # compare --set pins our system's entries; the GPU baseline takes only those it reads
+    args = [
+        "sim",
+        "compare",
+        "--set",
+        f"{PIN}=5",
+        "--set",
+        "tech.pcie_w_per_lane=1",
+        "--kv-tokens",
+        "1000",
+        "--json",
+    ]
+    assert sim_main(args) == 0
+    assert json.loads(capsys.readouterr().out)["points"][0]["speedup"] > 1
+    # a GPU baseline's sensitivity moves only the entries it reads
+    assert sim_main(["sim", "sensitivity", "--system", "agx-orin", "--kv-tokens", "5000", "--json"]) == 0
+    knobs = {row["knob"] for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert knobs and all(k.removeprefix("tech.") in GPU_TECH_ENTRIES for k in knobs)
