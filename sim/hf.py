@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,9 @@ def _int(cfg: dict[str, Any], where: str, *names: str, default: int | None = Non
 
 
 def _vision(vis: dict[str, Any], where: str, base: ModelConfig, notes: list[str]) -> dict[str, int]:
-    layers = _int(vis, where, "num_hidden_layers", "depth")
-    hidden = _int(vis, where, "embed_dim", "hidden_size")  # Qwen2-VL: hidden_size is the output
+    vis = _with_library_defaults(vis, "vision_config", _VISION_REQUIRED, notes)
+    layers = _int(vis, where, *_VISION_REQUIRED[0])
+    hidden = _int(vis, where, *_VISION_REQUIRED[1])  # Qwen2-VL: hidden_size is the output
     ffn = vis.get("intermediate_size")
     if ffn is None and vis.get("mlp_ratio") is not None:
         ffn = int(round(hidden * float(vis["mlp_ratio"])))
@@ -96,13 +98,14 @@ _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num
 # where a vision-language config keeps its language model (LLaVA/Gemma-3/SmolVLM, InternVL's
 # remote-code configs, DeepSeek-VL); a text-only config keeps it at the top level
 _TEXT_SECTIONS = ("text_config", "llm_config", "language_config")
-# the text fields every model needs; the rest have defaults
+# the fields every model needs, each under the names configs use (GPT-2, MPT, GPT-Neo, ...)
 _REQUIRED = (
     ("hidden_size", "n_embd", "d_model"),
-    ("num_attention_heads", "n_head"),
-    ("num_hidden_layers", "n_layer"),
+    ("num_attention_heads", "n_head", "n_heads", "num_heads"),
+    ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
     ("vocab_size",),
 )
+_VISION_REQUIRED = (("num_hidden_layers", "depth"), ("embed_dim", "hidden_size"))
 # KV heads by name (Llama/Qwen/Mistral; Falcon-40B; early Falcon; ChatGLM); `multi_query`
 # without a count (Falcon-7B, GPT-BigCode) means one
 _KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
@@ -116,6 +119,8 @@ _UNGATED = frozenset(
         "gptj",
         "opt",
         "falcon",
+        "RefinedWeb",
+        "RefinedWebModel",
         "bloom",
         "phi",
         "mpt",
@@ -126,32 +131,60 @@ _UNGATED = frozenset(
 )
 
 
-def _with_library_defaults(text: dict[str, Any], where: str, notes: list[str]) -> dict[str, Any]:
-    """A section that leaves required fields to its class's defaults (LLaVA-1.5's text_config
-    names only vocab_size) gets them from transformers' config class for its model_type."""
-    missing = [names[0] for names in _REQUIRED if all(text.get(n) is None for n in names)]
-    model_type = text.get("model_type")
-    if not missing or not model_type:
-        return text
+@lru_cache(maxsize=64)
+def _class_defaults(model_type: str) -> dict[str, Any] | None:
+    """transformers' defaults for a config class (imported only when a config needs them)."""
     try:
         from transformers import CONFIG_MAPPING
 
-        defaults = CONFIG_MAPPING[model_type]().to_dict()
-    except (ImportError, KeyError, ValueError, TypeError):
-        return text  # no defaults to take: the missing field is reported by name below
-    filled = {k: v for k, v in defaults.items() if text.get(k) is None}
+        return CONFIG_MAPPING[model_type]().to_dict()
+    except Exception:  # not installed, an unknown or remote-code type, a class that will not build
+        return None
+
+
+def _with_library_defaults(
+    section: dict[str, Any], label: str, required: tuple[tuple[str, ...], ...], notes: list[str]
+) -> dict[str, Any]:
+    """A section that leaves required fields to its class's defaults (LLaVA-1.5's text_config
+    names only vocab_size; SmolVLM's vision_config, its depth) gets them as transformers would:
+    the class built from the section, so fields derived from the given ones follow them."""
+    missing = [names[0] for names in required if all(section.get(n) is None for n in names)]
+    model_type = section.get("model_type")
+    if not missing or not model_type or _class_defaults(str(model_type)) is None:
+        return section  # nothing to fill, or no class to take it from: reported by name below
+    from transformers import CONFIG_MAPPING
+
+    try:
+        built = CONFIG_MAPPING[model_type](
+            **{k: v for k, v in section.items() if k != "model_type"}
+        ).to_dict()
+    except Exception:  # a section the class's own checks refuse: its defaults for the gaps only
+        built = {**_class_defaults(str(model_type)), **section}
     notes.append(
-        f"{where.rstrip(': .')} does not give {', '.join(missing)}: taken from transformers' "
-        f"{model_type!r} defaults"
+        f"{label} does not give {', '.join(missing)}: taken from transformers' {model_type!r} defaults"
     )
-    return {**text, **filled}
+    return {**built, **{k: v for k, v in section.items() if v is not None}}
 
 
 def _kv_heads(text: dict[str, Any], where: str, heads: int) -> int:
+    if text.get("multi_query") and not text.get("new_decoder_architecture"):
+        return 1  # Falcon-7B: one KV head, whatever num_kv_heads a re-saved config carries
     for key in _KV_HEAD_KEYS:
         if text.get(key) is not None:
             return _int(text, where, key)
     return 1 if text.get("multi_query") else heads
+
+
+def _tied_embeddings(text: dict[str, Any], cfg: dict[str, Any], base: ModelConfig) -> bool:
+    """Whether the LM head is the embedding matrix: as the config says, else as its class's
+    default (transformers leaves the key out when it equals that: GPT-2, OPT, Gemma tie)."""
+    for section in (text, cfg):
+        if section.get("tie_word_embeddings") is not None:
+            return bool(section["tie_word_embeddings"])
+    defaults = _class_defaults(str(text.get("model_type") or cfg.get("model_type") or ""))
+    if defaults is not None and defaults.get("tie_word_embeddings") is not None:
+        return bool(defaults["tie_word_embeddings"])
+    return base.tie_word_embeddings
 
 
 def _tokens_per_frame(
@@ -163,6 +196,8 @@ def _tokens_per_frame(
         return _int(cfg, f"{where}: ", "mm_tokens_per_image")
     if cfg.get("scale_factor"):  # Idefics3/SmolVLM pixel shuffle
         return max(1, patches // int(cfg["scale_factor"]) ** 2)
+    if cfg.get("downsample_ratio"):  # InternVL pixel shuffle (0.5: a quarter of the patches)
+        return max(1, round(patches * float(cfg["downsample_ratio"]) ** 2))
     if vis.get("spatial_merge_size"):  # Qwen2-VL / Qwen2.5-VL merge 2x2 patches
         return max(1, patches // int(vis["spatial_merge_size"]) ** 2)
     notes.append(
@@ -187,11 +222,11 @@ def model_from_hf(source: str | Path | dict[str, Any], base: ModelConfig | None 
                 "core streams one dense FFN per layer); describe a dense equivalent with --set "
                 "model.intermediate_size=<active experts x expert FFN size> instead"
             )
-    text = _with_library_defaults(text, text_where, notes)
+    if section:  # a sub-config may lean on its class's defaults; a whole config.json may not
+        text = _with_library_defaults(text, section, _REQUIRED, notes)
     hidden = _int(text, text_where, *_REQUIRED[0])
     heads = _int(text, text_where, *_REQUIRED[1])
     model_type = str(text.get("model_type") or cfg.get("model_type") or "")
-    tied = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings"))
     changes: dict[str, Any] = {
         "name": str(cfg.get("_name_or_path") or folder or cfg.get("model_type") or base.name),
         "num_layers": _int(text, text_where, *_REQUIRED[2]),
@@ -205,7 +240,7 @@ def model_from_hf(source: str | Path | dict[str, Any], base: ModelConfig | None 
         "vocab_size": _int(text, text_where, *_REQUIRED[3]),
         "projector_hidden_size": hidden,
         "ffn_gated": model_type not in _UNGATED,
-        "tie_word_embeddings": base.tie_word_embeddings if tied is None else bool(tied),
+        "tie_word_embeddings": _tied_embeddings(text, cfg, base),
     }
     vis = cfg.get("vision_config")
     if isinstance(vis, dict):
@@ -215,5 +250,6 @@ def model_from_hf(source: str | Path | dict[str, Any], base: ModelConfig | None 
         changes["tokens_per_frame"] = _tokens_per_frame(cfg, where, vis, patches, notes)
     else:  # a text-only model: no tower, frames arrive as already-embedded tokens
         changes.update(vision_layers=0, vision_hidden_size=0, vision_intermediate_size=0, vision_tokens=0)
+    # the file's name, not its path: the notes are hashed with the model (a copied folder hits the cache)
     changes["source_notes"] = tuple(f"{Path(where).name}: {note}" for note in notes)
     return replace(base, **changes)

@@ -201,16 +201,19 @@ def test_kv_heads_multi_query_and_ungated_mlps():
         "new_decoder_architecture": True,
     }
     assert model_from_hf(falcon40).num_kv_heads == 8
+    # re-saved by transformers, Falcon-7B carries num_kv_heads = heads beside multi_query
+    resaved = model_from_hf({**falcon7, "num_kv_heads": 71, "new_decoder_architecture": False})
+    assert resaved.num_kv_heads == 1
+    assert 6.8e9 < resaved.weight_bytes / 2 < 7.0e9  # Falcon-7B: 6.9 B parameters, embeddings tied
+    # GPT-2's config.json leaves tie_word_embeddings to its class (True): 124 M parameters
     gpt2 = model_from_hf(
-        {
-            "model_type": "gpt2",
-            "n_embd": 768,
-            "n_head": 12,
-            "n_layer": 12,
-            "vocab_size": 50257,
-            "tie_word_embeddings": True,
-        }
+        {"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12, "vocab_size": 50257}
     )
+    assert gpt2.tie_word_embeddings and 0.12e9 < gpt2.weight_bytes / 2 < 0.13e9
+    mpt = model_from_hf(
+        {"model_type": "mpt", "d_model": 4096, "n_heads": 32, "n_layers": 32, "vocab_size": 50432}
+    )
+    assert (mpt.num_layers, mpt.num_heads, mpt.ffn_gated) == (32, 32, False)
     gated = replace(gpt2, ffn_gated=True, tie_word_embeddings=False)
     d, ff = 768, 4 * 768
     assert gated.weight_bytes - gpt2.weight_bytes == (12 * d * ff + 50257 * d) * 2  # gate matrices, LM head
@@ -241,17 +244,30 @@ def test_tokens_per_frame_from_the_projector_and_notes_for_what_is_assumed(capsy
     assert any("dynamic resolution" in n for n in merged.source_notes)
     internvl = {
         "model_type": "internvl_chat",
+        "downsample_ratio": 0.5,
         "llm_config": QWEN2_VL | {"model_type": "qwen2"},
         "vision_config": CLIP_336,
     }
     m = model_from_hf(internvl)
-    assert (m.num_layers, m.num_kv_heads, m.tokens_per_frame) == (28, 2, 576)
-    assert any("576 patches, unpooled" in n for n in m.source_notes)
+    assert (m.num_layers, m.num_kv_heads, m.tokens_per_frame) == (28, 2, 144)  # pixel shuffle 0.5
+    internvl.pop("downsample_ratio")
+    m = model_from_hf(internvl)
+    assert m.tokens_per_frame == 576 and any("576 patches, unpooled" in n for n in m.source_notes)
+    # a vision_config that leaves its depth to the class (SmolVLM-256M)
+    tower = {"model_type": "smolvlm_vision", "hidden_size": 768, "image_size": 512, "patch_size": 16}
+    small = model_from_hf({**SMOLVLM, "vision_config": tower})
+    assert small.vision_layers > 0 and any("vision_config does not give" in n for n in small.source_notes)
+    # a whole config.json must name its sizes: no class defaults behind a truncated file
+    with pytest.raises(ValueError, match="num_hidden_layers is missing"):
+        model_from_hf(
+            {"model_type": "llama", "hidden_size": 8192, "num_attention_heads": 64, "vocab_size": 5}
+        )
     # the notes travel with the run and are printed
     cfg = tmp_path / "internvl.json"
     cfg.write_text(json.dumps(internvl))
     assert sim_main(["sim", "run", "--hf-config", str(cfg), "--kv-tokens", "1000"]) == 0
     assert "note: internvl.json: tokens_per_frame is the tower's 576 patches" in capsys.readouterr().out
+    assert not any(str(tmp_path) in n for n in model_from_hf(cfg).source_notes)  # hashed: no folder in it
     cfg.write_text(json.dumps({**internvl, "llm_config": {"vocab_size": 5}}))
     with pytest.raises(ValueError, match=r"internvl.json: llm_config\.hidden_size is missing"):
         model_from_hf(cfg)
