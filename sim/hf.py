@@ -4,8 +4,9 @@ Read as JSON: the fields HF decoder configs name alike, from the language model'
 (`text_config`: LLaVA, Gemma 3, SmolVLM/Idefics3, LLaVA-OneVision; `llm_config`: InternVL's
 remote-code configs; `language_config`: DeepSeek-VL) or the top level (Llama, Qwen2-VL, GPT-2,
 Falcon), and the vision tower from `vision_config` (CLIP/SigLIP names, or Qwen2-VL's
-`depth`/`embed_dim`/`mlp_ratio`). transformers is imported only for a section that leaves
-required fields to its class's defaults (LLaVA-1.5's text_config names only vocab_size).
+`depth`/`embed_dim`/`mlp_ratio`). transformers is imported only for what a config leaves to
+its class's defaults: a sub-config's required fields (LLaVA-1.5's text_config names only
+vocab_size), and `tie_word_embeddings` (GPT-2's file leaves it out: its class ties).
 KV heads: `num_key_value_heads` and its aliases, `multi_query` = one. The MLP is gated (three
 matrices) except for the model types in _UNGATED (GPT-2, OPT, Falcon, ...).
 
