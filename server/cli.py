@@ -497,8 +497,14 @@ def _check_stream_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--tls-ca {args.tls_ca}: no such file; give the CA certificate (PEM) the server's was signed with"
             )
-        if b"-----BEGIN CERTIFICATE-----" not in Path(args.tls_ca).read_bytes():
-            raise ValueError(f"--tls-ca {args.tls_ca}: not a PEM certificate (no BEGIN CERTIFICATE line)")
+        import ssl
+
+        try:
+            ssl.create_default_context(cafile=str(args.tls_ca))
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"--tls-ca {args.tls_ca}: not a PEM CA certificate ({exc.reason or exc})"
+            ) from None
 
 
 def _check_server_limits(args: argparse.Namespace, limits) -> None:
@@ -537,6 +543,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"event": "error", "error": str(exc), **_summary(report)}), flush=True)
         return 1
+    except ValueError as exc:  # a local check that needed the server (its limits, a frame's size)
+        if args.json and report.session_id:
+            print(json.dumps({"event": "error", "error": str(exc), **_summary(report)}), flush=True)
+        raise
     except KeyboardInterrupt:
         if report.session_id:
             print(
@@ -672,41 +682,59 @@ async def run_stream(
                 else None
             )
             in_flight: collections.deque[asyncio.Task] = collections.deque()
-            for ts, image in frames:
-                if args.speed > 0:
-                    delay = start + ts / args.speed - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                elif len(in_flight) >= SPEED0_FRAMES_IN_FLIGHT:  # paced by the server's acks
-                    await in_flight.popleft()
-                while pending and pending[0][0] <= ts:
-                    at, text = pending.pop(0)
-                    tasks.append(asyncio.create_task(ask(session, text, at + offset_s)))
-                if args.speed > 0:
-                    await session.send_frame(image, ts + offset_s, encoding=args.encoding)
-                else:
-                    sent = session.send_frame(image, ts + offset_s, encoding=args.encoding, wait=True)
-                    in_flight.append(asyncio.create_task(sent))
-                    await asyncio.sleep(0)  # let it go out in order before the next frame
-                video_s = ts + offset_s
-                report.frames_sent += 1
-                now = time.monotonic()
-                # no status line while an answer prints (it would land inside the answer's text)
-                if now - last_progress >= 1.0 and (args.json or not out_lock.locked()):
-                    last_progress = now
-                    report.elapsed_s = now - start
-                    _progress(report, args.json)
-            await asyncio.gather(*in_flight)
-            for at, text in pending:  # asked after the source ended: at the last frame's time
-                tasks.append(asyncio.create_task(ask(session, text, min(at + offset_s, video_s))))
-            if tasks:
-                await asyncio.gather(*tasks)
-            for text in at_end:
-                await ask(session, text, video_s)
-            if stdin_task is not None:
-                async with out_lock:  # not inside an answer being printed
-                    print("\nsource ended; type more questions, or an empty line to quit", file=sys.stderr)
-                await stdin_task
+
+            async def send_acked(image, timestamp_s: float) -> None:
+                """A --speed 0 frame: sent, then its ack awaited. The server refusing this frame
+                fails it alone, reported like any other (on_error); the stream goes on."""
+                try:
+                    await session.send_frame(image, timestamp_s, encoding=args.encoding, wait=True)
+                except VRexError as err:
+                    if not err.request_id:  # the stream itself ended: that ends this run
+                        raise
+                    on_error(err)
+
+            try:
+                for ts, image in frames:
+                    if args.speed > 0:
+                        delay = start + ts / args.speed - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    elif len(in_flight) >= SPEED0_FRAMES_IN_FLIGHT:  # paced by the server's acks
+                        await in_flight.popleft()
+                    while pending and pending[0][0] <= ts:
+                        at, text = pending.pop(0)
+                        tasks.append(asyncio.create_task(ask(session, text, at + offset_s)))
+                    if args.speed > 0:
+                        await session.send_frame(image, ts + offset_s, encoding=args.encoding)
+                    else:
+                        in_flight.append(asyncio.create_task(send_acked(image, ts + offset_s)))
+                        await asyncio.sleep(0)  # let it go out in order before the next frame
+                    video_s = ts + offset_s
+                    report.frames_sent += 1
+                    now = time.monotonic()
+                    # no status line while an answer prints (it would land inside the answer's text)
+                    if now - last_progress >= 1.0 and (args.json or not out_lock.locked()):
+                        last_progress = now
+                        report.elapsed_s = now - start
+                        _progress(report, args.json)
+                await asyncio.gather(*in_flight)
+                for at, text in pending:  # asked after the source ended: at the last frame's time
+                    tasks.append(asyncio.create_task(ask(session, text, min(at + offset_s, video_s))))
+                if tasks:
+                    await asyncio.gather(*tasks)
+                for text in at_end:
+                    await ask(session, text, video_s)
+                if stdin_task is not None:
+                    async with out_lock:  # not inside an answer being printed
+                        print(
+                            "\nsource ended; type more questions, or an empty line to quit", file=sys.stderr
+                        )
+                    await stdin_task
+            finally:  # a run that ends early leaves no task behind, and no error unread
+                leftovers = [t for t in (*in_flight, *tasks, stdin_task) if t is not None]
+                for task in leftovers:
+                    task.cancel()
+                await asyncio.gather(*leftovers, return_exceptions=True)
             try:  # the acks' history misses the tokens answers added since the last frame
                 stats = await client.session_stats(session.session_id)
                 report.history_tokens = stats.history_tokens

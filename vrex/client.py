@@ -236,6 +236,7 @@ class StreamSession:
         self._call = None
         self._receiver: asyncio.Task | None = None
         self._closed = asyncio.Event()
+        self._closing = False  # this client asked to close (close())
         self._write_lock = asyncio.Lock()
         self._frame_sent_s: dict[int, float] = {}  # request id -> send time, until acked
         self.session_id = ""
@@ -352,6 +353,7 @@ class StreamSession:
             return None
         if not self._closed.is_set():
             try:
+                self._closing = True
                 await self._write(pb.ClientEvent(request_id=next(self._ids), close=pb.Close()))
                 async with self._write_lock:
                     await self._call.done_writing()
@@ -389,11 +391,12 @@ class StreamSession:
 
     async def _write(self, event: pb.ClientEvent) -> None:
         if self._closed.is_set():
-            how = (
-                "the server ended the stream (it may be shutting down)"
-                if self.end_status in (None, grpc.StatusCode.OK)
-                else f"the stream ended with {self.end_status.name}"
-            )
+            if self._closing:
+                how = "this session was closed (close())"
+            elif self.end_status in (None, grpc.StatusCode.OK):
+                how = "the server ended the stream (it may be shutting down)"
+            else:
+                how = f"the stream ended with {self.end_status.name}"
             raise VRexError("UNAVAILABLE", f"{how}; {self._ended_advice()}")
         try:
             async with self._write_lock:  # grpc.aio allows one write in flight per call

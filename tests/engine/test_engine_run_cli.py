@@ -105,8 +105,13 @@ def test_the_first_ctrl_c_ends_the_video_and_still_answers(tiny_smolvlm_dir, tmp
     write_clip(tmp_path / "long.mp4", seconds=60, fps=2)
     args = ["run", "--video", str(tmp_path / "long.mp4"), "--model", str(tiny_smolvlm_dir), "--fps", "2"]
     args += ["--ask", "what?", "--ask-at", "55", "--max-new-tokens", "2"]
+    # Ctrl-C as at a terminal, also where this test runs as a background job (SIGINT ignored)
+    child = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from vrex.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from vrex.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+        [sys.executable, "-c", child, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -199,7 +199,7 @@ async def test_the_summary_counts_the_history_answers_added(serve, capsys):
     [
         (("--resume", ""), "--resume needs the session id"),
         (("--tls-ca", "/nonexistent/ca.pem"), "--tls-ca /nonexistent/ca.pem: no such file"),
-        (("--tls-ca", __file__), "not a PEM certificate"),
+        (("--tls-ca", __file__), "not a PEM CA certificate"),
     ],
 )
 async def test_client_flags_fail_before_connecting(serve, capsys, flags, message):
@@ -221,3 +221,24 @@ def test_server_addresses_grpc_takes_pass_the_local_check(target):
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub)
     _check_stream_args(sub.choices["stream"].parse_args(["--server", target, "--synthetic"]))
+
+
+async def test_speed_zero_goes_on_after_a_frame_the_server_refuses(serve, capsys, monkeypatch):
+    """A refused frame ended the whole --speed 0 run (exit 1, no answer, the error unlisted)."""
+    server, _ = await serve()
+    Session = fake_engine().Session
+    submit = Session.submit_frame
+
+    async def refuse_the_second(self, image, timestamp_s):
+        if self._state.frame_index == 1:
+            self._state.frame_index += 1
+            raise ValueError("this frame is bad")
+        return await submit(self, image, timestamp_s)
+
+    monkeypatch.setattr(Session, "submit_frame", refuse_the_second)
+    rc, lines, err = await stream(capsys, f"127.0.0.1:{server.port}", *SYNTH, "--ask", "still there?")
+    summary = lines[-1]
+    assert rc == 0, err
+    assert summary["event"] == "summary" and len(summary["answers"]) == 1
+    assert len(summary["errors"]) == 1 and "this frame is bad" in summary["errors"][0]
+    assert summary["frames_sent"] == 6 and summary["frames_accepted"] == 5

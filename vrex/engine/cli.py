@@ -101,8 +101,11 @@ def _first_interrupt_ends_the_video():
     """The first Ctrl-C ends the video after the frame in progress (a step is never cut half-way),
     so the questions still due are asked and the stats printed; a second one quits at once."""
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # signal handlers belong to the main thread: Ctrl-C quits as usual
+    if (
+        threading.current_thread() is not threading.main_thread()  # handlers are the main thread's
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # ignored, or someone's
+    ):
+        yield stop  # Ctrl-C does what it did
         return
 
     def on_interrupt(signum, frame):
@@ -207,30 +210,30 @@ def _main(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(source.close)
-        interrupted = cleanup.enter_context(_first_interrupt_ends_the_video())
-        for ts, image in source:
-            if interrupted.is_set() or (args.max_seconds is not None and ts > args.max_seconds):
-                break
-            while pending and pending[0][0] <= ts:
-                at, q = pending.pop(0)
-                answer(q, at)
-            t0_s = energy.clock()
-            result = session.add_frame(image, ts)
-            if result.accepted:
-                energy.record("frame", t0_s, energy.clock())
-            last_t = ts
-            if result.accepted and not args.json:
-                st = session.stats()
-                wall = time.perf_counter() - t_start
-                # one status line rewritten in place on a terminal; one line per frame in a log
-                print(
-                    f"{progress_start}{ts:6.1f}s  frames {st['frames_accepted']} kept / "
-                    f"{st['frames_dropped']} dropped  {st['frames_accepted'] / wall:4.2f} fps  "
-                    f"history {st['history_tokens']} tok  fetched {result.fetched_fraction:.2f}",
-                    end=progress_end,
-                    file=sys.stderr,
-                    flush=True,
-                )
+        with _first_interrupt_ends_the_video() as interrupted:
+            for ts, image in source:
+                if interrupted.is_set() or (args.max_seconds is not None and ts > args.max_seconds):
+                    break
+                while pending and pending[0][0] <= ts:
+                    at, q = pending.pop(0)
+                    answer(q, at)
+                t0_s = energy.clock()
+                result = session.add_frame(image, ts)
+                if result.accepted:
+                    energy.record("frame", t0_s, energy.clock())
+                last_t = ts
+                if result.accepted and not args.json:
+                    st = session.stats()
+                    wall = time.perf_counter() - t_start
+                    # one status line rewritten in place on a terminal; one line per frame in a log
+                    print(
+                        f"{progress_start}{ts:6.1f}s  frames {st['frames_accepted']} kept / "
+                        f"{st['frames_dropped']} dropped  {st['frames_accepted'] / wall:4.2f} fps  "
+                        f"history {st['history_tokens']} tok  fetched {result.fetched_fraction:.2f}",
+                        end=progress_end,
+                        file=sys.stderr,
+                        flush=True,
+                    )
         for at, q in pending:
             if at != float("inf") and at > last_t and not args.json:
                 print(
