@@ -115,6 +115,10 @@ def _policy_name(text: str) -> str:
     return text.strip().lower().replace("-", "_")
 
 
+def _add_policy_flag(p: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    p.add_argument("--policy", type=_policy_name, choices=POLICIES, default=default, help=help)
+
+
 def _metrics(result: dict) -> list[str]:
     """The headline metrics a run has; a batch's whole-step energy only where it differs."""
     skip = {"frame_step_energy_mj"} if result["batch"] == 1 else set()
@@ -398,9 +402,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what the breakdowns show: one frame step (default), one answer token (text: a decode "
         "step), or a whole COIN question end to end (e2e)",
     )
-    run.add_argument(
-        "--policy", type=_policy_name, choices=POLICIES, default=None, help="retrieval policy (default resv)"
-    )
+    _add_policy_flag(run, None, "retrieval policy (default resv)")
     scenario = run.add_argument_group(
         "e2e scenario (--stage e2e without --trace; default: the paper's average COIN question)"
     )
@@ -421,13 +423,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp_ = sub.add_parser("compare", help="speedup and energy-efficiency gain over a GPU baseline")
     _add_system_args(cmp_)
     cmp_.add_argument("--baseline", default="agx-orin", help="GPU baseline system (default agx-orin)")
-    cmp_.add_argument(
-        "--policy",
-        type=_policy_name,
-        choices=POLICIES,
-        default="flexgen",
-        help="the baseline's retrieval policy",
-    )
+    _add_policy_flag(cmp_, "flexgen", "the baseline's retrieval policy (default flexgen)")
     cmp_.add_argument(
         "--kv-tokens", default="1000,5000,10000,20000,40000", help="KV histories per stream, comma-separated"
     )
@@ -465,13 +461,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_system_args(sens)
     sens.add_argument("--kv-tokens", type=int, default=40000, help="KV history per stream (default 40000)")
     sens.add_argument("--batch", type=int, default=1, help="streams per batch (default 1)")
-    sens.add_argument(
-        "--policy",
-        type=_policy_name,
-        choices=POLICIES,
-        default="resv",
-        help="retrieval policy (default resv)",
-    )
+    _add_policy_flag(sens, "resv", "retrieval policy (default resv)")
     sens.add_argument("--min-pct", type=float, default=1.0, help="hide rows that move no objective this much")
     sens.set_defaults(func=cmd_sensitivity)
 
