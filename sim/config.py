@@ -10,6 +10,7 @@ area per unit) live in `sim/data/tech_14nm.yaml`; the timing core emits action c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -504,9 +505,14 @@ def field_applies(kind: str, path: str) -> bool:
     return not path.startswith("gpu.")
 
 
+@functools.lru_cache(maxsize=1)
+def _default_fields() -> dict[str, Any]:
+    return dict(_walk(SystemConfig()))  # validate() runs once per sweep point
+
+
 def _check_fields_apply(system: SystemConfig, prefix: str = "") -> None:
     """Refuse fields set on a system whose kind never reads them (they would change nothing)."""
-    defaults = dict(_walk(SystemConfig()))
+    defaults = _default_fields()
     unused = [
         f"{path}={value!r}"
         for path, value in _walk(system)
