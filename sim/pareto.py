@@ -26,6 +26,8 @@ def pareto_mask(values: np.ndarray | Sequence[Sequence[float]], senses: Sequence
     for sense in senses:
         if sense not in SENSES:
             raise ValueError(f"objective sense must be 'max' or 'min', got {sense!r}")
+    if data.shape[1] == 0:  # no objective was measured (every point infeasible): no front
+        return np.zeros(len(data), dtype=bool)
     # flip maximised objectives so that smaller is better everywhere
     signs = np.array([-1.0 if s == "max" else 1.0 for s in senses])
     cost = data * signs

@@ -165,19 +165,25 @@ def _parameter(name: str, spec: Any, system: SystemConfig, scenario: Scenario) -
         current = _get(base, path)
     except AttributeError:
         current = None
+    if is_dataclass(current):
+        raise ValueError(f"{where}: {path!r} is a group of fields; sweep one of its fields instead")
     try:  # the override mechanism names an unknown field and lists the known ones
         override(base, path, current)
     except ValueError as exc:
         hint = "" if target == "scenario" else f" (scenario fields: {', '.join(_SCENARIO_FIELDS)})"
         raise ValueError(f"{where}: {exc}{hint}") from None
-    if is_dataclass(current):
-        raise ValueError(f"{where}: {path!r} is a group of fields; sweep one of its fields instead")
+    if target == "system" and path == "kind":  # a V-Rex and a GPU system share no hardware fields
+        raise ValueError(
+            f"{where}: the kind of system is not a design choice; sweep each system in its own space"
+        )
 
     def check(value: Any) -> None:
         try:
             _apply(system, scenario, {name: value}, [Parameter(name, target, path)])
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        if target == "scenario" and path == "trace" and value and not Path(value).is_file():
+            raise ValueError(f"{where}: {value} is not a file; give vrex.trace/1 JSON-lines files")
 
     integer = isinstance(current, int) and not isinstance(current, bool)
     if isinstance(spec, list | tuple):
@@ -214,6 +220,10 @@ def _parameter(name: str, spec: Any, system: SystemConfig, scenario: Scenario) -
     return Parameter(name, target, path, values=(spec,), integer=integer)
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's `true` is no count
+
+
 def load_space(space: str | Path | dict[str, Any]) -> SweepSpace:
     """Read and validate a space (YAML path or dict); errors name the offending field."""
     if isinstance(space, str | Path):
@@ -242,15 +252,24 @@ def load_space(space: str | Path | dict[str, Any]) -> SweepSpace:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not known; choose one of {', '.join(SAMPLERS)}")
     samples = data.get("samples")
-    if sampler != "grid" and (not isinstance(samples, int) or samples < 1):
-        raise ValueError(f"samples: the {sampler} sampler needs a positive integer number of samples")
+    if sampler != "grid" and (not _whole(samples) or samples < 1):
+        raise ValueError(
+            f"samples: the {sampler} sampler needs a positive integer number of samples, got {samples!r}"
+        )
     seed = data.get("seed", 0)
-    if not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not _whole(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     raw = data.get("parameters")
     if not isinstance(raw, dict) or not raw:
         raise ValueError("parameters: give at least one field to sweep (a mapping of name: values)")
     params = tuple(_parameter(name, spec, system, scenario) for name, spec in raw.items())
+    seen: dict[tuple[str, str], str] = {}
+    for p in params:  # `batch` and `scenario.batch` are one field: one would silently win
+        if (p.target, p.path) in seen:
+            raise ValueError(
+                f"parameters: {seen[p.target, p.path]} and {p.name} are the same field; keep one"
+            )
+        seen[p.target, p.path] = p.name
     if sampler == "grid":
         for p in params:
             if p.values is None and p.num is None:
@@ -270,14 +289,16 @@ def load_space(space: str | Path | dict[str, Any]) -> SweepSpace:
 
 
 def _from_unit(p: Parameter, u: float) -> Any:
-    """Map u in [0, 1) to a value of the parameter."""
+    """Map u in [0, 1) to a value of the parameter; an integer range gives each of its
+    integers an equal stratum of u (rounding would give the two ends half as much)."""
     if p.values is not None:
         return p.values[min(int(u * len(p.values)), len(p.values) - 1)]
+    high = p.high + 1 if p.integer else p.high  # integers: [low, high + 1), then floored
     if p.log:
-        value = math.exp(math.log(p.low) + u * (math.log(p.high) - math.log(p.low)))
+        value = math.exp(math.log(p.low) + u * (math.log(high) - math.log(p.low)))
     else:
-        value = p.low + u * (p.high - p.low)
-    return _typed(p, value)
+        value = p.low + u * (high - p.low)
+    return min(int(math.floor(value)), int(p.high)) if p.integer else float(value)
 
 
 def _typed(p: Parameter, value: float) -> Any:
@@ -296,6 +317,16 @@ def _grid_values(p: Parameter) -> list[Any]:
         if v not in out:  # integer rounding can merge neighbours
             out.append(v)
     return out
+
+
+MAX_POINTS = 100_000  # ~1 h at the ~40 ms a 40K point takes here; --max-points raises it
+
+
+def count_points(space: SweepSpace) -> int:
+    """How many points `sample_points` makes, without making them."""
+    if space.sampler != "grid":
+        return int(space.samples)
+    return math.prod(len(_grid_values(p)) for p in space.parameters)
 
 
 def sample_points(space: SweepSpace) -> list[dict[str, Any]]:
@@ -474,6 +505,7 @@ def run_sweep(
     chunk_size: int | None = None,
     progress: bool = True,
     on_result: Callable[[str, dict], None] | None = None,
+    max_points: int = MAX_POINTS,
 ) -> SweepResult:
     """Simulate every point of `space`, write `out` (parquet) and `<stem>.pareto.parquet`.
 
@@ -501,11 +533,16 @@ def run_sweep(
     start = time.perf_counter()
     out = Path(out)
     cache_dir = cache_dir_for(out)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-
+    count = count_points(space)
+    if count > max_points:
+        raise ValueError(
+            f"the space has {count:,} points, over the {max_points:,} allowed (--max-points): "
+            "sample it (sampler: lhs or random, samples: N) or coarsen the grid"
+        )
     points = sample_points(space)
     resolved = [resolve_point(space, p, i) for i, p in enumerate(points)]  # all errors up front
     keys = [point_key(s, c) for s, c in resolved]
+    cache_dir.mkdir(parents=True, exist_ok=True)  # only for a space that checked out
     metrics: dict[str, dict] = {}
     todo: dict[str, tuple[SystemConfig, Scenario]] = {}
     for key, cfg in zip(keys, resolved, strict=True):

@@ -63,6 +63,11 @@ def test_bad_inputs_are_named():
         pareto_mask([(1, 2)], ["max"])
 
 
+def test_no_measured_objective_means_no_front():
+    # every point infeasible: all objective columns dropped; every point was "on the front"
+    assert not pareto_mask(np.empty((3, 0)), []).any()
+
+
 def test_pareto_front_on_a_dataframe():
     pd = pytest.importorskip("pandas")
     df = pd.DataFrame({"fps": [1.0, 2.0, 3.0], "energy_per_frame_j": [1.0, 1.0, 5.0]})

@@ -98,6 +98,17 @@ def test_random_sampler_stays_in_range():
         ({"overrides": {"memory.link_bandwidth_gbpz": 4}}, "memory.link_bandwidth_gbpz"),
         ({"scenario": {"batch": 0}}, "batch"),
         ({"grid": True}, "grid"),
+        ({"sampler": "lhs", "samples": True}, "samples"),  # YAML's true was taken for 1, then a traceback
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        (
+            {"parameters": {"batch": [1], "scenario.batch": [2, 4]}},
+            "batch and scenario.batch are the same field",
+        ),
+        ({"parameters": {"kind": ["vrex", "gpu"]}}, "parameters.kind"),
+        (
+            {"parameters": {"trace": ["/nonexistent.jsonl"]}},
+            "parameters.trace: /nonexistent.jsonl is not a file",
+        ),
     ],
 )
 def test_bad_spaces_name_the_field(change, field):
@@ -185,6 +196,36 @@ def test_points_that_do_not_fit_in_dram_are_recorded_as_infeasible(tmp_path):
     assert "memory.dram_capacity_gb=8 is too small" in small["infeasible"] and pd.isna(small["fps"])
     assert pd.isna(big["infeasible"]) and big["fps"] > 0
     assert res.pareto["memory.dram_capacity_gb"].tolist() == [32]
+
+
+def test_a_space_of_infeasible_points_has_no_front_and_json_has_no_nan(tmp_path, capsys):
+    from vrex.cli import main
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text("scenario: {kv_tokens: 1000}\nparameters: {memory.dram_capacity_gb: [1, 2]}\n")
+    out = tmp_path / "r.parquet"
+    assert main(["sim", "sweep", "--space", str(space), "--out", str(out), "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)  # strict JSON: NaN would not parse in jq
+    assert summary["infeasible"] == 2 and summary["pareto_points"] == 0 and summary["front"] == []
+
+
+def test_a_huge_space_is_refused_before_any_work_and_leaves_nothing(tmp_path):
+    axes = {"low": 1, "high": 64, "num": 64}
+    space = {
+        "parameters": {"accel.num_cores": axes, "accel.clock_mhz": {"low": 400, "high": 1200, "num": 50}}
+    }
+    space["parameters"]["memory.link_bandwidth_gbps"] = {"low": 1, "high": 64, "num": 50}
+    with pytest.raises(ValueError, match=r"160,000 points, over the 100,000 allowed \(--max-points\)"):
+        run_sweep(space, tmp_path / "r.parquet", progress=False)
+    assert not any(tmp_path.iterdir())  # no empty cache folder either
+
+
+def test_integer_ranges_sample_every_integer_alike():
+    space = load_space(
+        {"sampler": "random", "samples": 4000, "parameters": {"accel.num_cores": {"low": 1, "high": 4}}}
+    )
+    counts = [sum(p["accel.num_cores"] == n for p in sample_points(space)) for n in (1, 2, 3, 4)]
+    assert min(counts) > 900  # rounding gave the two ends ~650 each
 
 
 def test_parameters_that_do_not_go_together_are_recorded_as_infeasible(tmp_path):
