@@ -16,6 +16,10 @@ A space is a YAML file (or a dict of the same shape)::
       tech.lpddr5_energy_pj_per_bit: {low: 3, high: 8}  # a technology-table entry
     objectives: {fps: max, energy_per_frame_j: min, area_mm2: min}   # optional
 
+The Pareto front is per workload: points are compared only with points of the same swept
+scenario fields (history, batch, stage, ...; the policy is a design choice) and technology
+corner. A stage-e2e scenario adds the whole question's `e2e_latency_ms` and `e2e_energy_j`.
+
 Every value is checked through the override mechanism of `sim.config` before anything runs,
 so a bad field or value is an error naming it. Results are cached per point by config hash
 (one JSON file per point in `<out>.cache/`), so an interrupted sweep resumes where it stopped;
@@ -57,7 +61,7 @@ from sim.tech import load_entries, tech_for
 
 SAMPLERS = ("grid", "random", "lhs")
 EXECUTORS = ("local", "dask")
-CACHE_SCHEMA = "vrex.sweep/2"  # 2: per-stream energies at batch > 1, infeasible points
+CACHE_SCHEMA = "vrex.sweep/3"  # 2: per-stream energies at batch > 1, infeasible points; 3: e2e
 DEFAULT_OBJECTIVES = {"fps": "max", "energy_per_frame_j": "min", "area_mm2": "min"}
 # what evaluate() returns per point, with the direction that is better
 METRICS = {
@@ -73,6 +77,8 @@ METRICS = {
     "gops_per_w": "max",
     "tpot_ms": "min",
     "energy_per_token_mj": "min",
+    "e2e_latency_ms": "min",  # the whole COIN question (scenario stage e2e; else empty)
+    "e2e_energy_j": "min",
 }
 _SPACE_KEYS = ("system", "overrides", "scenario", "sampler", "samples", "seed", "parameters", "objectives")
 _SCENARIO_FIELDS = tuple(f.name for f in fields(Scenario))
@@ -407,6 +413,9 @@ def evaluate(system: SystemConfig, scenario: Scenario) -> dict[str, float | None
         )
     out["tpot_ms"] = res["tpot_ms"]
     out["energy_per_token_mj"] = res["energy_per_token_mj"]
+    if res.get("e2e_latency_ms") is not None:
+        out["e2e_latency_ms"] = res["e2e_latency_ms"]
+        out["e2e_energy_j"] = res["e2e_energy_mj"] * 1e-3
     if system.kind == "vrex":
         chip = area(system)["chip_total"]
         out["area_mm2"] = chip["area_mm2"]
@@ -586,10 +595,8 @@ def run_sweep(
     df = pd.DataFrame(rows)
     for name in METRICS:
         df[name] = pd.to_numeric(df[name], errors="coerce").astype(float)
-    objectives = {k: v for k, v in space.objectives.items() if df[k].notna().any()}
-    mask = pareto_mask(df[list(objectives)].to_numpy(dtype=float), list(objectives.values()))
-    df["pareto"] = mask
-    pareto = df[mask].reset_index(drop=True)
+    df["pareto"] = _fronts(df, space)
+    pareto = df[df["pareto"]].reset_index(drop=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     pareto_out = pareto_path_for(out)
     _write_parquet(df, out)
@@ -604,6 +611,29 @@ def run_sweep(
         pareto_out=pareto_out,
         cache_dir=cache_dir,
     )
+
+
+def workload_parameters(space: SweepSpace) -> list[str]:
+    """Swept fields that set the workload or the technology, not the design: designs are only
+    compared under the same ones (a shorter history or the low corner is no better design)."""
+    return [
+        p.name
+        for p in space.parameters
+        if (p.target == "scenario" and p.path != "policy") or p.name == "tech_corner"
+    ]
+
+
+def _fronts(df, space: SweepSpace):
+    """The Pareto mask: one front per combination of the workload parameters."""
+    import numpy as np
+
+    mask = np.zeros(len(df), dtype=bool)
+    groups = workload_parameters(space)
+    for _, group in df.groupby(groups, dropna=False, sort=False) if groups else [(None, df)]:
+        objectives = {k: v for k, v in space.objectives.items() if group[k].notna().any()}
+        values = group[list(objectives)].to_numpy(dtype=float)
+        mask[group.index.to_numpy()] = pareto_mask(values, list(objectives.values()))
+    return mask
 
 
 def _write_parquet(df, path: Path) -> None:

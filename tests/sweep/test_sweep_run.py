@@ -414,3 +414,21 @@ def test_sweep_over_a_technology_entry(tmp_path):
     assert df["tech.lpddr5_energy_pj_per_bit"].tolist() == [4.0, 6.0, 8.0]
     assert df["energy_per_frame_j"].is_monotonic_increasing and df["energy_per_frame_j"].nunique() == 3
     assert df["frame_latency_ms"].nunique() == 1
+
+
+def test_designs_are_compared_under_the_same_workload(tmp_path):
+    # one front per history: a 1K point always beat every 40K point, which emptied the 40K front
+    space = {"parameters": {"kv_tokens": [1000, 40000], "accel.num_cores": [4, 8]}}
+    res = _run(space, tmp_path / "r.parquet")
+    fronts = res.results[res.results["pareto"]]
+    assert set(fronts["kv_tokens"]) == {1000, 40000}
+    assert sweep.workload_parameters(load_space(space)) == ["kv_tokens"]
+
+
+def test_an_e2e_sweep_reports_the_whole_question(tmp_path):
+    space = {"scenario": {"stage": "e2e", "kv_tokens": 1000}, "parameters": {"frames": [1, 8]}}
+    res = _run({**space, "objectives": {"e2e_latency_ms": "min", "area_mm2": "min"}}, tmp_path / "r.parquet")
+    short, long = (res.results[res.results["frames"] == n].iloc[0] for n in (1, 8))
+    assert (
+        0 < short["e2e_latency_ms"] < long["e2e_latency_ms"] and long["e2e_energy_j"] > short["e2e_energy_j"]
+    )
