@@ -195,7 +195,9 @@ def _parameter(name: str, spec: Any, system: SystemConfig, scenario: Scenario) -
     if isinstance(spec, list | tuple):
         if not spec:
             raise ValueError(f"{where}: the list of values is empty")
-        for v in spec:
+        for i, v in enumerate(spec):
+            if v in spec[:i]:  # the same point twice, on the front twice
+                raise ValueError(f"{where}: {v!r} is listed twice")
             check(v)
         return Parameter(name, target, path, values=tuple(spec), integer=integer)
     if isinstance(spec, dict):

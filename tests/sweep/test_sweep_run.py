@@ -100,6 +100,7 @@ def test_random_sampler_stays_in_range():
         ({"grid": True}, "grid"),
         ({"sampler": "lhs", "samples": True}, "samples"),  # YAML's true was taken for 1, then a traceback
         ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"parameters": {"accel.sram_kb": [256, 256.0]}}, "parameters.accel.sram_kb: 256.0 is listed twice"),
         (
             {"parameters": {"batch": [1], "scenario.batch": [2, 4]}},
             "batch and scenario.batch are the same field",
