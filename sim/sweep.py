@@ -627,8 +627,6 @@ def workload_parameters(space: SweepSpace) -> list[str]:
 
 def _fronts(df, space: SweepSpace):
     """The Pareto mask: one front per combination of the workload parameters."""
-    import numpy as np
-
     mask = np.zeros(len(df), dtype=bool)
     groups = workload_parameters(space)
     for _, group in df.groupby(groups, dropna=False, sort=False) if groups else [(None, df)]:
