@@ -251,6 +251,10 @@ def model_from_hf(source: str | Path | dict[str, Any], base: ModelConfig | None 
         changes["tokens_per_frame"] = _tokens_per_frame(cfg, where, vis, patches, notes)
     else:  # a text-only model: no tower, frames arrive as already-embedded tokens
         changes.update(vision_layers=0, vision_hidden_size=0, vision_intermediate_size=0, vision_tokens=0)
+        notes.append(
+            f"no vision_config (a text-only model): each frame is costed as {base.tokens_per_frame} "
+            "already-embedded tokens and no tower; set model.tokens_per_frame for your encoder"
+        )
     # the file's name, not its path: the notes are hashed with the model (a copied folder hits the cache)
     changes["source_notes"] = tuple(f"{Path(where).name}: {note}" for note in notes)
     return replace(base, **changes)

@@ -95,6 +95,7 @@ def test_qwen2_vl_and_text_only_models():
     assert q.vision_tokens == ModelConfig().vision_tokens  # dynamic resolution: left to --set
     text = model_from_hf({k: v for k, v in QWEN2_VL.items() if k != "vision_config"})
     assert text.vision_layers == 0 and text.vision_tokens == 0
+    assert any("text-only model" in n for n in text.source_notes)
     res = simulate(replace(load_system("vrex8"), model=text), {"kv_tokens": 5000})
     assert res["stages"]["frame"]["latency_breakdown_ms"].get("vision", 0.0) == 0.0
     assert res["frame_latency_ms"] > 0
