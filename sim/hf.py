@@ -13,7 +13,7 @@ matrices) except for the model types in _UNGATED (GPT-2, OPT, Falcon, ...).
 What a config does not say keeps the default (VideoLLM-online's), is listed in the model's
 `source_notes` (printed with every run) and can be set with `--set model.<field>=...`:
 - `tokens_per_frame`: Gemma 3's `mm_tokens_per_image`, the pixel shuffle of Idefics3/SmolVLM
-  (`scale_factor`) or Qwen2-VL's `spatial_merge_size`; otherwise the tower's patch count,
+  (`scale_factor`) or InternVL (`downsample_ratio`), or Qwen2-VL's `spatial_merge_size`; otherwise the tower's patch count,
   unpooled (video models that pool frames, e.g. VideoLLM-online's 10 tokens, need
   `--set model.tokens_per_frame`);
 - `vision_tokens` of towers without a fixed `image_size` (Qwen2-VL's dynamic resolution);
